@@ -1,0 +1,27 @@
+//! The contract between the operator and the runtime pods it launches: exit codes, environment
+//! variables and file paths. Both binaries read these constants so that they cannot drift apart.
+
+/// The run finished; for `train`, the model is written to the output location.
+pub const EXIT_OK: i32 = 0;
+/// Unexpected internal error (a bug or a transient failure): the operator retries with backoff.
+pub const EXIT_INTERNAL: i32 = 1;
+/// Bad configuration, missing or malformed data or model file (sysexits `EX_DATAERR`).
+/// Retrying cannot help: the operator fails the job without consuming restarts.
+pub const EXIT_USER_ERROR: i32 = 65;
+/// The accelerator failed (a CUDA error, lost device, ECC fault; sysexits `EX_TEMPFAIL`).
+/// The operator fails over: it excludes the node and resumes from the last checkpoint elsewhere.
+pub const EXIT_DEVICE_FAULT: i32 = 75;
+
+/// Env: name of the TrainingJob (or EvalGate) the pod works for.
+pub const ENV_JOB_NAME: &str = "ANNEAL_JOB_NAME";
+/// Env: namespace of that object.
+pub const ENV_JOB_NAMESPACE: &str = "ANNEAL_JOB_NAMESPACE";
+/// Env: attempt number of this worker; checkpoints are fenced by it.
+pub const ENV_ATTEMPT: &str = "ANNEAL_ATTEMPT";
+/// Env: directory where checkpoints are written and resumed from.
+pub const ENV_CHECKPOINT_DIR: &str = "ANNEAL_CHECKPOINT_DIR";
+
+/// Where the runtime writes its result JSON for the operator (the container's termination message).
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// The termination message is cut by the kubelet at 4096 bytes; results must fit.
+pub const TERMINATION_MESSAGE_MAX_BYTES: usize = 4096;
