@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the pinned upstream tools (versions.env, tools/*/go.mod) into ~/.cache/anneal/tools/<key>/bin,
+# one at a time, and does nothing when they are all there already. Prints the bin directory on stdout.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+check_pins() {
+  local group version
+  for group in kubernetes etcd kwok helm; do
+    case "$group" in
+      kubernetes) version="k8s.io/kubernetes $KUBERNETES_VERSION" ;;
+      etcd) version="go.etcd.io/etcd/server/v3 $ETCD_VERSION" ;;
+      kwok) version="sigs.k8s.io/kwok $KWOK_VERSION" ;;
+      helm) version="helm.sh/helm/v3 $HELM_VERSION" ;;
+    esac
+    grep -qF "$version" "$CLUSTER_DIR/tools/$group/go.mod" ||
+      die "tools/$group/go.mod does not pin $version from versions.env; run e2e/cluster/pin-tools.sh"
+  done
+}
+
+missing_tools() {
+  local entry group name pkg
+  for entry in "${TOOL_PACKAGES[@]}"; do
+    read -r group name pkg <<<"$entry"
+    [[ -x "$TOOLS_BIN/$name" ]] || echo "$entry"
+  done
+}
+
+main() {
+  check_pins
+  local todo entry group name pkg i=0 n start
+  todo="$(missing_tools)"
+  if [[ -z "$todo" ]]; then
+    log "tools up to date in $TOOLS_BIN"
+    echo "$TOOLS_BIN"
+    return
+  fi
+  n="$(wc -l <<<"$todo")"
+  mkdir -p "$TOOLS_BIN"
+  start=$SECONDS
+  while read -r group name pkg; do
+    i=$((i + 1))
+    log "[$i/$n] building $name ($pkg, $(( SECONDS - start ))s so far)"
+    # Build to a temporary name and rename, so an interrupted build never leaves a half-written tool behind.
+    (cd "$CLUSTER_DIR/tools/$group" &&
+      go build -mod=readonly -trimpath -ldflags='-s -w' -o "$TOOLS_BIN/.$name.partial" "$pkg")
+    mv "$TOOLS_BIN/.$name.partial" "$TOOLS_BIN/$name"
+  done <<<"$todo"
+  cp "$CLUSTER_DIR/versions.env" "$TOOLS_DIR/versions.env"
+  log "built $n tools in $(( SECONDS - start ))s into $TOOLS_BIN"
+  echo "$TOOLS_BIN"
+}
+
+main "$@"

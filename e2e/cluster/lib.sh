@@ -1,0 +1,104 @@
+# Shared helpers for the e2e/cluster scripts. Source it; it defines functions and variables only.
+# shellcheck shell=bash
+
+CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$CLUSTER_DIR/versions.env"
+
+export PATH="/usr/local/go/bin:$PATH"
+# Never fetch another Go toolchain: the machine's Go builds every tool.
+export GOTOOLCHAIN=local GOFLAGS="${GOFLAGS:--buildvcs=false}"
+ANNEAL_CACHE="${ANNEAL_CACHE:-$HOME/.cache/anneal}"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# The binaries that build-tools.sh produces, and the Go package each comes from.
+TOOL_PACKAGES=(
+  "kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver"
+  "kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager"
+  "kubernetes kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler"
+  "kubernetes kubectl k8s.io/kubernetes/cmd/kubectl"
+  "etcd etcd go.etcd.io/etcd/server/v3"
+  "kwok kwok sigs.k8s.io/kwok/cmd/kwok"
+  "kwok kwokctl sigs.k8s.io/kwok/cmd/kwokctl"
+  "helm helm helm.sh/helm/v3/cmd/helm"
+)
+
+# The tools directory is keyed by the pinned versions, the go.sum files and the Go version, so a change of
+# any of them builds into a fresh directory and an unchanged pin reuses the old one.
+tools_key() {
+  local go_version
+  go_version="$(go env GOVERSION)"
+  {
+    grep -E '^[A-Z_]+=' "$CLUSTER_DIR/versions.env"
+    cat "$CLUSTER_DIR"/tools/*/go.sum
+    echo "$go_version"
+  } | sha256sum | cut -c1-12 | sed "s/^/k8s-${KUBERNETES_VERSION}-/"
+}
+
+TOOLS_DIR="${ANNEAL_TOOLS_DIR:-$ANNEAL_CACHE/tools/$(tools_key)}"
+TOOLS_BIN="${ANNEAL_TOOLS_BIN:-$TOOLS_DIR/bin}"
+
+# Where a running cluster keeps its state. Everything a component reads or writes is under CLUSTER_STATE,
+# so `pgrep -f "$CLUSTER_STATE/"` finds exactly this cluster's processes.
+CLUSTER_STATE="${ANNEAL_CLUSTER_DIR:-$ANNEAL_CACHE/cluster}"
+KUBECONFIG_PATH="${ANNEAL_KUBECONFIG:-$CLUSTER_STATE/kubeconfig}"
+PKI_DIR="$CLUSTER_STATE/pki"
+LOG_DIR="$CLUSTER_STATE/logs"
+PID_DIR="$CLUSTER_STATE/pids"
+
+# Loopback ports, overridable so two clusters can run side by side. The defaults stay clear of the
+# well-known Kubernetes ports in case something else on the machine uses them.
+ETCD_PORT="${ANNEAL_ETCD_PORT:-12379}"
+ETCD_PEER_PORT="${ANNEAL_ETCD_PEER_PORT:-12380}"
+APISERVER_PORT="${ANNEAL_APISERVER_PORT:-16443}"
+CONTROLLER_MANAGER_PORT="${ANNEAL_CONTROLLER_MANAGER_PORT:-16257}"
+SCHEDULER_PORT="${ANNEAL_SCHEDULER_PORT:-16259}"
+KWOK_PORT="${ANNEAL_KWOK_PORT:-16247}"
+APISERVER_URL="https://127.0.0.1:$APISERVER_PORT"
+
+# Components in start order; down.sh stops them in reverse.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+
+# The label kwok selects the nodes it simulates by. Removing it is how fault.sh kills a node.
+KWOK_MANAGED_LABEL_KEY="kwok.x-k8s.io/node"
+KWOK_MANAGED_LABEL_VALUE="fake"
+
+# is_cluster_process PID: PID runs one of our built tools with this cluster's state dir on its command line
+# (a recycled pid, a zombie or someone's `tail -f` of a log do not count).
+is_cluster_process() {
+  local exe
+  exe="$(readlink "/proc/$1/exe" 2>/dev/null)" || return 1
+  [[ "$exe" == "$ANNEAL_CACHE/tools/"* || "$exe" == "$TOOLS_DIR/"* ]] || return 1
+  tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF "$CLUSTER_STATE/"
+}
+
+# cluster_pids: every running process of this cluster, whether or not its pid file survived.
+cluster_pids() {
+  local pid
+  for pid in $(pgrep -f -- "$CLUSTER_STATE/" || true); do
+    if is_cluster_process "$pid"; then echo "$pid"; fi
+  done
+}
+
+# component_pid NAME: the pid of a running component of this cluster, or nothing.
+component_pid() {
+  local pid_file="$PID_DIR/$1.pid" pid
+  [[ -f "$pid_file" ]] || return 0
+  pid="$(<"$pid_file")"
+  if is_cluster_process "$pid"; then echo "$pid"; fi
+}
+
+# wait_until DESCRIPTION TIMEOUT_S COMMAND...: polls COMMAND every 0.2 s until it succeeds or time is up.
+wait_until() {
+  local what="$1" timeout="$2" deadline
+  shift 2
+  deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || { log "timed out after ${timeout}s waiting for $what"; return 1; }
+    sleep 0.2
+  done
+}
+
+kubectl_() { "$TOOLS_BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Brings the local test cluster up (or checks that it is up): etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler and kwok on loopback, with the simulated GPU and CPU nodes of kwok/nodes.yaml.
+# Idempotent. Waits for /readyz and for every node to be Ready; prints the kubeconfig path on stdout.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# start NAME ARGS...: runs tools/bin/NAME detached (own session, so a Ctrl-C of the caller does not reach it),
+# logging to logs/NAME.log and recording its pid for down.sh.
+start() {
+  local name="$1"
+  shift
+  log "starting $name (log: $LOG_DIR/$name.log)"
+  setsid "$TOOLS_BIN/$name" "$@" >"$LOG_DIR/$name.log" 2>&1 </dev/null &
+  echo $! >"$PID_DIR/$name.pid"
+}
+
+# alive NAME: the component is running; if it died, say so and show the end of its log.
+alive() {
+  [[ -n "$(component_pid "$1")" ]] && return 0
+  log "$1 is not running; last lines of $LOG_DIR/$1.log:"
+  tail -n 20 "$LOG_DIR/$1.log" >&2 || true
+  return 1
+}
+
+etcd_healthy() { curl -fsS "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
+
+apiserver_ready() {
+  curl -fsS --cacert "$PKI_DIR/ca.crt" --cert "$PKI_DIR/admin.crt" --key "$PKI_DIR/admin.key" \
+    "$APISERVER_URL/readyz" | grep -qx ok
+}
+
+kwok_healthy() { curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz" >/dev/null; }
+
+# Pods can be created in a namespace only once its default ServiceAccount exists.
+default_service_account() { kubectl_ get serviceaccount default --namespace default; }
+
+all_running() {
+  local c
+  for c in "${COMPONENTS[@]}"; do [[ -n "$(component_pid "$c")" ]] || return 1; done
+}
+
+# wait_for NAME TIMEOUT CHECK: like wait_until, but fails fast with the log when the component dies.
+wait_for() {
+  local name="$1" timeout="$2" check="$3" deadline=$((SECONDS + $2))
+  until "$check" >/dev/null 2>&1; do
+    alive "$name" || die "$name exited during start-up"
+    ((SECONDS < deadline)) || die "timed out after ${timeout}s waiting for $name ($check); see $LOG_DIR/$name.log"
+    sleep 0.2
+  done
+}
+
+start_etcd() {
+  rm -rf "$CLUSTER_STATE/etcd"
+  # A throw-away single-member etcd: no fsync (the data dies with the cluster), plain HTTP on loopback only.
+  start etcd --name anneal --data-dir "$CLUSTER_STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "anneal=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --unsafe-no-fsync --log-level warn
+  wait_for etcd 30 etcd_healthy
+}
+
+start_apiserver() {
+  start kube-apiserver --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --tls-cert-file "$PKI_DIR/kube-apiserver.crt" --tls-private-key-file "$PKI_DIR/kube-apiserver.key" \
+    --client-ca-file "$PKI_DIR/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI_DIR/sa.pub" --service-account-signing-key-file "$PKI_DIR/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/16 \
+    --authorization-mode RBAC --allow-privileged=true --profiling=false
+  wait_for kube-apiserver 60 apiserver_ready
+}
+
+# Tuned for a test cluster (see README.md): a node whose lease stops being renewed is marked Unknown after
+# 10 s instead of 50 s, so failover tests see a dead node the way production does, only sooner.
+start_controllers() {
+  start kube-controller-manager --kubeconfig "$PKI_DIR/kube-controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$PKI_DIR/kube-controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$PKI_DIR/kube-controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$CONTROLLER_MANAGER_PORT" --leader-elect=false \
+    --cluster-signing-cert-file "$PKI_DIR/ca.crt" --cluster-signing-key-file "$PKI_DIR/ca.key" \
+    --root-ca-file "$PKI_DIR/ca.crt" --service-account-private-key-file "$PKI_DIR/sa.key" \
+    --use-service-account-credentials=true --service-cluster-ip-range 10.96.0.0/16 \
+    --node-monitor-period 1s --node-monitor-grace-period 10s \
+    --kube-api-qps 100 --kube-api-burst 200 --profiling=false
+  start kube-scheduler --kubeconfig "$PKI_DIR/kube-scheduler.kubeconfig" \
+    --authentication-kubeconfig "$PKI_DIR/kube-scheduler.kubeconfig" \
+    --authorization-kubeconfig "$PKI_DIR/kube-scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$SCHEDULER_PORT" --leader-elect=false --profiling=false
+  # Leases last 10 s and are renewed every 2.5 s (kwok renews at a quarter of the duration, like a kubelet).
+  start kwok --kubeconfig "$PKI_DIR/kwok.kubeconfig" \
+    --manage-all-nodes=false \
+    --manage-nodes-with-label-selector "$KWOK_MANAGED_LABEL_KEY=$KWOK_MANAGED_LABEL_VALUE" \
+    --node-lease-duration-seconds 10 --server-address "127.0.0.1:$KWOK_PORT" \
+    --config "$CLUSTER_DIR/kwok/node-stages.yaml" --config "$CLUSTER_DIR/kwok/pod-stages.yaml"
+  wait_for kwok 30 kwok_healthy
+}
+
+nodes_ready() {
+  kubectl_ wait node --all --for condition=Ready --timeout 60s >&2 ||
+    die "nodes not Ready; see $LOG_DIR/kwok.log and $LOG_DIR/kube-controller-manager.log"
+}
+
+main() {
+  local begin=$SECONDS
+  [[ -x "$TOOLS_BIN/kube-apiserver" ]] || "$CLUSTER_DIR/build-tools.sh" >/dev/null
+  [[ -x "$TOOLS_BIN/kube-apiserver" ]] || die "tools missing in $TOOLS_BIN after build-tools.sh"
+
+  if all_running && apiserver_ready; then
+    log "cluster already running ($APISERVER_URL)"
+  else
+    # Whatever is left of an earlier cluster (a crash, a half-finished up) goes first.
+    "$CLUSTER_DIR/down.sh"
+    mkdir -p "$LOG_DIR" "$PID_DIR"
+    "$CLUSTER_DIR/pki.sh"
+    start_etcd
+    start_apiserver
+    start_controllers
+  fi
+  kubectl_ apply -f "$CLUSTER_DIR/kwok/nodes.yaml" >&2
+  nodes_ready
+  wait_for kube-controller-manager 30 default_service_account
+  log "cluster up in $((SECONDS - begin))s; kubeconfig: $KUBECONFIG_PATH"
+  log "use it with: source $CLUSTER_DIR/env.sh"
+  echo "$KUBECONFIG_PATH"
+}
+
+main "$@"
