@@ -25,14 +25,14 @@ TOOL_PACKAGES=(
   "helm helm helm.sh/helm/v3/cmd/helm"
 )
 
-# The tools directory is keyed by the pinned versions, the go.sum files and the Go version, so a change of
+# The tools directory is keyed by the pinned versions, the go.sum files, the build script and the Go version, so a change of
 # any of them builds into a fresh directory and an unchanged pin reuses the old one.
 tools_key() {
   local go_version
   go_version="$(go env GOVERSION)"
   {
     grep -E '^[A-Z_]+=' "$CLUSTER_DIR/versions.env"
-    cat "$CLUSTER_DIR"/tools/*/go.sum
+    cat "$CLUSTER_DIR"/tools/*/go.sum "$CLUSTER_DIR/build-tools.sh"
     echo "$go_version"
   } | sha256sum | cut -c1-12 | sed "s/^/k8s-${KUBERNETES_VERSION}-/"
 }

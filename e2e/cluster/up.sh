@@ -94,7 +94,7 @@ start_controllers() {
   start kwok --kubeconfig "$PKI_DIR/kwok.kubeconfig" \
     --manage-all-nodes=false \
     --manage-nodes-with-label-selector "$KWOK_MANAGED_LABEL_KEY=$KWOK_MANAGED_LABEL_VALUE" \
-    --node-lease-duration-seconds 10 --server-address "127.0.0.1:$KWOK_PORT" \
+    --node-lease-duration-seconds 10 --server-address "127.0.0.1:$KWOK_PORT" --v WARN \
     --config "$CLUSTER_DIR/kwok/node-stages.yaml" --config "$CLUSTER_DIR/kwok/pod-stages.yaml"
   wait_for kwok 30 kwok_healthy
 }

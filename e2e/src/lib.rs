@@ -1,1 +1,22 @@
-//! e2e
+//! Test support for anneal's end-to-end tests against the local cluster of `e2e/cluster/`
+//! (real etcd, kube-apiserver, kube-controller-manager, kube-scheduler; nodes and pods simulated by kwok).
+//!
+//! - [`cluster`]: where the cluster is (kubeconfig, pinned tools) and a [`kube::Client`] for it;
+//! - [`tools`]: the pinned `kubectl` and `helm`, pointed at the cluster;
+//! - [`wait`]: waiting on a condition of an object, with a deadline (a watch, never a blind sleep);
+//! - [`namespace`]: a temporary namespace per test, deleted when the test ends, pass or fail;
+//! - [`faults`]: dead nodes, unhealthy GPUs, container exits, as `e2e/cluster/fault.sh` does them.
+//!
+//! Tests that need the cluster are marked `#[ignore = "cluster tier: needs e2e/cluster/up.sh"]` and run with
+//! `cargo test -p anneal-e2e -- --include-ignored` once `e2e/cluster/up.sh` has brought the cluster up.
+//!
+//! Errors are `anyhow` with context: this crate only serves tests, whose failures a person reads.
+
+pub mod cluster;
+pub mod faults;
+pub mod namespace;
+pub mod tools;
+pub mod wait;
+
+pub use cluster::client;
+pub use namespace::TestNamespace;
