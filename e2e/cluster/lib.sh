@@ -1,5 +1,6 @@
 # Shared helpers for the e2e/cluster scripts. Source it; it defines functions and variables only.
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # the variables are for the scripts that source this file
 
 CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env

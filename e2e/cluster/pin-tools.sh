@@ -14,9 +14,9 @@ write_module() {
 
 # add_tools GROUP VERSION: go get -tool every package of that group at VERSION.
 add_tools() {
-  local group="$1" version="$2" entry g name pkg
+  local group="$1" version="$2" entry g pkg
   for entry in "${TOOL_PACKAGES[@]}"; do
-    read -r g name pkg <<<"$entry"
+    read -r g _ pkg <<<"$entry"
     [[ "$g" == "$group" ]] || continue
     log "pin $pkg@$version"
     (cd "$CLUSTER_DIR/tools/$group" && go get -tool "$pkg@$version")
