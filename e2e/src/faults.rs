@@ -68,7 +68,10 @@ pub async fn set_allocatable_gpus(client: &Client, node: &str, count: u32) -> Re
 pub async fn restore_node(client: &Client, node: &str) -> Result<()> {
     let patch = json!({"metadata": {"labels": {KWOK_MANAGED_LABEL.0: KWOK_MANAGED_LABEL.1}}});
     patch_node(client, node, &patch).await?;
-    edit_taints(client, node, |taints| taints.retain(|t| t.key != GPU_HEALTH_TAINT_KEY)).await?;
+    edit_taints(client, node, |taints| {
+        taints.retain(|t| t.key != GPU_HEALTH_TAINT_KEY)
+    })
+    .await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let capacity = nodes
         .get(node)
@@ -158,8 +161,15 @@ async fn patch_node(client: &Client, node: &str, patch: &serde_json::Value) -> R
 async fn edit_taints(client: &Client, node: &str, edit: impl Fn(&mut Vec<Taint>)) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     for _ in 0..5 {
-        let current = nodes.get(node).await.with_context(|| format!("reading node {node}"))?;
-        let mut taints = current.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        let current = nodes
+            .get(node)
+            .await
+            .with_context(|| format!("reading node {node}"))?;
+        let mut taints = current
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
         let before = taints.clone();
         edit(&mut taints);
         if taints == before {
@@ -198,11 +208,23 @@ mod tests {
         assert!(fault_sh.contains(&format!("GPU_HEALTH_TAINT_KEY=\"{GPU_HEALTH_TAINT_KEY}\"")));
         for annotation in [EXIT_CODE_ANNOTATION, EXIT_MESSAGE_ANNOTATION] {
             assert!(fault_sh.contains(annotation), "fault.sh lacks {annotation}");
-            assert!(stages.contains(annotation), "pod-stages.yaml lacks {annotation}");
+            assert!(
+                stages.contains(annotation),
+                "pod-stages.yaml lacks {annotation}"
+            );
         }
-        assert!(lib.contains(&format!("KWOK_MANAGED_LABEL_KEY=\"{}\"", KWOK_MANAGED_LABEL.0)));
-        assert!(lib.contains(&format!("KWOK_MANAGED_LABEL_VALUE=\"{}\"", KWOK_MANAGED_LABEL.1)));
+        assert!(lib.contains(&format!(
+            "KWOK_MANAGED_LABEL_KEY=\"{}\"",
+            KWOK_MANAGED_LABEL.0
+        )));
+        assert!(lib.contains(&format!(
+            "KWOK_MANAGED_LABEL_VALUE=\"{}\"",
+            KWOK_MANAGED_LABEL.1
+        )));
         let nodes = read("kwok/nodes.yaml");
-        assert!(nodes.contains(&format!("{}: {}", KWOK_MANAGED_LABEL.0, KWOK_MANAGED_LABEL.1)));
+        assert!(nodes.contains(&format!(
+            "{}: {}",
+            KWOK_MANAGED_LABEL.0, KWOK_MANAGED_LABEL.1
+        )));
     }
 }

@@ -43,9 +43,14 @@ impl TestNamespace {
             .context("the API server returned a namespace without a name")?;
         let namespace = Self { name };
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace.name);
-        wait_for(&accounts, "default", Duration::from_secs(30), |sa: Option<&ServiceAccount>| sa.is_some())
-            .await
-            .context("waiting for the namespace's default ServiceAccount")?;
+        wait_for(
+            &accounts,
+            "default",
+            Duration::from_secs(30),
+            |sa: Option<&ServiceAccount>| sa.is_some(),
+        )
+        .await
+        .context("waiting for the namespace's default ServiceAccount")?;
         Ok(namespace)
     }
 
@@ -60,17 +65,29 @@ impl Drop for TestNamespace {
     /// async runtime.
     fn drop(&mut self) {
         if std::env::var_os("ANNEAL_E2E_KEEP_NAMESPACES").is_some_and(|v| v == "1") {
-            eprintln!("keeping test namespace {} (ANNEAL_E2E_KEEP_NAMESPACES=1)", self.name);
+            eprintln!(
+                "keeping test namespace {} (ANNEAL_E2E_KEEP_NAMESPACES=1)",
+                self.name
+            );
             return;
         }
         let (Ok(bin), Ok(kubeconfig)) = (tools_bin(), kubeconfig_path()) else {
-            eprintln!("cannot delete test namespace {}: cluster paths unknown", self.name);
+            eprintln!(
+                "cannot delete test namespace {}: cluster paths unknown",
+                self.name
+            );
             return;
         };
         let deleted = std::process::Command::new(bin.join("kubectl"))
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
             .output();
         match deleted {
             Ok(out) if out.status.success() => {}

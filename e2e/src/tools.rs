@@ -52,9 +52,7 @@ pub async fn run(command: &mut Command) -> Result<String> {
 fn show(command: &Command) -> String {
     let command = command.as_std();
     let program = command.get_program();
-    let name = std::path::Path::new(program)
-        .file_name()
-        .unwrap_or(program);
+    let name = std::path::Path::new(program).file_name().unwrap_or(program);
     std::iter::once(name)
         .chain(command.get_args())
         .map(OsStr::to_string_lossy)

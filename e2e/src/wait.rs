@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Node, Pod};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStatus, Node, Pod,
+};
 use kube::runtime::wait::Condition;
 use kube::runtime::watcher::watch_object;
 use kube::{Api, Resource};
@@ -113,7 +115,9 @@ pub mod conditions {
 
     /// The node exists and is not Ready (Ready is False or Unknown), as a dead node becomes.
     pub fn node_not_ready() -> impl Condition<Node> {
-        |node: Option<&Node>| node.is_some_and(|n| node_ready_status(n).is_some_and(|s| s != "True"))
+        |node: Option<&Node>| {
+            node.is_some_and(|n| node_ready_status(n).is_some_and(|s| s != "True"))
+        }
     }
 
     /// The pod is in `phase` (`Pending`, `Running`, `Succeeded`, `Failed`).
@@ -141,13 +145,11 @@ pub mod conditions {
 }
 
 /// How a container ended: its current state if it is terminated, else its last one before a restart.
-pub fn last_termination(
-    status: &k8s_openapi::api::core::v1::ContainerStatus,
-) -> Option<&ContainerStateTerminated> {
-    let terminated = |s: &Option<k8s_openapi::api::core::v1::ContainerState>| {
-        s.as_ref().and_then(|s| s.terminated.as_ref())
-    };
-    terminated(&status.state).or_else(|| terminated(&status.last_state))
+pub fn last_termination(status: &ContainerStatus) -> Option<&ContainerStateTerminated> {
+    fn terminated(state: Option<&ContainerState>) -> Option<&ContainerStateTerminated> {
+        state.and_then(|s| s.terminated.as_ref())
+    }
+    terminated(status.state.as_ref()).or_else(|| terminated(status.last_state.as_ref()))
 }
 
 #[cfg(test)]
@@ -197,9 +199,12 @@ mod tests {
 
     #[tokio::test]
     async fn poll_until_reports_timeout() {
-        let err = poll_until("nothing", Duration::from_millis(30), Duration::from_millis(10), || async {
-            Ok::<Option<()>, anyhow::Error>(None)
-        })
+        let err = poll_until(
+            "nothing",
+            Duration::from_millis(30),
+            Duration::from_millis(10),
+            || async { Ok::<Option<()>, anyhow::Error>(None) },
+        )
         .await
         .unwrap_err();
         assert!(err.to_string().contains("waiting for nothing"), "{err}");
