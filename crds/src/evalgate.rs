@@ -12,6 +12,8 @@ use crate::common::{
 
 /// Evaluate a candidate model; promote it into the target ModelServers only if every
 /// threshold holds (and, optionally, it does not regress against the model served now).
+// Each printcolumn repeats `type_ = ...`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "anneal.dev",

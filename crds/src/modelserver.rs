@@ -11,6 +11,8 @@ use crate::evalgate::ResolvedModel;
 
 /// Serve a model over an OpenAI-compatible HTTP API (a Deployment and a Service running
 /// `anneal-runtime serve`). Follows an EvalGate or pins a model URI.
+// Each printcolumn repeats `type_ = ...`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "anneal.dev",

@@ -11,6 +11,8 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
 /// Train (or fine-tune) a language model. The operator runs `anneal-runtime train` in worker
 /// pods on GPU nodes of the requested type, moves them off a failed node and resumes from the
 /// last checkpoint.
+// Each printcolumn repeats `type_ = ...`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "anneal.dev",
