@@ -13,6 +13,8 @@ pub mod eval;
 pub mod model;
 pub mod tokenizer;
 pub mod train;
+pub mod rng;
+pub mod device;
 
 // Serving.
 pub mod gguf;

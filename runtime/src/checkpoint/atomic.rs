@@ -1,0 +1,107 @@
+//! Directories that appear whole or not at all: files are written into a temporary sibling,
+//! checksummed into a manifest, fsynced, and the directory is renamed into place.
+
+use super::CheckpointError;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// Name of the checksum manifest inside a committed directory.
+pub const MANIFEST: &str = "MANIFEST.json";
+
+/// sha256 of every file of a committed directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// File name -> lowercase hex sha256.
+    pub files: BTreeMap<String, String>,
+}
+
+fn io(path: &Path, e: std::io::Error) -> CheckpointError {
+    CheckpointError::Io { path: path.display().to_string(), source: e }
+}
+
+/// Hex sha256 of a file's content, read in blocks.
+pub fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
+    let mut f = File::open(path).map_err(|e| io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Writes `bytes` to `path` and fsyncs it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut f = File::create(path).map_err(|e| io(path, e))?;
+    f.write_all(bytes).map_err(|e| io(path, e))?;
+    f.sync_all().map_err(|e| io(path, e))
+}
+
+fn sync_path(path: &Path) -> Result<(), CheckpointError> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(|e| io(path, e))
+}
+
+/// Checksums and fsyncs every file of `tmp`, writes the manifest, then runs `gate` (the
+/// fencing check) and renames `tmp` to `dest`, replacing an older `dest` if there is one.
+/// Returns the manifest.
+pub fn commit_dir(
+    tmp: &Path,
+    dest: &Path,
+    gate: impl FnOnce() -> Result<(), CheckpointError>,
+) -> Result<Manifest, CheckpointError> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(tmp).map_err(|e| io(tmp, e))? {
+        let entry = entry.map_err(|e| io(tmp, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == MANIFEST {
+            continue;
+        }
+        sync_path(&entry.path())?;
+        files.insert(name, sha256_file(&entry.path())?);
+    }
+    let manifest = Manifest { files };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Format(e.to_string()))?;
+    write_synced(&tmp.join(MANIFEST), &json)?;
+    sync_path(tmp)?;
+    gate()?;
+    if dest.exists() {
+        // Same step written again (a resumed attempt redoing it): move the old one aside
+        // first, since rename cannot replace a non-empty directory.
+        let aside = dest.with_extension(format!("replaced-{}", std::process::id()));
+        std::fs::rename(dest, &aside).map_err(|e| io(dest, e))?;
+        std::fs::rename(tmp, dest).map_err(|e| io(dest, e))?;
+        let _ = std::fs::remove_dir_all(&aside);
+    } else {
+        std::fs::rename(tmp, dest).map_err(|e| io(dest, e))?;
+    }
+    if let Some(parent) = dest.parent() {
+        sync_path(parent)?;
+    }
+    Ok(manifest)
+}
+
+/// Checks that `dir` has a manifest and that every file it lists has the recorded sha256.
+pub fn verify_dir(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| CheckpointError::Corrupt(format!("{}: {e}", path.display())))?;
+    for (name, want) in &manifest.files {
+        if name.contains('/') || name.contains("..") {
+            return Err(CheckpointError::Corrupt(format!("bad file name {name:?} in manifest")));
+        }
+        let got = sha256_file(&dir.join(name))?;
+        if &got != want {
+            return Err(CheckpointError::Corrupt(format!("{name}: sha256 {got} != manifest {want}")));
+        }
+    }
+    Ok(manifest)
+}

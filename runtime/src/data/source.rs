@@ -1,0 +1,109 @@
+//! Reading examples from a data URI.
+
+use super::{DataError, Example, builtin};
+use std::path::{Path, PathBuf};
+
+/// Where `pvc://CLAIM/PATH` URIs are mounted: `$ANNEAL_PVC_ROOT/CLAIM/PATH` (default `/mnt/pvc`),
+/// the layout the operator uses when it mounts a claim into a pod.
+const PVC_ROOT_ENV: &str = "ANNEAL_PVC_ROOT";
+
+/// The local path a `file://` or `pvc://` URI (or a plain path) points at; `None` for `builtin:`.
+pub fn resolve_path(uri: &str) -> Result<Option<PathBuf>, DataError> {
+    if uri.starts_with("builtin:") {
+        return Ok(None);
+    }
+    if let Some(rest) = uri.strip_prefix("file://") {
+        return Ok(Some(PathBuf::from(rest)));
+    }
+    if let Some(rest) = uri.strip_prefix("pvc://") {
+        let root = std::env::var(PVC_ROOT_ENV).unwrap_or_else(|_| "/mnt/pvc".into());
+        if rest.is_empty() || rest.split('/').any(|c| c == "..") {
+            return Err(DataError::Scheme(uri.into()));
+        }
+        return Ok(Some(Path::new(&root).join(rest)));
+    }
+    if uri.contains("://") || uri.is_empty() {
+        return Err(DataError::Scheme(uri.into()));
+    }
+    Ok(Some(PathBuf::from(uri)))
+}
+
+/// All examples behind `uri`, in file order.
+pub fn load(uri: &str) -> Result<Vec<Example>, DataError> {
+    let examples = match resolve_path(uri)? {
+        None => builtin::load(uri.trim_start_matches("builtin:"))?,
+        Some(path) => load_file(&path)?,
+    };
+    if examples.is_empty() {
+        return Err(DataError::Empty(uri.into()));
+    }
+    Ok(examples)
+}
+
+fn load_file(path: &Path) -> Result<Vec<Example>, DataError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: shown.clone(), source })?;
+    let text = String::from_utf8(bytes).map_err(|e| DataError::Malformed {
+        path: shown.clone(),
+        line: 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count(),
+        msg: "not valid UTF-8".into(),
+    })?;
+    let is_jsonl = matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "ndjson"));
+    if is_jsonl { parse_jsonl(&text, &shown) } else { Ok(parse_text(&text)) }
+}
+
+/// A plain text file: each paragraph (separated by a blank line) is one example.
+fn parse_text(text: &str) -> Vec<Example> {
+    text.split("\n\n")
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| Example::Text { text: p.to_string() })
+        .collect()
+}
+
+/// JSON lines of `{"text": ...}` or `{"prompt": ..., "response": ...}`.
+fn parse_jsonl(text: &str, path: &str) -> Result<Vec<Example>, DataError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let malformed = |msg: String| DataError::Malformed { path: path.into(), line: i + 1, msg };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
+        let field = |name: &str| value.get(name).map(|v| v.as_str().map(str::to_string));
+        let example = match (field("prompt"), field("response"), field("text")) {
+            (Some(Some(prompt)), Some(Some(response)), _) => Example::Pair { prompt, response },
+            (None, None, Some(Some(text))) => Example::Text { text },
+            _ => {
+                return Err(malformed(
+                    "expected {\"text\": string} or {\"prompt\": string, \"response\": string}".into(),
+                ));
+            }
+        };
+        out.push(example);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        assert!(matches!(resolve_path("s3://bucket/x"), Err(DataError::Scheme(_))));
+        assert_eq!(resolve_path("file:///a/b").unwrap(), Some(PathBuf::from("/a/b")));
+        assert!(resolve_path("pvc://claim/../etc").is_err());
+        assert_eq!(resolve_path("builtin:arith").unwrap(), None);
+    }
+
+    #[test]
+    fn jsonl() {
+        let ok = parse_jsonl("{\"prompt\":\"1+1=\",\"response\":\"2\"}\n\n{\"text\":\"hi\"}\n", "f").unwrap();
+        assert_eq!(ok.len(), 2);
+        let err = parse_jsonl("{\"text\":\"a\"}\n{oops\n", "f").unwrap_err();
+        assert!(err.to_string().starts_with("f:2: invalid JSON"), "{err}");
+        assert!(parse_jsonl("{\"prompt\":\"a\"}\n", "f").is_err());
+    }
+}

@@ -1,0 +1,52 @@
+//! A tokenizer read from a Hugging Face `tokenizer.json`.
+
+use super::{Tokenizer, TokenizerError};
+use std::path::Path;
+
+/// Wraps the `tokenizers` crate; BOS/EOS are looked up among common special-token names.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+}
+
+impl HfTokenizer {
+    /// Reads `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let bos = find(&["<|begin_of_text|>", "<s>", "<|im_start|>", "<|endoftext|>"]);
+        let eos = find(&["<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>"]);
+        Ok(Self { inner, bos, eos })
+    }
+}
+
+impl Tokenizer for HfTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Codec(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, true).map_err(|e| TokenizerError::Codec(e.to_string()))
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    fn token_to_piece(&self, id: u32) -> Option<Vec<u8>> {
+        self.inner.decode(&[id], false).ok().map(String::into_bytes)
+    }
+}

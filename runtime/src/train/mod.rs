@@ -1,0 +1,162 @@
+//! `anneal-runtime train --config FILE`: trains a model, checkpointing every N steps and
+//! resuming exactly from the newest valid checkpoint, then writes the model directory.
+
+pub mod config;
+pub mod loss;
+pub mod optim;
+pub mod progress;
+pub mod trainer;
+
+use crate::checkpoint::{CheckpointDir, CheckpointError, model_dir};
+use crate::data::DataError;
+use crate::error::RuntimeError;
+use anneal_crds::contract;
+use config::TrainConfig;
+use progress::{Reporter, StepReport};
+use std::path::PathBuf;
+use std::time::Instant;
+use trainer::Trainer;
+
+/// Arguments of `anneal-runtime train`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Training configuration (YAML or JSON), mirroring the TrainingJob spec.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Attempt number of this worker; checkpoints of newer attempts are never overwritten.
+    #[arg(long, env = contract::ENV_ATTEMPT, default_value_t = 0)]
+    pub attempt: u64,
+    /// Checkpoint directory (overrides the config's `checkpoint.dir`).
+    #[arg(long, env = contract::ENV_CHECKPOINT_DIR)]
+    pub checkpoint_dir: Option<String>,
+    /// Device: auto, cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Why training stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// The data is missing or malformed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The base model directory cannot be loaded.
+    #[error("base model: {0}")]
+    Base(CheckpointError),
+    /// Checkpoint or output I/O failed, or this attempt is fenced.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    /// The loss or gradients became NaN or infinite.
+    #[error("training diverged at step {step}: non-finite gradient norm (lower the learning rate)")]
+    Diverged {
+        /// The step.
+        step: u64,
+    },
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// A bug.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<TrainError> for RuntimeError {
+    fn from(e: TrainError) -> Self {
+        let msg = e.to_string();
+        match e {
+            TrainError::Config(_) | TrainError::Data(_) | TrainError::Base(_) | TrainError::Diverged { .. } => {
+                RuntimeError::User(msg)
+            }
+            // A stale attempt must not be retried: the newer attempt owns the job now.
+            TrainError::Checkpoint(CheckpointError::Fenced { .. }) => RuntimeError::User(msg),
+            TrainError::Tensor(_) if is_device_error(&msg) => RuntimeError::Device(msg),
+            _ => RuntimeError::Internal(msg),
+        }
+    }
+}
+
+/// Whether a tensor error came from the accelerator (the operator fails over on those).
+pub fn is_device_error(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("cuda") || m.contains("cublas") || m.contains("driver")
+}
+
+/// Runs `anneal-runtime train`.
+pub fn run(args: Args) -> crate::error::Result<()> {
+    let mut config = TrainConfig::from_file(&args.config).map_err(RuntimeError::User)?;
+    if let Some(dir) = args.checkpoint_dir {
+        config.checkpoint.dir = Some(dir);
+    }
+    let threads = config.hyperparameters.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map(usize::from).unwrap_or(1)
+    });
+    crate::device::set_cpu_threads(threads);
+    let device = crate::device::parse_device(&args.device)?;
+    train(config, args.attempt, device).map_err(RuntimeError::from)
+}
+
+/// Trains to the configured number of steps and writes the model directory.
+pub fn train(config: TrainConfig, attempt: u64, device: candle_core::Device) -> Result<(), TrainError> {
+    let reporter = Reporter::default();
+    let ckpt_dir = match &config.checkpoint.dir {
+        Some(uri) => Some(CheckpointDir::open(&trainer::resolve(uri)?, attempt)?),
+        None => None,
+    };
+    let output = trainer::resolve(&config.output.path)?;
+    let mut t = Trainer::new(config, device)?;
+    if let Some(dir) = &ckpt_dir
+        && let Some((step, path)) = dir.latest_valid(|w| reporter.warn(w))?
+    {
+        t.restore(&path)?;
+        reporter.event(&serde_json::json!({
+            "event": "resumed", "step": step, "checkpoint": path.display().to_string(), "attempt": attempt,
+        }));
+    }
+    reporter.event(&serde_json::json!({
+        "event": "start", "step": t.step, "attempt": attempt,
+        "parameters": t.model_config.param_count(), "train_samples": t.loader.len(),
+    }));
+    let h = t.config.hyperparameters.clone();
+    let job = (std::env::var(contract::ENV_JOB_NAME), std::env::var(contract::ENV_JOB_NAMESPACE));
+    let (mut window_start, mut window_tokens) = (Instant::now(), 0usize);
+    while t.step < h.steps {
+        let stats = t.train_step()?;
+        window_tokens += stats.tokens;
+        if t.step % h.log_every.max(1) == 0 || t.step == h.steps {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let report = StepReport {
+                event: "step",
+                step: t.step,
+                total_steps: h.steps,
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_sec: window_tokens as f64 / secs,
+                epoch: t.loader.cursor.epoch,
+            };
+            reporter.step(&report);
+            if let (Ok(name), Ok(ns)) = &job {
+                progress::patch_trainingjob_progress(name, ns, &report);
+            }
+            (window_start, window_tokens) = (Instant::now(), 0);
+        }
+        let every = t.config.checkpoint.every_steps;
+        if let Some(dir) = &ckpt_dir
+            && ((every > 0 && t.step % every == 0) || t.step == h.steps)
+        {
+            let path = t.save_checkpoint(dir)?;
+            reporter.event(&serde_json::json!({
+                "event": "checkpoint", "step": t.step, "path": path.display().to_string(),
+            }));
+        }
+    }
+    let (spec, spec_dir) = &t.tokenizer_spec;
+    let sha256 = model_dir::save(&output, &t.model_config, &t.tensors()?, spec, spec_dir)?;
+    reporter.event(&serde_json::json!({
+        "event": "done", "step": t.step, "model": { "path": output.display().to_string(), "sha256": sha256 },
+    }));
+    Ok(())
+}

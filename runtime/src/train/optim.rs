@@ -1,0 +1,145 @@
+//! AdamW with its moments in the open (so checkpoints can store them), the warm-up + cosine
+//! learning-rate schedule, and global-norm gradient clipping.
+
+use super::config::Hyperparameters;
+use candle_core::{Result, Tensor, Var};
+use std::collections::HashMap;
+
+/// One trainable parameter and its AdamW moments.
+#[derive(Debug)]
+pub struct Param {
+    /// GGUF-style name, e.g. `blk.0.attn_q.weight`.
+    pub name: String,
+    /// The variable.
+    pub var: Var,
+    /// First moment.
+    pub m: Tensor,
+    /// Second moment.
+    pub v: Tensor,
+    /// Whether weight decay applies (matrices yes, norm scales no).
+    pub decay: bool,
+}
+
+/// AdamW over a fixed, name-ordered list of parameters; the order fixes the summation order
+/// of the gradient norm, which keeps runs bitwise reproducible.
+#[derive(Debug)]
+pub struct AdamW {
+    /// Parameters in name order.
+    pub params: Vec<Param>,
+    /// Optimizer steps taken (bias correction).
+    pub t: u64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    /// Zero moments for `vars` (sorted by name here).
+    pub fn new(mut vars: Vec<(String, Var)>, h: &Hyperparameters) -> Result<Self> {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let m = var.as_tensor().zeros_like()?;
+                let v = var.as_tensor().zeros_like()?;
+                let decay = var.as_tensor().rank() >= 2;
+                Ok(Param { name, var, m, v, decay })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { params, t: 0, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weight_decay: h.weight_decay })
+    }
+
+    /// Applies one update with learning rate `lr` and gradients `grads` (aligned with
+    /// `params`), each multiplied by `scale` first (1/tokens and the clipping factor).
+    pub fn step(&mut self, grads: &[Tensor], scale: f64, lr: f64) -> Result<()> {
+        self.t += 1;
+        let t = self.t as i32;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let bias1 = 1.0 - b1.powi(t);
+        let bias2 = 1.0 - b2.powi(t);
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            let g = (g * scale)?;
+            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
+            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((&p.v / bias2)?.sqrt()? + self.eps)?;
+            let update = ((&p.m / bias1)? / denom)?;
+            let theta = p.var.as_tensor();
+            let theta = if p.decay { (theta * (1.0 - lr * self.weight_decay))? } else { theta.clone() };
+            p.var.set(&(theta - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// The moments as `m.<name>` / `v.<name>` tensors, for a checkpoint.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for p in &self.params {
+            out.insert(format!("m.{}", p.name), p.m.clone());
+            out.insert(format!("v.{}", p.name), p.v.clone());
+        }
+        out
+    }
+
+    /// Restores moments saved by [`state_tensors`](Self::state_tensors) and the step count.
+    pub fn load_state(&mut self, mut tensors: HashMap<String, Tensor>, t: u64) -> std::result::Result<(), String> {
+        for p in &mut self.params {
+            let mut take = |k: String| {
+                let x = tensors.remove(&k).ok_or_else(|| format!("optimizer state lacks {k}"))?;
+                if x.shape() != p.var.shape() {
+                    return Err(format!("optimizer state {k} has shape {:?}", x.shape()));
+                }
+                Ok(x)
+            };
+            p.m = take(format!("m.{}", p.name))?;
+            p.v = take(format!("v.{}", p.name))?;
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Learning rate at `step` (0-based): linear warm-up to the peak, then cosine decay to the
+/// minimum at the last step.
+pub fn learning_rate(h: &Hyperparameters, step: u64) -> f64 {
+    let peak = h.learning_rate;
+    let min = h.min_learning_rate.unwrap_or(peak * 0.1);
+    if step < h.warmup_steps {
+        return peak * (step + 1) as f64 / h.warmup_steps as f64;
+    }
+    let decay_steps = h.steps.saturating_sub(h.warmup_steps).max(1);
+    let progress = ((step - h.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+    min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Global L2 norm of `grads` (summed in order) times `scale`.
+pub fn global_norm(grads: &[Tensor], scale: f64) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads {
+        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(total.sqrt() * scale)
+}
+
+/// Factor that brings a gradient of norm `norm` under `clip` (1 when already under, or when
+/// clipping is off).
+pub fn clip_factor(norm: f64, clip: f64) -> f64 {
+    if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let h = Hyperparameters { steps: 100, warmup_steps: 10, learning_rate: 1.0, ..Default::default() };
+        assert!((learning_rate(&h, 0) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(&h, 9) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(&h, 10) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(&h, 100) - 0.1).abs() < 1e-12);
+        assert!(learning_rate(&h, 50) < 1.0 && learning_rate(&h, 50) > 0.1);
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+        assert!((clip_factor(4.0, 1.0) - 0.25).abs() < 1e-6);
+    }
+}

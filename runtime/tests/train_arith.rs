@@ -1,0 +1,37 @@
+//! A tiny model learns 2-digit addition (`builtin:arith`) on CPU, and `eval` reports its
+//! exact-match accuracy on the held-out test split, on stdout and in the termination log.
+
+mod train_support;
+
+use train_support::{Scratch, assert_ok, events, run, tiny_config};
+
+/// Optimizer steps of the run; see the config in `train_support::tiny_config`.
+const STEPS: u64 = 1500;
+/// Exact-match accuracy the run must reach on the test split (~1000 unseen sums).
+const MIN_EXACT_MATCH: f64 = 0.9;
+
+#[test]
+fn tiny_model_learns_two_digit_addition() {
+    let s = Scratch::new("arith");
+    let model = s.path("model");
+    let cfg = s.write("train.yaml", &tiny_config(&model, STEPS, "  logEvery: 100", ""));
+    let out = run(&["train", "--config", cfg.to_str().unwrap()], &[]);
+    assert_ok(&out);
+    let done = &events(&out, "done")[0];
+
+    let log = s.write("termination-log", "");
+    let args = ["eval", "--model", model.to_str().unwrap(), "--data", "builtin:arith"];
+    let out = run(&[&args[..], &["--termination-log", log.to_str().unwrap()]].concat(), &[]);
+    assert_ok(&out);
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("eval: {report}");
+    assert_eq!(report["model_sha256"], done["model"]["sha256"]);
+    assert_eq!(report["split"], "test");
+    let exact = report["exact_match"].as_f64().unwrap();
+    assert!(exact >= MIN_EXACT_MATCH, "exact match {exact} < {MIN_EXACT_MATCH}");
+    assert!(report["perplexity"].as_f64().unwrap() < 1.5);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged.trim(), stdout.trim());
+    assert!(logged.len() < 4096);
+}

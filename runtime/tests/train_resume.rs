@@ -1,0 +1,117 @@
+//! Checkpoints: a run SIGKILLed mid-way and resumed ends with bitwise the same weights as the
+//! uninterrupted run; a corrupt newest checkpoint is skipped; a stale attempt is fenced out.
+//!
+//! Every run uses 2 CPU threads (`threads: 2` in the config): candle's matmul partitions work
+//! by thread count, and with a fixed count every operation runs in the same order.
+
+mod train_support;
+
+use anneal_runtime::checkpoint::CheckpointDir;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use train_support::{BIN, Scratch, assert_ok, events, run, tiny_config};
+
+const STEPS: u64 = 120;
+
+fn config(s: &Scratch, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ckpt = format!("checkpoint:\n  dir: {}\n  everySteps: 10\n  keep: 3", s.path(&format!("{name}-ckpt")).display());
+    let cfg = tiny_config(&s.path(&format!("{name}-model")), STEPS, "", &ckpt);
+    (s.write(&format!("{name}.yaml"), &cfg), s.path(&format!("{name}-model/model.safetensors")))
+}
+
+/// Spawns `train`, reads its progress until `stop(event)` is true, then SIGKILLs it.
+fn train_until_killed(cfg: &std::path::Path, attempt: &str, stop: impl Fn(&serde_json::Value) -> bool) {
+    let mut child = Command::new(BIN)
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("ANNEAL_ATTEMPT", attempt)
+        .env_remove("ANNEAL_CHECKPOINT_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if stop(&v) {
+            break;
+        }
+    }
+    // Child::kill sends SIGKILL: no handler runs, exactly like a node dying.
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn sigkill_and_resume_is_bitwise_exact_and_corrupt_checkpoints_are_skipped() {
+    let s = Scratch::new("resume");
+    let (cfg_a, weights_a) = config(&s, "a");
+    assert_ok(&run(&["train", "--config", cfg_a.to_str().unwrap()], &[]));
+
+    let (cfg_b, weights_b) = config(&s, "b");
+    train_until_killed(&cfg_b, "1", |v| v["event"] == "checkpoint" && v["step"] == 30);
+    assert!(!weights_b.exists(), "the run was killed before finishing");
+    let out = run(&["train", "--config", cfg_b.to_str().unwrap()], &[("ANNEAL_ATTEMPT", "2")]);
+    assert_ok(&out);
+    let resumed = events(&out, "resumed");
+    let step = resumed[0]["step"].as_u64().unwrap();
+    assert!((30..STEPS).contains(&step), "resumed at {step}");
+    assert_eq!(std::fs::read(&weights_a).unwrap(), std::fs::read(&weights_b).unwrap());
+
+    // Corrupt the newest checkpoint of run a and redo the tail from the one before.
+    let newest = s.path(&format!("a-ckpt/step-{STEPS:08}/model.safetensors"));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&newest, bytes).unwrap();
+    std::fs::remove_dir_all(s.path("a-model")).unwrap();
+    let out = run(&["train", "--config", cfg_a.to_str().unwrap()], &[("ANNEAL_ATTEMPT", "1")]);
+    assert_ok(&out);
+    let warnings = events(&out, "warning");
+    assert!(warnings[0]["message"].as_str().unwrap().contains(&format!("step-{STEPS:08}")));
+    assert_eq!(events(&out, "resumed")[0]["step"], STEPS - 10);
+    assert_eq!(std::fs::read(&weights_a).unwrap(), std::fs::read(&weights_b).unwrap());
+}
+
+#[test]
+fn stale_attempt_is_fenced() {
+    let s = Scratch::new("fence");
+    let (cfg, weights) = config(&s, "f");
+    let ckpt = s.path("f-ckpt");
+    // A newer attempt has claimed the directory: an older one refuses to start.
+    std::fs::create_dir_all(&ckpt).unwrap();
+    CheckpointDir::open(&ckpt, 5).unwrap();
+    let out = run(&["train", "--config", cfg.to_str().unwrap()], &[("ANNEAL_ATTEMPT", "4")]);
+    assert_eq!(out.status.code(), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fenced"));
+
+    // An attempt running when a newer one claims the directory stops at its next checkpoint,
+    // without committing it.
+    let mut child = Command::new(BIN)
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("ANNEAL_ATTEMPT", "6")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reported = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["event"] == "checkpoint" {
+            reported.push(v["step"].as_u64().unwrap());
+            if reported.len() == 1 {
+                CheckpointDir::open(&ckpt, 7).unwrap();
+            }
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fenced"));
+    assert!(!weights.exists());
+    // Every checkpoint on disk was committed (and reported) before the claim was seen; the
+    // one the stale attempt tried after it was never committed.
+    let dir = CheckpointDir { root: ckpt.clone(), attempt: 7 };
+    let mut on_disk: Vec<u64> = dir.list().unwrap().into_iter().map(|(s, _)| s).collect();
+    on_disk.reverse();
+    assert_eq!(on_disk, reported[reported.len().saturating_sub(3)..]);
+    assert!(reported.len() < (STEPS / 10) as usize);
+}
