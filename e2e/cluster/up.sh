@@ -13,6 +13,15 @@ start() {
   log "starting $name (log: $LOG_DIR/$name.log)"
   setsid "$TOOLS_BIN/$name" "$@" >"$LOG_DIR/$name.log" 2>&1 </dev/null &
   echo $! >"$PID_DIR/$name.pid"
+  # Until the forked shell has exec'ed the binary, the pid does not look like ours (see is_cluster_process).
+  wait_until "$name to start" 10 execed "$!" "$(realpath "$TOOLS_BIN/$name")" || true
+}
+
+# execed PID BINARY: PID runs BINARY now, or is already gone (alive reports that).
+execed() {
+  local exe
+  exe="$(readlink "/proc/$1/exe" 2>/dev/null)" || return 0
+  [[ "$exe" == "$2" ]]
 }
 
 # alive NAME: the component is running; if it died, say so and show the end of its log.
