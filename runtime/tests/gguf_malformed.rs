@@ -178,7 +178,7 @@ fn overflowing_and_bad_shapes() {
         assert!(err.contains(expect), "{ne:?} type {ty} offset {offset}: {err}");
     }
     let mut g = Gguf::header(3, 1, 0);
-    g.str("t").u32(5);
+    g.str("t").u32(5).raw(&[0u8; 64]);
     assert!(parse_err(&g.bytes).to_string().contains("dimensions"));
 }
 

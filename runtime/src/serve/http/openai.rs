@@ -1,0 +1,198 @@
+//! OpenAI request bodies, their validation, and response bodies.
+
+use super::error::ApiError;
+use crate::serve::chat_template::ChatMessage;
+use crate::serve::sampling::SamplingParams;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+/// One string or a list of them (`prompt`, `stop`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single string.
+    One(String),
+    /// A list.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct Params {
+    /// Model name (any name is accepted: one model is served).
+    pub model: Option<String>,
+    /// Most tokens to generate.
+    pub max_tokens: Option<i64>,
+    /// Newer name of `max_tokens` in chat requests.
+    pub max_completion_tokens: Option<i64>,
+    /// Sampling temperature, 0 to 2.
+    pub temperature: Option<f64>,
+    /// Nucleus mass, (0, 1].
+    pub top_p: Option<f64>,
+    /// Top-k (0 = off).
+    pub top_k: Option<i64>,
+    /// Choices per request (only 1).
+    pub n: Option<i64>,
+    /// Seed of the sampler.
+    pub seed: Option<u64>,
+    /// Stop sequences.
+    pub stop: Option<OneOrMany>,
+    /// Stream server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Scheduling priority (higher first).
+    pub priority: Option<i32>,
+}
+
+/// `/v1/completions` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The prompt.
+    pub prompt: OneOrMany,
+    /// The rest.
+    #[serde(flatten)]
+    pub params: Params,
+}
+
+/// `/v1/chat/completions` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// The rest.
+    #[serde(flatten)]
+    pub params: Params,
+}
+
+/// Parses a body: malformed JSON is a 400, a well-formed body with a wrong field a 422 naming it.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let param = if path == "." { "body".to_string() } else { path };
+        ApiError::field(&param, format!("{param}: {}", e.inner()))
+    })
+}
+
+/// The server's limits on request fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest `max_tokens`.
+    pub max_tokens: usize,
+    /// `max_tokens` when the request gives none.
+    pub default_max_tokens: usize,
+    /// Vocabulary size (upper bound of `top_k`).
+    pub vocab_size: usize,
+}
+
+/// Validated generation settings.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// Priority.
+    pub priority: i32,
+}
+
+impl Params {
+    /// Checks every field against `limits`.
+    pub fn validate(&self, limits: &Limits) -> Result<Validated, ApiError> {
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => limits.default_max_tokens,
+            Some(m) if m >= 1 && (m as u64) <= limits.max_tokens as u64 => m as usize,
+            Some(m) => {
+                return Err(ApiError::field("max_tokens", format!("max_tokens {m} is not in 1..={}", limits.max_tokens)));
+            }
+        };
+        if let Some(n) = self.n.filter(|&n| n != 1) {
+            return Err(ApiError::field("n", format!("n {n} is not supported (only 1)")));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::field("temperature", format!("temperature {temperature} is not in [0, 2]")));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::field("top_p", format!("top_p {top_p} is not in (0, 1]")));
+        }
+        let top_k = self.top_k.unwrap_or(0);
+        if top_k < 0 || top_k as u64 > limits.vocab_size as u64 {
+            return Err(ApiError::field("top_k", format!("top_k {top_k} is not in 0..={}", limits.vocab_size)));
+        }
+        let stop = self.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
+        if stop.len() > 4 {
+            return Err(ApiError::field("stop", "at most 4 stop sequences"));
+        }
+        // Without a seed, sampled requests differ run to run, as clients expect.
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(Validated {
+            sampling: SamplingParams { temperature: temperature as f32, top_p: top_p as f32, top_k: top_k as usize, seed },
+            max_tokens,
+            stop,
+            priority: self.priority.unwrap_or(0),
+        })
+    }
+}
+
+/// Which endpoint a response is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/completions`.
+    Completion,
+    /// `/v1/chat/completions`.
+    Chat,
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A whole (non-streamed) response body.
+pub fn full_response(
+    ep: Endpoint,
+    id: &str,
+    model: &str,
+    text: &str,
+    finish: &str,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+) -> Value {
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens});
+    match ep {
+        Endpoint::Completion => json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": usage}),
+        Endpoint::Chat => json!({"id": id, "object": "chat.completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": usage}),
+    }
+}
+
+/// One streamed chunk.
+pub fn chunk(ep: Endpoint, id: &str, model: &str, text: &str, finish: Option<&str>) -> Value {
+    match ep {
+        Endpoint::Completion => json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]}),
+        Endpoint::Chat => json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}]}),
+    }
+}

@@ -1,0 +1,90 @@
+//! What the server serves: the shared transformer, its tokenizer and chat template, loaded from
+//! a GGUF file or from a model directory written by `anneal-runtime train`.
+
+use super::chat_template::{ChatTemplate, TemplateError};
+use crate::gguf::{GgufError, GgufFile, GgufTokenizer, GgufWeights, Q41Policy, model_config};
+use crate::model::Transformer;
+use crate::tokenizer::Tokenizer;
+use candle_core::Device;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A malformed or unsupported GGUF file.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// The weights do not fit the architecture.
+    #[error("building the model: {0}")]
+    Model(#[from] candle_core::Error),
+    /// The chat template does not compile.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The path is neither a GGUF file nor a model directory.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl From<LoadError> for crate::error::RuntimeError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Gguf(g) => g.into(),
+            other => crate::error::RuntimeError::User(other.to_string()),
+        }
+    }
+}
+
+/// A model ready to serve.
+pub struct LoadedModel {
+    /// The name `/v1/models` reports and requests may use.
+    pub id: String,
+    /// The network.
+    pub transformer: Transformer,
+    /// Its tokenizer.
+    pub tokenizer: Arc<dyn Tokenizer>,
+    /// Its chat template.
+    pub chat_template: ChatTemplate,
+    /// Tokens that end a generation (EOS and the chat turn end).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Loads `path`: a `.gguf` file (llama family).
+pub fn load(path: &Path, policy: Q41Policy, max_seq_len: Option<usize>) -> Result<LoadedModel, LoadError> {
+    if path.extension().is_some_and(|e| e == "gguf") || path.is_file() {
+        return load_gguf(path, policy, max_seq_len);
+    }
+    Err(LoadError::Unsupported(format!(
+        "{}: not a GGUF file (serving model directories is not implemented yet)",
+        path.display()
+    )))
+}
+
+fn load_gguf(path: &Path, policy: Q41Policy, max_seq_len: Option<usize>) -> Result<LoadedModel, LoadError> {
+    let file = GgufFile::open(path)?;
+    let mut config = model_config(&file.header)?;
+    if let Some(m) = max_seq_len {
+        config.max_seq_len = config.max_seq_len.min(m);
+    }
+    let device = Device::Cpu;
+    let transformer = Transformer::new(&config, &GgufWeights::new(&file, &device, policy), &device)?;
+    let tokenizer = GgufTokenizer::from_header(&file.header)?;
+    let name = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.token_to_piece(i)).map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    let (bos, eos) = (name(tokenizer.bos_id()).unwrap_or_default(), name(tokenizer.eos_id()).unwrap_or_default());
+    let template = file.header.get_str("tokenizer.chat_template").ok();
+    let chat_template = ChatTemplate::new(template, &bos, &eos)?;
+    let mut stop_ids: Vec<u32> = tokenizer.eos_id().into_iter().collect();
+    for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
+        if let Some(id) = tokenizer.token_id(t).filter(|id| !stop_ids.contains(id)) {
+            stop_ids.push(id);
+        }
+    }
+    let id = file
+        .header
+        .get_str("general.name")
+        .map(str::to_string)
+        .unwrap_or_else(|_| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    Ok(LoadedModel { id, transformer, tokenizer: Arc::new(tokenizer), chat_template, stop_ids })
+}

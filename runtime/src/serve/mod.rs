@@ -1,0 +1,182 @@
+//! `anneal-runtime serve`: an OpenAI-compatible HTTP server over continuous batching.
+//!
+//! The pieces are separate (style.md #10): [`loaded_model`] holds the network and tokenizer,
+//! [`batch_forward`] is the batched decode step on the shared model, [`kv_pool`] owns the
+//! per-sequence preallocated caches, [`scheduler`] decides who runs, [`engine`] loops on its
+//! own thread, and [`http`] only turns requests into engine messages and back.
+
+pub mod batch_forward;
+pub mod chat_template;
+pub mod engine;
+pub mod http;
+pub mod kv_pool;
+pub mod loaded_model;
+pub mod metrics;
+pub mod sampling;
+pub mod scheduler;
+pub mod text_stream;
+
+use crate::error::{Result, RuntimeError};
+use crate::gguf::Q41Policy;
+use http::openai::Limits;
+use http::{AppState, Served};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Arguments of `anneal-runtime serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// A GGUF file (llama family).
+    #[arg(long, env = "ANNEAL_MODEL")]
+    pub model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// File holding the API key (first line); without it no key is required.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot; more are answered 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Context length (prompt plus generation) per sequence; at most the model's.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// `max_tokens` when a request gives none.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: usize,
+    /// Largest request body in bytes; larger ones are answered 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds a generation request may take.
+    #[arg(long, default_value_t = 300)]
+    pub request_timeout_secs: u64,
+    /// Seconds between SIGTERM (readiness fails at once) and closing the listener.
+    #[arg(long, default_value_t = 0)]
+    pub drain_delay_secs: u64,
+    /// What to do with Q4_1 weights (candle has no SIMD Q4_1 kernel).
+    #[arg(long, value_enum, default_value_t = Q41Policy::Q8_0)]
+    pub q4_1: Q41Policy,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Runs `anneal-runtime serve` until SIGTERM or Ctrl-C, then drains.
+pub fn run(args: Args) -> Result<()> {
+    let _ = tracing_subscriber::fmt().with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    ).try_init();
+    if let Some(n) = args.threads {
+        // candle's CPU kernels size their pool from this variable.
+        // SAFETY: set before any other thread of this process exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    let api_key = match &args.api_key_file {
+        Some(p) => Some(http::auth::read_key_file(p).map_err(RuntimeError::User)?),
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| RuntimeError::Internal(format!("tokio runtime: {e}")))?;
+    rt.block_on(serve(args, api_key))
+}
+
+async fn serve(args: Args, api_key: Option<String>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| RuntimeError::User(format!("listening on {}: {e}", args.listen)))?;
+    serve_on(listener, args, api_key, shutdown_signal()).await
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains: readiness fails at once,
+/// `drain_delay_secs` later the listener closes, in-flight requests finish, and this returns.
+/// The model loads in the background; until it has, the server is alive but not ready.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    args: Args,
+    api_key: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let state = Arc::new(AppState {
+        served: Default::default(),
+        draining: Default::default(),
+        metrics: Default::default(),
+        api_key,
+        request_timeout: Duration::from_secs(args.request_timeout_secs),
+    });
+    tracing::info!(addr = ?listener.local_addr().ok(), "listening; loading {}", args.model.display());
+    let load_args = args.clone();
+    let load_state = state.clone();
+    let loading = tokio::task::spawn_blocking(move || load(&load_args, &load_state));
+    let app = http::router(state.clone(), args.max_body_bytes);
+    let shutdown_state = state.clone();
+    let drain_delay = Duration::from_secs(args.drain_delay_secs);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        shutdown_state.draining.store(true, Ordering::SeqCst);
+        tracing::info!("draining: readiness fails, in-flight requests finish");
+        tokio::time::sleep(drain_delay).await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    match loading.await {
+        Ok(Ok(())) => tracing::info!("model loaded; ready"),
+        Ok(Err(e)) => return Err(e),
+        Err(e) => return Err(RuntimeError::Internal(format!("model loading panicked: {e}"))),
+    }
+    server
+        .await
+        .map_err(|e| RuntimeError::Internal(format!("server task: {e}")))?
+        .map_err(|e| RuntimeError::Internal(format!("server: {e}")))
+}
+
+fn load(args: &Args, state: &AppState) -> Result<()> {
+    let started = std::time::Instant::now();
+    let model = loaded_model::load(&args.model, args.q4_1, Some(args.max_seq_len))?;
+    tracing::info!(model = %model.id, secs = started.elapsed().as_secs_f64(), "loaded");
+    let limits = Limits {
+        max_tokens: model.transformer.config.max_seq_len.saturating_sub(1).max(1),
+        default_max_tokens: args.default_max_tokens,
+        vocab_size: model.tokenizer.vocab_size(),
+    };
+    let engine = engine::start(
+        engine::EngineModel {
+            transformer: model.transformer,
+            tokenizer: model.tokenizer.clone(),
+            stop_ids: model.stop_ids,
+        },
+        engine::EngineConfig { max_batch: args.max_batch, max_queue: args.max_queue },
+        state.metrics.clone(),
+    );
+    let served = Served {
+        engine,
+        tokenizer: model.tokenizer,
+        chat_template: model.chat_template,
+        model_id: model.id,
+        limits,
+    };
+    let _ = state.served.set(served);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
