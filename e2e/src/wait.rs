@@ -10,8 +10,9 @@ use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateTerminated, ContainerStatus, Node, Pod,
 };
+use kube::runtime::WatchStreamExt;
 use kube::runtime::wait::Condition;
-use kube::runtime::watcher::watch_object;
+use kube::runtime::watcher::{self, watch_object, watcher};
 use kube::{Api, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -50,6 +51,42 @@ where
             "timed out after {timeout:?} waiting for {kind} {name}; last seen: {}",
             describe(last_seen.as_ref())
         ),
+    }
+}
+
+/// Waits until some object selected by `config` (labels, fields) satisfies `predicate`, for at most `timeout`,
+/// and returns it. For objects whose name is not known in advance: the pod a controller created, a replacement
+/// worker. `what` names the wait in the timeout error.
+pub async fn wait_for_matching<K>(
+    api: &Api<K>,
+    config: watcher::Config,
+    what: &str,
+    timeout: Duration,
+    predicate: impl Fn(&K) -> bool,
+) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut seen = 0usize;
+    let watching = async {
+        let mut objects = std::pin::pin!(watcher(api.clone(), config).applied_objects());
+        while let Some(object) = objects
+            .try_next()
+            .await
+            .with_context(|| format!("watching for {what}"))?
+        {
+            if predicate(&object) {
+                return Ok(object);
+            }
+            seen += 1;
+        }
+        bail!("the watch for {what} ended")
+    };
+    match tokio::time::timeout(timeout, watching).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            bail!("timed out after {timeout:?} waiting for {what} ({seen} updates did not match)")
+        }
     }
 }
 

@@ -9,13 +9,15 @@ use anneal_e2e::cluster::cluster_dir;
 use anneal_e2e::faults::{self, GPU_HEALTH_TAINT_KEY, RestoreOnDrop};
 use anneal_e2e::tools::{helm, kubectl, run};
 use anneal_e2e::wait::conditions::{node_not_ready, node_ready, pod_containers_exited, pod_phase};
-use anneal_e2e::wait::{last_termination, wait_for};
+use anneal_e2e::wait::{last_termination, wait_for, wait_for_matching};
 use anneal_e2e::{TestNamespace, client};
 use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::Api;
 use kube::api::PostParams;
+use kube::runtime::wait::Condition;
+use kube::runtime::watcher;
 use serde_json::json;
 
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
@@ -158,6 +160,20 @@ async fn kwok_kubectl_and_helm_work_against_the_cluster() -> Result<()> {
         "60s",
     ]))
     .await?;
+    // The chart's Deployment runs its pod on the CPU node (it has no GPU toleration).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace.name());
+    let selector = watcher::Config::default().labels("app.kubernetes.io/instance=smoke");
+    let running = |pod: &Pod| pod_phase("Running").matches_object(Some(pod));
+    let pod = wait_for_matching(
+        &pods,
+        selector,
+        "the chart's pod",
+        Duration::from_secs(30),
+        running,
+    )
+    .await?;
+    assert_eq!(pod.spec.and_then(|s| s.node_name).as_deref(), Some("cpu-0"));
+
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace.name());
     let installed = config_maps.get("smoke-smoke").await?;
     assert_eq!(
