@@ -109,8 +109,9 @@ start_controllers() {
 }
 
 nodes_ready() {
-  kubectl_ wait node --all --for condition=Ready --timeout 60s >&2 ||
-    die "nodes not Ready; see $LOG_DIR/kwok.log and $LOG_DIR/kube-controller-manager.log"
+  kubectl_ wait node --all --for condition=Ready --timeout 60s >&2 && return 0
+  grep '"level":"ERROR"' "$LOG_DIR/kwok.log" | tail -n 3 >&2 || true
+  die "nodes not Ready; see $LOG_DIR/kwok.log and $LOG_DIR/kube-controller-manager.log"
 }
 
 main() {
