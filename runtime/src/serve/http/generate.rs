@@ -21,7 +21,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let result = async {
         let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-        let req: CompletionRequest = openai::parse(&body)?;
+        let (req, params): (CompletionRequest, _) = openai::parse(&body)?;
         let served = state.served()?;
         let prompt = match req.prompt {
             openai::OneOrMany::One(p) => p,
@@ -30,7 +30,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes,
         };
         let mut ids: Vec<u32> = served.tokenizer.bos_id().into_iter().collect();
         ids.extend(served.tokenizer.encode(&prompt).map_err(|e| ApiError::field("prompt", e.to_string()))?);
-        generate(&state, Endpoint::Completion, ids, &req.params, "prompt").await
+        generate(&state, Endpoint::Completion, ids, &params, "prompt").await
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -39,14 +39,14 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes,
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let result = async {
         let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-        let req: ChatRequest = openai::parse(&body)?;
+        let (req, params): (ChatRequest, _) = openai::parse(&body)?;
         let served = state.served()?;
         if req.messages.is_empty() {
             return Err(ApiError::field("messages", "messages must not be empty"));
         }
         let text = served.chat_template.render(&req.messages).map_err(|e| ApiError::field("messages", e.to_string()))?;
         let ids = served.tokenizer.encode(&text).map_err(|e| ApiError::field("messages", e.to_string()))?;
-        generate(&state, Endpoint::Chat, ids, &req.params, "messages").await
+        generate(&state, Endpoint::Chat, ids, &params, "messages").await
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -60,9 +60,6 @@ pub struct Params {
 pub struct CompletionRequest {
     /// The prompt.
     pub prompt: OneOrMany,
-    /// The rest.
-    #[serde(flatten)]
-    pub params: Params,
 }
 
 /// `/v1/chat/completions` body.
@@ -70,15 +67,18 @@ pub struct CompletionRequest {
 pub struct ChatRequest {
     /// The conversation.
     pub messages: Vec<ChatMessage>,
-    /// The rest.
-    #[serde(flatten)]
-    pub params: Params,
 }
 
-/// Parses a body: malformed JSON is a 400, a well-formed body with a wrong field a 422 naming it.
-pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// Parses a body into the endpoint's own fields and the shared [`Params`]: malformed JSON is a
+/// 400, a well-formed body with a wrong field a 422 naming it. (Two passes rather than
+/// `#[serde(flatten)]`, which loses the path of the field at fault.)
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<(T, Params), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))?;
+    Ok((typed(value.clone())?, typed(value)?))
+}
+
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let param = if path == "." { "body".to_string() } else { path };
