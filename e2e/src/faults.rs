@@ -18,6 +18,7 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use crate::cluster::{cluster_dir, kubeconfig_path, tools_bin};
+use crate::tools::run_cleanup;
 
 /// kwok simulates exactly the nodes with this label (`up.sh` passes it to `--manage-nodes-with-label-selector`).
 pub const KWOK_MANAGED_LABEL: (&str, &str) = ("kwok.x-k8s.io/node", "fake");
@@ -135,15 +136,7 @@ impl Drop for RestoreOnDrop {
                 .env("ANNEAL_KUBECONFIG", kubeconfig)
                 .env("ANNEAL_TOOLS_BIN", bin);
         }
-        match command.output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "restoring node {} failed: {}",
-                self.node,
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => eprintln!("restoring node {} failed: {e}", self.node),
-        }
+        run_cleanup(command, &format!("restoring node {}", self.node));
     }
 }
 

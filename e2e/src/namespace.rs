@@ -9,6 +9,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
 use crate::cluster::{kubeconfig_path, tools_bin};
+use crate::tools::run_cleanup;
 use crate::wait::wait_for;
 
 /// Label on every test namespace, so leftovers are easy to find: `kubectl get ns -l anneal.dev/e2e`.
@@ -78,25 +79,14 @@ impl Drop for TestNamespace {
             );
             return;
         };
-        let deleted = std::process::Command::new(bin.join("kubectl"))
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args([
-                "delete",
-                "namespace",
-                &self.name,
-                "--wait=false",
-                "--ignore-not-found",
-            ])
-            .output();
-        match deleted {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "deleting test namespace {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => eprintln!("deleting test namespace {} failed: {e}", self.name),
-        }
+        let mut command = std::process::Command::new(bin.join("kubectl"));
+        command.arg("--kubeconfig").arg(kubeconfig).args([
+            "delete",
+            "namespace",
+            &self.name,
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
+        run_cleanup(command, &format!("deleting test namespace {}", self.name));
     }
 }

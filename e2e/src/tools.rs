@@ -59,3 +59,13 @@ fn show(command: &Command) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Runs `command` to completion without an async runtime, for cleanups in `Drop` (which may run while a
+/// panicking test unwinds). A failure is reported on stderr, not raised: it must not hide the test's outcome.
+pub(crate) fn run_cleanup(mut command: std::process::Command, what: &str) {
+    match command.output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!("{what} failed: {}", String::from_utf8_lossy(&out.stderr)),
+        Err(e) => eprintln!("{what} failed: {e}"),
+    }
+}
