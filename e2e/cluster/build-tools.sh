@@ -18,37 +18,6 @@ check_pins() {
   done
 }
 
-# ldflags GROUP: strip symbols, and stamp the version the upstream release builds stamp. Without it the API
-# server reports v0.0.0-master, which breaks version checks (helm's kubeVersion constraints, kubectl skew).
-ldflags() {
-  local flags="-s -w" minor pkg
-  case "$1" in
-    kubernetes)
-      minor="${KUBERNETES_VERSION#v1.}"
-      minor="${minor%%.*}"
-      for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-        flags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-        flags+=" -X $pkg.gitTreeState=clean"
-      done
-      ;;
-    kwok)
-      flags+=" -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
-      flags+=" -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=$KUBERNETES_VERSION"
-      ;;
-    helm)
-      minor="${KUBERNETES_STAGING_VERSION#v0.}"
-      minor="${minor%%.*}"
-      flags+=" -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
-      flags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
-      for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
-        flags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
-      done
-      ;;
-    etcd) ;; # etcd's version is a constant in its source.
-  esac
-  echo "$flags"
-}
-
 missing_tools() {
   local entry group name pkg
   for entry in "${TOOL_PACKAGES[@]}"; do
@@ -66,6 +35,12 @@ main() {
     echo "$TOOLS_BIN"
     return
   fi
+  lock "$TOOLS_DIR.lock"
+  todo="$(missing_tools)" # again: whoever held the lock may have built them
+  if [[ -z "$todo" ]]; then
+    echo "$TOOLS_BIN"
+    return
+  fi
   n="$(wc -l <<<"$todo")"
   mkdir -p "$TOOLS_BIN"
   start=$SECONDS
@@ -74,7 +49,7 @@ main() {
     log "[$i/$n] building $name ($pkg, $(( SECONDS - start ))s so far)"
     # Build to a temporary name and rename, so an interrupted build never leaves a half-written tool behind.
     (cd "$CLUSTER_DIR/tools/$group" &&
-      go build -mod=readonly -trimpath -ldflags="$(ldflags "$group")" -o "$TOOLS_BIN/.$name.partial" "$pkg")
+      go build "${GO_BUILD_FLAGS[@]}" -ldflags="$(ldflags "$group")" -o "$TOOLS_BIN/.$name.partial" "$pkg")
     mv "$TOOLS_BIN/.$name.partial" "$TOOLS_BIN/$name"
   done <<<"$todo"
   cp "$CLUSTER_DIR/versions.env" "$TOOLS_DIR/versions.env"

@@ -22,6 +22,7 @@ stop() {
 
 main() {
   local i name pid stopped=0
+  lock "$CLUSTER_STATE/.lock"
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     name="${COMPONENTS[i]}"
     pid="$(component_pid "$name")"

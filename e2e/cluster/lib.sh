@@ -26,14 +26,50 @@ TOOL_PACKAGES=(
   "helm helm helm.sh/helm/v3/cmd/helm"
 )
 
-# The tools directory is keyed by the pinned versions, the go.sum files, the build script and the Go version, so a change of
-# any of them builds into a fresh directory and an unchanged pin reuses the old one.
+GO_BUILD_FLAGS=(-mod=readonly -trimpath)
+
+# ldflags GROUP: strip symbols, and stamp the version the upstream release builds stamp. Without it the API
+# server reports v0.0.0-master, which breaks version checks (helm's kubeVersion constraints, kubectl skew).
+ldflags() {
+  local flags="-s -w" minor pkg
+  case "$1" in
+    kubernetes)
+      minor="${KUBERNETES_VERSION#v1.}"
+      minor="${minor%%.*}"
+      for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        flags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+        flags+=" -X $pkg.gitTreeState=clean"
+      done
+      ;;
+    kwok)
+      flags+=" -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
+      flags+=" -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=$KUBERNETES_VERSION"
+      ;;
+    helm)
+      minor="${KUBERNETES_STAGING_VERSION#v0.}"
+      minor="${minor%%.*}"
+      flags+=" -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+      flags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+      for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+        flags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+      done
+      ;;
+    etcd) ;; # etcd's version is a constant in its source.
+  esac
+  echo "$flags"
+}
+
+# The tools directory is keyed by everything that goes into the binaries: the pinned versions, the go.sum files,
+# the build flags and the Go version. A change of any of them builds into a fresh directory; an unchanged pin
+# reuses the old one.
 tools_key() {
-  local go_version
+  local go_version group
   go_version="$(go env GOVERSION)"
   {
     grep -E '^[A-Z_]+=' "$CLUSTER_DIR/versions.env"
-    cat "$CLUSTER_DIR"/tools/*/go.sum "$CLUSTER_DIR/build-tools.sh"
+    cat "$CLUSTER_DIR"/tools/*/go.sum
+    echo "${GO_BUILD_FLAGS[*]}"
+    for group in kubernetes etcd kwok helm; do ldflags "$group"; done
     echo "$go_version"
   } | sha256sum | cut -c1-12 | sed "s/^/k8s-${KUBERNETES_VERSION}-/"
 }
@@ -103,3 +139,16 @@ wait_until() {
 }
 
 kubectl_() { "$TOOLS_BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+
+# lock FILE: holds an exclusive lock on FILE (fd 9) until the calling script exits, so two engineers (or two test
+# runs) starting, stopping or building at once take turns. Scripts run by a lock holder inherit the lock.
+lock() {
+  [[ "${ANNEAL_LOCK_HELD:-}" == "$1" ]] && return 0
+  mkdir -p "$(dirname "$1")"
+  exec 9>"$1"
+  if ! flock -n 9; then
+    log "waiting for $1 (another up/down/build is running)"
+    flock -w 1800 9 || die "gave up waiting for $1"
+  fi
+  export ANNEAL_LOCK_HELD="$1"
+}

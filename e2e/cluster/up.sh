@@ -11,7 +11,8 @@ start() {
   local name="$1"
   shift
   log "starting $name (log: $LOG_DIR/$name.log)"
-  setsid "$TOOLS_BIN/$name" "$@" >"$LOG_DIR/$name.log" 2>&1 </dev/null &
+  # fd 9 is the cluster lock: components must not keep it open after up.sh exits.
+  setsid "$TOOLS_BIN/$name" "$@" >"$LOG_DIR/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$PID_DIR/$name.pid"
   # Until the forked shell has exec'ed the binary, the pid does not look like ours (see is_cluster_process).
   wait_until "$name to start" 10 execed "$!" "$(realpath "$TOOLS_BIN/$name")" || true
@@ -118,6 +119,7 @@ main() {
   local begin=$SECONDS
   [[ -x "$TOOLS_BIN/kube-apiserver" ]] || "$CLUSTER_DIR/build-tools.sh" >/dev/null
   [[ -x "$TOOLS_BIN/kube-apiserver" ]] || die "tools missing in $TOOLS_BIN after build-tools.sh"
+  lock "$CLUSTER_STATE/.lock"
 
   if all_running && apiserver_ready; then
     log "cluster already running ($APISERVER_URL)"
