@@ -80,11 +80,21 @@ fn valid_file_parses_and_loads() {
     let a: &TensorInfo = h.tensor("a").unwrap();
     assert_eq!(a.shape, vec![2, 3]);
     let t = qtensor(&bytes[a.start..a.start + a.len], a, &Device::Cpu).unwrap();
-    let v = t.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    let v = t
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(v, vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0, 5.0]]);
     let b = h.tensor("b").unwrap();
     let t = qtensor(&bytes[b.start..b.start + b.len], b, &Device::Cpu).unwrap();
-    let v = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let v = t
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(v[31], 31.0);
 }
 
@@ -106,7 +116,10 @@ fn every_truncation_is_an_error() {
     let h = Header::parse(&bytes).unwrap();
     let data_end = h.tensors.iter().map(|t| t.start + t.len).max().unwrap();
     for len in 0..data_end {
-        assert!(Header::parse(&bytes[..len]).is_err(), "prefix of {len} bytes parsed");
+        assert!(
+            Header::parse(&bytes[..len]).is_err(),
+            "prefix of {len} bytes parsed"
+        );
     }
 }
 
@@ -116,7 +129,10 @@ fn bad_magic_and_version() {
     bytes[0] = b'X';
     assert!(matches!(parse_err(&bytes), GgufError::BadMagic(_)));
     let g = Gguf::header(1, 0, 0);
-    assert!(matches!(parse_err(&g.bytes), GgufError::UnsupportedVersion(1)));
+    assert!(matches!(
+        parse_err(&g.bytes),
+        GgufError::UnsupportedVersion(1)
+    ));
 }
 
 #[test]
@@ -125,7 +141,10 @@ fn alignment_zero_and_non_power_of_two() {
         let mut g = Gguf::header(3, 0, 1);
         g.kv_u32("general.alignment", align);
         let err = parse_err(&g.bytes);
-        assert!(err.to_string().contains("general.alignment"), "{align}: {err}");
+        assert!(
+            err.to_string().contains("general.alignment"),
+            "{align}: {err}"
+        );
     }
 }
 
@@ -136,8 +155,14 @@ fn huge_lengths_and_counts() {
     g.u64(u64::MAX);
     assert!(matches!(parse_err(&g.bytes), GgufError::Truncated { .. }));
     // u64::MAX metadata entries and tensors.
-    assert!(matches!(parse_err(&Gguf::header(3, 0, u64::MAX).bytes), GgufError::Truncated { .. }));
-    assert!(matches!(parse_err(&Gguf::header(3, u64::MAX, 0).bytes), GgufError::Truncated { .. }));
+    assert!(matches!(
+        parse_err(&Gguf::header(3, 0, u64::MAX).bytes),
+        GgufError::Truncated { .. }
+    ));
+    assert!(matches!(
+        parse_err(&Gguf::header(3, u64::MAX, 0).bytes),
+        GgufError::Truncated { .. }
+    ));
     // An array of u64::MAX strings.
     let mut g = Gguf::header(3, 0, 1);
     g.str("tokens").u32(9).u32(8).u64(u64::MAX);
@@ -175,7 +200,10 @@ fn overflowing_and_bad_shapes() {
         let mut g = Gguf::header(3, 1, 0);
         g.tensor("t", ne, ty, offset).pad_to(32).raw(&[0u8; 16]);
         let err = parse_err(&g.bytes).to_string();
-        assert!(err.contains(expect), "{ne:?} type {ty} offset {offset}: {err}");
+        assert!(
+            err.contains(expect),
+            "{ne:?} type {ty} offset {offset}: {err}"
+        );
     }
     let mut g = Gguf::header(3, 1, 0);
     g.str("t").u32(5).raw(&[0u8; 64]);
@@ -188,11 +216,18 @@ fn duplicates_and_bad_tags() {
     g.kv_u32("k", 1).kv_u32("k", 2);
     assert!(matches!(parse_err(&g.bytes), GgufError::Duplicate { .. }));
     let mut g = Gguf::header(3, 2, 0);
-    g.tensor("t", &[4], 0, 0).tensor("t", &[4], 0, 0).pad_to(32).raw(&[0u8; 16]);
+    g.tensor("t", &[4], 0, 0)
+        .tensor("t", &[4], 0, 0)
+        .pad_to(32)
+        .raw(&[0u8; 16]);
     assert!(matches!(parse_err(&g.bytes), GgufError::Duplicate { .. }));
     let mut g = Gguf::header(3, 0, 1);
     g.str("k").u32(13).u32(0);
-    assert!(parse_err(&g.bytes).to_string().contains("unknown type tag 13"));
+    assert!(
+        parse_err(&g.bytes)
+            .to_string()
+            .contains("unknown type tag 13")
+    );
     let mut g = Gguf::header(3, 0, 1);
     g.str("k").u32(7).raw(&[2]);
     assert!(parse_err(&g.bytes).to_string().contains("bool"));
@@ -204,8 +239,15 @@ fn duplicates_and_bad_tags() {
 #[test]
 fn typed_arrays_read_back() {
     let mut g = Gguf::header(3, 0, 1);
-    g.str("scores").u32(9).u32(6).u64(2).raw(&1.5f32.to_le_bytes()).raw(&(-2f32).to_le_bytes());
+    g.str("scores")
+        .u32(9)
+        .u32(6)
+        .u64(2)
+        .raw(&1.5f32.to_le_bytes())
+        .raw(&(-2f32).to_le_bytes());
     let h = Header::parse(&g.bytes).unwrap();
-    let Some(Value::Array(a)) = h.metadata.get("scores") else { panic!("no array") };
+    let Some(Value::Array(a)) = h.metadata.get("scores") else {
+        panic!("no array")
+    };
     assert_eq!(a.len(), 2);
 }

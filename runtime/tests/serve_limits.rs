@@ -26,10 +26,19 @@ async fn post(addr: SocketAddr, path: &str, body: &[u8]) -> serve_support::Respo
 }
 
 fn assert_field_error(r: &serve_support::Response, field: &str) {
-    assert!(r.status == 400 || r.status == 422, "status {} for {field}: {}", r.status, r.body);
+    assert!(
+        r.status == 400 || r.status == 422,
+        "status {} for {field}: {}",
+        r.status,
+        r.body
+    );
     let v = r.json();
     assert_eq!(v["error"]["param"], field, "{}", r.body);
-    assert!(v["error"]["message"].as_str().unwrap().contains(field), "{}", r.body);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(field),
+        "{}",
+        r.body
+    );
 }
 
 #[tokio::test]
@@ -57,7 +66,12 @@ async fn out_of_range_fields_are_named() {
 async fn prompt_longer_than_the_context_is_400() {
     let addr = server();
     let long = "word ".repeat(2000);
-    let r = post(addr, "/v1/completions", &serde_json::to_vec(&json!({"prompt": long})).unwrap()).await;
+    let r = post(
+        addr,
+        "/v1/completions",
+        &serde_json::to_vec(&json!({"prompt": long})).unwrap(),
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["error"]["param"], "prompt");
 }
@@ -67,7 +81,12 @@ async fn malformed_json_is_400_and_big_bodies_413() {
     let addr = server();
     let r = post(addr, "/v1/chat/completions", b"{not json").await;
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("JSON"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("JSON")
+    );
     let big = vec![b' '; 200 * 1024];
     let r = post(addr, "/v1/chat/completions", &big).await;
     assert_eq!(r.status, 413, "{}", r.body);
@@ -77,18 +96,42 @@ async fn malformed_json_is_400_and_big_bodies_413() {
 async fn api_key_guards_everything_but_the_probes() {
     let addr = keyed_server();
     for path in ["/healthz", "/readyz"] {
-        assert_eq!(request(addr, "GET", path, None, &[]).await.unwrap().status, 200, "{path}");
+        assert_eq!(
+            request(addr, "GET", path, None, &[]).await.unwrap().status,
+            200,
+            "{path}"
+        );
     }
     for path in ["/v1/models", "/metrics"] {
-        assert_eq!(request(addr, "GET", path, None, &[]).await.unwrap().status, 401, "{path}");
+        assert_eq!(
+            request(addr, "GET", path, None, &[]).await.unwrap().status,
+            401,
+            "{path}"
+        );
         let wrong = [("Authorization", "Bearer nope")];
-        assert_eq!(request(addr, "GET", path, None, &wrong).await.unwrap().status, 401, "{path}");
+        assert_eq!(
+            request(addr, "GET", path, None, &wrong)
+                .await
+                .unwrap()
+                .status,
+            401,
+            "{path}"
+        );
         let auth = format!("Bearer {KEY}");
         let right = [("Authorization", auth.as_str())];
-        assert_eq!(request(addr, "GET", path, None, &right).await.unwrap().status, 200, "{path}");
+        assert_eq!(
+            request(addr, "GET", path, None, &right)
+                .await
+                .unwrap()
+                .status,
+            200,
+            "{path}"
+        );
     }
     let body = chat_body("s", "Hi", json!({"max_tokens": 1}));
-    let r = request(addr, "POST", "/v1/chat/completions", Some(&body), &[]).await.unwrap();
+    let r = request(addr, "POST", "/v1/chat/completions", Some(&body), &[])
+        .await
+        .unwrap();
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["type"], "authentication_error");
 }
@@ -99,10 +142,16 @@ async fn full_queue_is_429_with_retry_after() {
     a.max_batch = 1;
     a.max_queue = 1;
     let addr = start(a, None);
-    let long = chat_body("s", "Write a long story about a dragon.", json!({"max_tokens": 400, "stream": true, "temperature": 0}));
+    let long = chat_body(
+        "s",
+        "Write a long story about a dragon.",
+        json!({"max_tokens": 400, "stream": true, "temperature": 0}),
+    );
     // A takes the only batch slot: wait for its first event so it has surely been admitted.
     let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
-    send(&mut first, "POST", "/v1/chat/completions", Some(&long), &[]).await.unwrap();
+    send(&mut first, "POST", "/v1/chat/completions", Some(&long), &[])
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let mut seen = String::new();
     while !seen.contains("data:") {
@@ -112,19 +161,36 @@ async fn full_queue_is_429_with_retry_after() {
     }
     // B fills the one queue place.
     let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
-    send(&mut second, "POST", "/v1/chat/completions", Some(&long), &[]).await.unwrap();
+    send(
+        &mut second,
+        "POST",
+        "/v1/chat/completions",
+        Some(&long),
+        &[],
+    )
+    .await
+    .unwrap();
     // Wait until the engine reports B waiting, then C is refused at once.
     loop {
         let m = request(addr, "GET", "/metrics", None, &[]).await.unwrap();
-        if m.body.lines().any(|l| l.trim() == "anneal_serve_queue_depth 1") {
+        if m.body
+            .lines()
+            .any(|l| l.trim() == "anneal_serve_queue_depth 1")
+        {
             break;
         }
         tokio::task::yield_now().await;
     }
     let body = chat_body("s", "Hi", json!({"max_tokens": 1}));
     let started = std::time::Instant::now();
-    let r = request(addr, "POST", "/v1/chat/completions", Some(&body), &[]).await.unwrap();
-    assert!(started.elapsed().as_secs() < 2, "429 took {:?}", started.elapsed());
+    let r = request(addr, "POST", "/v1/chat/completions", Some(&body), &[])
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed().as_secs() < 2,
+        "429 took {:?}",
+        started.elapsed()
+    );
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.header("retry-after"), Some("1"));
 }

@@ -24,7 +24,7 @@ impl<'a> Cursor<'a> {
     /// Fails unless `count` items of at least `min_size` bytes each can still follow: the check
     /// that makes a count read from the file safe to allocate for.
     pub(crate) fn ensure_room(&self, count: u64, min_size: u64, what: &'static str) -> Result<()> {
-        let needed = count.checked_mul(min_size).unwrap_or(u64::MAX);
+        let needed = count.saturating_mul(min_size);
         if needed > self.remaining() as u64 {
             return Err(self.truncated(what, needed));
         }
@@ -73,10 +73,19 @@ impl<'a> Cursor<'a> {
     }
 
     pub(crate) fn truncated(&self, what: &'static str, needed: u64) -> GgufError {
-        GgufError::Truncated { offset: self.pos, what, needed, available: self.remaining() }
+        GgufError::Truncated {
+            offset: self.pos,
+            what,
+            needed,
+            available: self.remaining(),
+        }
     }
 
     pub(crate) fn invalid(&self, what: &'static str, detail: impl Into<String>) -> GgufError {
-        GgufError::Invalid { offset: self.pos, what, detail: detail.into() }
+        GgufError::Invalid {
+            offset: self.pos,
+            what,
+            detail: detail.into(),
+        }
     }
 }

@@ -9,8 +9,8 @@
 mod cursor;
 pub mod error;
 pub mod tensor_info;
-pub mod value;
 pub mod tokenizer;
+pub mod value;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,8 +20,8 @@ use cursor::Cursor;
 pub use error::{GgufError, Result};
 pub use tensor_info::TensorInfo;
 use tensor_info::{MAX_DIMS, RawTensorInfo};
-pub use value::{Array, Value};
 pub use tokenizer::GgufTokenizer;
+pub use value::{Array, Value};
 pub use weights::{GgufWeights, Q41Policy, model_config};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"GGUF");
@@ -68,7 +68,10 @@ impl Header {
             let tag = c.u32("metadata value type")?;
             let value = value::read_value(&mut c, tag)?;
             if metadata.contains_key(&key) {
-                return Err(GgufError::Duplicate { kind: "metadata key", name: key });
+                return Err(GgufError::Duplicate {
+                    kind: "metadata key",
+                    name: key,
+                });
             }
             metadata.insert(key, value);
         }
@@ -98,11 +101,19 @@ impl Header {
         for r in raw {
             let info = r.resolve(data_start, bytes.len(), alignment)?;
             if by_name.insert(info.name.clone(), tensors.len()).is_some() {
-                return Err(GgufError::Duplicate { kind: "tensor", name: info.name });
+                return Err(GgufError::Duplicate {
+                    kind: "tensor",
+                    name: info.name,
+                });
             }
             tensors.push(info);
         }
-        Ok(Self { version, metadata, tensors, by_name })
+        Ok(Self {
+            version,
+            metadata,
+            tensors,
+            by_name,
+        })
     }
 
     /// The descriptor of the tensor `name`.
@@ -112,28 +123,37 @@ impl Header {
 
     /// The metadata value `key`.
     pub fn get(&self, key: &str) -> Result<&Value> {
-        self.metadata
-            .get(key)
-            .ok_or_else(|| GgufError::Metadata { key: key.into(), detail: "missing".into() })
+        self.metadata.get(key).ok_or_else(|| GgufError::Metadata {
+            key: key.into(),
+            detail: "missing".into(),
+        })
     }
 
     /// The metadata value `key` as an unsigned integer.
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.get(key)?;
-        v.as_u64()
-            .ok_or_else(|| GgufError::Metadata { key: key.into(), detail: format!("{v:?} is not an unsigned integer") })
+        v.as_u64().ok_or_else(|| GgufError::Metadata {
+            key: key.into(),
+            detail: format!("{v:?} is not an unsigned integer"),
+        })
     }
 
     /// The metadata value `key` as a float.
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         let v = self.get(key)?;
-        v.as_f64().ok_or_else(|| GgufError::Metadata { key: key.into(), detail: format!("{v:?} is not a number") })
+        v.as_f64().ok_or_else(|| GgufError::Metadata {
+            key: key.into(),
+            detail: format!("{v:?} is not a number"),
+        })
     }
 
     /// The metadata value `key` as a string.
     pub fn get_str(&self, key: &str) -> Result<&str> {
         let v = self.get(key)?;
-        v.as_str().ok_or_else(|| GgufError::Metadata { key: key.into(), detail: "is not a string".into() })
+        v.as_str().ok_or_else(|| GgufError::Metadata {
+            key: key.into(),
+            detail: "is not a string".into(),
+        })
     }
 }
 
@@ -141,12 +161,22 @@ fn read_tensor_info(c: &mut Cursor<'_>) -> Result<RawTensorInfo> {
     let name = c.string("tensor name")?;
     let n_dims = c.u32("tensor dimension count")?;
     if n_dims == 0 || n_dims > MAX_DIMS {
-        return Err(c.invalid("tensor dimension count", format!("`{name}` has {n_dims} dimensions (1..={MAX_DIMS})")));
+        return Err(c.invalid(
+            "tensor dimension count",
+            format!("`{name}` has {n_dims} dimensions (1..={MAX_DIMS})"),
+        ));
     }
-    let ne = (0..n_dims).map(|_| c.u64("tensor dimension")).collect::<Result<Vec<_>>>()?;
+    let ne = (0..n_dims)
+        .map(|_| c.u64("tensor dimension"))
+        .collect::<Result<Vec<_>>>()?;
     let tag = c.u32("tensor type")?;
     let offset = c.u64("tensor offset")?;
-    Ok(RawTensorInfo { name, ne, tag, offset })
+    Ok(RawTensorInfo {
+        name,
+        ne,
+        tag,
+        offset,
+    })
 }
 
 /// A GGUF file mapped into memory with its checked header.
@@ -159,7 +189,10 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps and parses the file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |source| GgufError::Io { path: path.display().to_string(), source };
+        let io = |source| GgufError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a model file rewritten under a running server is outside
         // what the runtime defends against (the operator mounts models read-only).
@@ -177,10 +210,16 @@ impl GgufFile {
 /// Runs every loader step over `bytes`, ignoring errors: the body of the fuzz target and of
 /// the test that replays its corpus. Only a panic (a bug) escapes.
 pub fn exercise(bytes: &[u8]) {
-    let Ok(header) = Header::parse(bytes) else { return };
+    let Ok(header) = Header::parse(bytes) else {
+        return;
+    };
     for info in &header.tensors {
         // Dequantizing costs memory proportional to the element count; the file bounds it.
-        if let Ok(t) = weights::qtensor(&bytes[info.start..info.start + info.len], info, &candle_core::Device::Cpu) {
+        if let Ok(t) = weights::qtensor(
+            &bytes[info.start..info.start + info.len],
+            info,
+            &candle_core::Device::Cpu,
+        ) {
             let _ = t.dequantize(&candle_core::Device::Cpu);
         }
     }

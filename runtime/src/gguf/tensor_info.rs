@@ -62,16 +62,27 @@ pub(crate) struct RawTensorInfo {
 impl RawTensorInfo {
     /// Checks shape, type and range against the data section `[data_start, file_len)` and
     /// the alignment, returning the resolved descriptor.
-    pub(crate) fn resolve(self, data_start: usize, file_len: usize, alignment: u64) -> Result<TensorInfo> {
-        let bad = |detail: String| GgufError::BadTensor { name: self.name.clone(), detail };
-        let dtype = dtype_of_tag(self.tag).ok_or_else(|| bad(format!("unsupported ggml type {}", self.tag)))?;
+    pub(crate) fn resolve(
+        self,
+        data_start: usize,
+        file_len: usize,
+        alignment: u64,
+    ) -> Result<TensorInfo> {
+        let bad = |detail: String| GgufError::BadTensor {
+            name: self.name.clone(),
+            detail,
+        };
+        let dtype = dtype_of_tag(self.tag)
+            .ok_or_else(|| bad(format!("unsupported ggml type {}", self.tag)))?;
         let block = dtype.block_size() as u64;
         let inner = *self.ne.first().ok_or_else(|| bad("no dimensions".into()))?;
         if self.ne.contains(&0) {
             return Err(bad(format!("zero-sized dimension in {:?}", self.ne)));
         }
         if !inner.is_multiple_of(block) {
-            return Err(bad(format!("innermost dimension {inner} is not a multiple of the {dtype:?} block ({block})")));
+            return Err(bad(format!(
+                "innermost dimension {inner} is not a multiple of the {dtype:?} block ({block})"
+            )));
         }
         let elems = self
             .ne
@@ -82,15 +93,31 @@ impl RawTensorInfo {
             .checked_mul(dtype.type_size() as u64)
             .ok_or_else(|| bad(format!("shape {:?} overflows", self.ne)))?;
         if !self.offset.is_multiple_of(alignment) {
-            return Err(bad(format!("offset {} is not a multiple of the alignment {alignment}", self.offset)));
+            return Err(bad(format!(
+                "offset {} is not a multiple of the alignment {alignment}",
+                self.offset
+            )));
         }
         let data_len = (file_len - data_start) as u64;
-        let end = self.offset.checked_add(len).filter(|&end| end <= data_len).ok_or_else(|| {
-            bad(format!("data [{}, +{len}) runs past the end of the data section ({data_len} bytes)", self.offset))
-        })?;
+        let end = self
+            .offset
+            .checked_add(len)
+            .filter(|&end| end <= data_len)
+            .ok_or_else(|| {
+                bad(format!(
+                    "data [{}, +{len}) runs past the end of the data section ({data_len} bytes)",
+                    self.offset
+                ))
+            })?;
         let _ = end;
         // All three fit in usize: bounded by file_len above.
         let shape = self.ne.iter().rev().map(|&d| d as usize).collect();
-        Ok(TensorInfo { name: self.name, shape, dtype, start: data_start + self.offset as usize, len: len as usize })
+        Ok(TensorInfo {
+            name: self.name,
+            shape,
+            dtype,
+            start: data_start + self.offset as usize,
+            len: len as usize,
+        })
     }
 }

@@ -21,7 +21,10 @@ pub struct GgufTokenizer {
 }
 
 fn meta_err(key: &str, detail: impl Into<String>) -> GgufError {
-    GgufError::Metadata { key: key.into(), detail: detail.into() }
+    GgufError::Metadata {
+        key: key.into(),
+        detail: detail.into(),
+    }
 }
 
 fn strings<'a>(h: &'a Header, key: &str) -> Result<&'a [String]> {
@@ -36,7 +39,10 @@ impl GgufTokenizer {
     pub fn from_header(h: &Header) -> Result<Self> {
         let model = h.get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
-            return Err(meta_err("tokenizer.ggml.model", format!("`{model}` (only gpt2 byte-level BPE is supported)")));
+            return Err(meta_err(
+                "tokenizer.ggml.model",
+                format!("`{model}` (only gpt2 byte-level BPE is supported)"),
+            ));
         }
         let tokens = strings(h, "tokenizer.ggml.tokens")?;
         let merges = strings(h, "tokenizer.ggml.merges")?
@@ -44,10 +50,16 @@ impl GgufTokenizer {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| meta_err("tokenizer.ggml.merges", format!("entry `{m}` is not `a b`")))
+                    .ok_or_else(|| {
+                        meta_err("tokenizer.ggml.merges", format!("entry `{m}` is not `a b`"))
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -63,7 +75,9 @@ impl GgufTokenizer {
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
-        if let Ok(Some(Array::Int(types))) = h.get("tokenizer.ggml.token_type").map(|v| v.as_array()) {
+        if let Ok(Some(Array::Int(types))) =
+            h.get("tokenizer.ggml.token_type").map(|v| v.as_array())
+        {
             let specials: Vec<AddedToken> = types
                 .iter()
                 .zip(tokens)
@@ -75,9 +89,16 @@ impl GgufTokenizer {
                 .map_err(|e| meta_err("tokenizer.ggml.token_type", e.to_string()))?;
         }
         let id = |key: &str| {
-            h.get_u64(key).ok().and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < tokens.len())
+            h.get_u64(key)
+                .ok()
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| (v as usize) < tokens.len())
         };
-        Ok(Self { inner, bos: id("tokenizer.ggml.bos_token_id"), eos: id("tokenizer.ggml.eos_token_id") })
+        Ok(Self {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+        })
     }
 
     /// The id of a token string (e.g. `<|im_end|>`), if the vocabulary has it.
@@ -92,7 +113,12 @@ fn codec(e: impl std::fmt::Display) -> TokenizerError {
 
 impl Tokenizer for GgufTokenizer {
     fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, TokenizerError> {
-        Ok(self.inner.encode(text, false).map_err(codec)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(codec)?
+            .get_ids()
+            .to_vec())
     }
 
     fn decode(&self, ids: &[u32]) -> std::result::Result<String, TokenizerError> {

@@ -182,7 +182,11 @@ fn read_array(c: &mut Cursor<'_>, depth: usize) -> Result<Array> {
     // ensure_room bounded count by the bytes left, so it fits a usize and the allocation
     // is at most a small multiple of the file's size.
     let n = count as usize;
-    fn ints(c: &mut Cursor<'_>, n: usize, f: impl Fn(&mut Cursor<'_>) -> Result<i64>) -> Result<Array> {
+    fn ints(
+        c: &mut Cursor<'_>,
+        n: usize,
+        f: impl Fn(&mut Cursor<'_>) -> Result<i64>,
+    ) -> Result<Array> {
         (0..n).map(|_| f(c)).collect::<Result<_>>().map(Array::Int)
     }
     Ok(match tag {
@@ -195,12 +199,26 @@ fn read_array(c: &mut Cursor<'_>, depth: usize) -> Result<Array> {
         T_I64 => ints(c, n, |c| Ok(c.u64("i64")? as i64))?,
         T_U64 => Array::U64((0..n).map(|_| c.u64("u64")).collect::<Result<_>>()?),
         T_F32 => Array::Float(
-            (0..n).map(|_| Ok(f32::from_bits(c.u32("f32")?).into())).collect::<Result<_>>()?,
+            (0..n)
+                .map(|_| Ok(f32::from_bits(c.u32("f32")?).into()))
+                .collect::<Result<_>>()?,
         ),
-        T_F64 => Array::Float((0..n).map(|_| Ok(f64::from_bits(c.u64("f64")?))).collect::<Result<_>>()?),
+        T_F64 => Array::Float(
+            (0..n)
+                .map(|_| Ok(f64::from_bits(c.u64("f64")?)))
+                .collect::<Result<_>>()?,
+        ),
         T_BOOL => Array::Bool((0..n).map(|_| bool_of(c)).collect::<Result<_>>()?),
-        T_STRING => Array::String((0..n).map(|_| c.string("string element")).collect::<Result<_>>()?),
-        T_ARRAY => Array::Array((0..n).map(|_| read_array(c, depth + 1)).collect::<Result<_>>()?),
+        T_STRING => Array::String(
+            (0..n)
+                .map(|_| c.string("string element"))
+                .collect::<Result<_>>()?,
+        ),
+        T_ARRAY => Array::Array(
+            (0..n)
+                .map(|_| read_array(c, depth + 1))
+                .collect::<Result<_>>()?,
+        ),
         other => return Err(c.invalid("array element type", format!("unknown type tag {other}"))),
     })
 }

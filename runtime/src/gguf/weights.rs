@@ -32,11 +32,18 @@ pub struct GgufWeights<'a> {
 impl<'a> GgufWeights<'a> {
     /// Weights from `file`, placed on `device`.
     pub fn new(file: &'a GgufFile, device: &Device, policy: Q41Policy) -> Self {
-        Self { file, device: device.clone(), policy }
+        Self {
+            file,
+            device: device.clone(),
+            policy,
+        }
     }
 
     fn info(&self, name: &str) -> Result<&'a TensorInfo> {
-        self.file.header.tensor(name).ok_or_else(|| GgufError::MissingTensor(name.into()))
+        self.file
+            .header
+            .tensor(name)
+            .ok_or_else(|| GgufError::MissingTensor(name.into()))
     }
 
     fn check_shape(info: &TensorInfo, shape: &[usize]) -> Result<()> {
@@ -99,7 +106,10 @@ impl Weights for GgufWeights<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
         let info = self.info(name).map_err(candle_core::Error::wrap)?;
         Self::check_shape(info, shape).map_err(candle_core::Error::wrap)?;
-        self.qtensor(name).map_err(candle_core::Error::wrap)?.dequantize(&self.device)?.to_dtype(DType::F32)
+        self.qtensor(name)
+            .map_err(candle_core::Error::wrap)?
+            .dequantize(&self.device)?
+            .to_dtype(DType::F32)
     }
 }
 
@@ -115,10 +125,17 @@ pub fn model_config(h: &Header) -> Result<ModelConfig> {
     let key = |k: &str| format!("{arch}.{k}");
     let usize_of = |k: &str| -> Result<usize> {
         let v = h.get_u64(&key(k))?;
-        usize::try_from(v).map_err(|_| GgufError::Metadata { key: key(k), detail: format!("{v} is too large") })
+        usize::try_from(v).map_err(|_| GgufError::Metadata {
+            key: key(k),
+            detail: format!("{v} is too large"),
+        })
     };
     let n_heads = usize_of("attention.head_count")?;
-    let vocab_size = match h.get("tokenizer.ggml.tokens").ok().and_then(|v| v.as_array()) {
+    let vocab_size = match h
+        .get("tokenizer.ggml.tokens")
+        .ok()
+        .and_then(|v| v.as_array())
+    {
         Some(tokens) => tokens.len(),
         None => usize_of("vocab_size")?,
     };
@@ -131,12 +148,15 @@ pub fn model_config(h: &Header) -> Result<ModelConfig> {
         intermediate_size: usize_of("feed_forward_length")?,
         max_seq_len: usize_of("context_length")?,
         rope_theta: h.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
-        rms_norm_eps: h.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rms_norm_eps: h
+            .get_f64(&key("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5),
         tie_embeddings: h.tensor("output.weight").is_none(),
     }
     .normalized();
-    config
-        .validate()
-        .map_err(|e| GgufError::Metadata { key: format!("{arch}.*"), detail: e.to_string() })?;
+    config.validate().map_err(|e| GgufError::Metadata {
+        key: format!("{arch}.*"),
+        detail: e.to_string(),
+    })?;
     Ok(config)
 }

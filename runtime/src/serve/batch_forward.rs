@@ -18,10 +18,17 @@ impl Transformer {
     ) -> Result<Tensor> {
         let b = tokens.len();
         if positions.len() != b || caches.len() != b || b == 0 {
-            candle_core::bail!("decode batch: {b} tokens, {} positions, {} caches", positions.len(), caches.len());
+            candle_core::bail!(
+                "decode batch: {b} tokens, {} positions, {} caches",
+                positions.len(),
+                caches.len()
+            );
         }
         if let Some(&p) = positions.iter().find(|&&p| p >= self.config.max_seq_len) {
-            candle_core::bail!("position {p} is beyond max_seq_len {}", self.config.max_seq_len);
+            candle_core::bail!(
+                "position {p} is beyond max_seq_len {}",
+                self.config.max_seq_len
+            );
         }
         let device = self.embedding.device();
         let ids = Tensor::from_slice(tokens, (b, 1), device)?;
@@ -35,14 +42,28 @@ impl Transformer {
             let attn = &block.attn;
             let h = block.attn_norm.forward(&x)?;
             // (b, 1, heads * d) -> (b, heads, 1, d): with one position the transpose is free.
-            let q = attn.q.forward(&h)?.reshape((b, attn.n_heads, 1, attn.head_dim))?;
-            let k = attn.k.forward(&h)?.reshape((b, attn.n_kv_heads, 1, attn.head_dim))?;
-            let v = attn.v.forward(&h)?.reshape((b, attn.n_kv_heads, 1, attn.head_dim))?;
+            let q = attn
+                .q
+                .forward(&h)?
+                .reshape((b, attn.n_heads, 1, attn.head_dim))?;
+            let k = attn
+                .k
+                .forward(&h)?
+                .reshape((b, attn.n_kv_heads, 1, attn.head_dim))?;
+            let v = attn
+                .v
+                .forward(&h)?
+                .reshape((b, attn.n_kv_heads, 1, attn.head_dim))?;
             let q = apply_rope(&q, &cos, &sin)?;
             let k = apply_rope(&k, &cos, &sin)?;
             let mut outs = Vec::with_capacity(b);
             for (i, cache) in caches.iter_mut().enumerate() {
-                let (kc, vc) = cache.append(layer, positions[i], &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                let (kc, vc) = cache.append(
+                    layer,
+                    positions[i],
+                    &k.narrow(0, i, 1)?,
+                    &v.narrow(0, i, 1)?,
+                )?;
                 outs.push(attention(&q.narrow(0, i, 1)?, &kc, &vc, None)?);
             }
             let y = Tensor::cat(&outs, 0)?;

@@ -39,12 +39,19 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source.unwrap_or(CHATML).to_string())
             .map_err(|e| TemplateError(e.to_string()))?;
-        Ok(Self { env, bos: bos.into(), eos: eos.into() })
+        Ok(Self {
+            env,
+            bos: bos.into(),
+            eos: eos.into(),
+        })
     }
 
     /// The prompt for `messages`, ending where the assistant's answer begins.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
-        let t = self.env.get_template("chat").map_err(|e| TemplateError(e.to_string()))?;
+        let t = self
+            .env
+            .get_template("chat")
+            .map_err(|e| TemplateError(e.to_string()))?;
         t.render(context! {
             messages => messages.iter().map(|m| minijinja::Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())])).collect::<Vec<_>>(),
             add_generation_prompt => true,
@@ -63,7 +70,10 @@ mod tests {
     fn chatml_renders() {
         let t = ChatTemplate::new(None, "", "").unwrap();
         let p = t
-            .render(&[ChatMessage { role: "user".into(), content: "Hi".into() }])
+            .render(&[ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            }])
             .unwrap();
         assert_eq!(p, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }

@@ -133,7 +133,12 @@ pub fn start(model: EngineModel, config: EngineConfig, metrics: Arc<Metrics>) ->
     let (tx, rx) = mpsc::channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let max_seq_len = model.transformer.config.max_seq_len;
-    let handle = EngineHandle { tx, queued: queued.clone(), max_queue: config.max_queue, max_seq_len };
+    let handle = EngineHandle {
+        tx,
+        queued: queued.clone(),
+        max_queue: config.max_queue,
+        max_seq_len,
+    };
     std::thread::Builder::new()
         .name("anneal-engine".into())
         .spawn(move || Engine::new(model, config, metrics, queued).run(rx))
@@ -161,9 +166,25 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(model: EngineModel, config: EngineConfig, metrics: Arc<Metrics>, queued: Arc<AtomicUsize>) -> Self {
-        let pool = KvPool::new(&model.transformer.config, model.transformer.config.max_seq_len, &Device::Cpu);
-        Self { model, pool, scheduler: Scheduler::new(config.max_batch), running: Vec::new(), metrics, queued }
+    fn new(
+        model: EngineModel,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+        queued: Arc<AtomicUsize>,
+    ) -> Self {
+        let pool = KvPool::new(
+            &model.transformer.config,
+            model.transformer.config.max_seq_len,
+            &Device::Cpu,
+        );
+        Self {
+            model,
+            pool,
+            scheduler: Scheduler::new(config.max_batch),
+            running: Vec::new(),
+            metrics,
+            queued,
+        }
     }
 
     fn run(mut self, rx: mpsc::Receiver<GenRequest>) {
@@ -192,8 +213,9 @@ impl Engine {
 
     /// Frees the sequences whose client went away.
     fn drop_cancelled(&mut self) {
-        let (gone, kept): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.running).into_iter().partition(|s| s.req.events.is_closed());
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| s.req.events.is_closed());
         self.running = kept;
         for s in gone {
             self.pool.give_back(s.cache);
@@ -208,7 +230,10 @@ impl Engine {
         let result = (|| -> candle_core::Result<(KvCache, Vec<f32>)> {
             let mut cache = self.pool.take()?;
             let tokens = Tensor::new(req.prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            let logits = self.model.transformer.forward_last(&tokens, 0, Some(&mut cache));
+            let logits = self
+                .model
+                .transformer
+                .forward_last(&tokens, 0, Some(&mut cache));
             match logits.and_then(|l| l.squeeze(0)?.to_vec1::<f32>()) {
                 Ok(l) => Ok((cache, l)),
                 Err(e) => {
@@ -220,15 +245,26 @@ impl Engine {
         let (cache, logits) = match result {
             Ok(r) => r,
             Err(e) => {
-                let _ = req.events.send(Event::Error(format!("prefill failed: {e}")));
+                let _ = req
+                    .events
+                    .send(Event::Error(format!("prefill failed: {e}")));
                 return;
             }
         };
         let mut sampler = Sampler::new(req.sampling.clone());
         let first = sampler.sample(&logits);
-        self.metrics.ttft.observe(req.arrived.elapsed().as_secs_f64());
+        self.metrics
+            .ttft
+            .observe(req.arrived.elapsed().as_secs_f64());
         let text = TextStream::new(self.model.tokenizer.clone(), req.stop.clone());
-        let mut seq = Sequence { req, cache, sampler, generated: Vec::new(), text, last: first };
+        let mut seq = Sequence {
+            req,
+            cache,
+            sampler,
+            generated: Vec::new(),
+            text,
+            last: first,
+        };
         if self.accept(&mut seq, first) {
             self.running.push(seq);
         } else {
@@ -276,7 +312,10 @@ impl Engine {
         let mut running = std::mem::take(&mut self.running);
         self.metrics.batch_size.set(running.len() as i64);
         let tokens: Vec<u32> = running.iter().map(|s| s.last).collect();
-        let positions: Vec<usize> = running.iter().map(|s| s.req.prompt.len() + s.generated.len() - 1).collect();
+        let positions: Vec<usize> = running
+            .iter()
+            .map(|s| s.req.prompt.len() + s.generated.len() - 1)
+            .collect();
         let logits = {
             let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|s| &mut s.cache).collect();
             self.model
@@ -288,7 +327,10 @@ impl Engine {
             Ok(l) => l,
             Err(e) => {
                 for s in running {
-                    let _ = s.req.events.send(Event::Error(format!("decode failed: {e}")));
+                    let _ = s
+                        .req
+                        .events
+                        .send(Event::Error(format!("decode failed: {e}")));
                     self.pool.give_back(s.cache);
                 }
                 return;

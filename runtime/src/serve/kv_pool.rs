@@ -21,7 +21,14 @@ impl KvPool {
         let c = config;
         // keys and values, every layer, f32
         let bytes_each = 2 * c.n_layers * c.n_kv_heads * capacity * c.head_dim() * 4;
-        Self { config: c.clone(), capacity, device: device.clone(), free: Vec::new(), allocated: 0, bytes_each }
+        Self {
+            config: c.clone(),
+            capacity,
+            device: device.clone(),
+            free: Vec::new(),
+            allocated: 0,
+            bytes_each,
+        }
     }
 
     /// A cache for a new sequence.

@@ -50,7 +50,11 @@ pub struct LoadedModel {
 }
 
 /// Loads `path`: a `.gguf` file (llama family).
-pub fn load(path: &Path, policy: Q41Policy, max_seq_len: Option<usize>) -> Result<LoadedModel, LoadError> {
+pub fn load(
+    path: &Path,
+    policy: Q41Policy,
+    max_seq_len: Option<usize>,
+) -> Result<LoadedModel, LoadError> {
     if path.extension().is_some_and(|e| e == "gguf") || path.is_file() {
         return load_gguf(path, policy, max_seq_len);
     }
@@ -60,19 +64,28 @@ pub fn load(path: &Path, policy: Q41Policy, max_seq_len: Option<usize>) -> Resul
     )))
 }
 
-fn load_gguf(path: &Path, policy: Q41Policy, max_seq_len: Option<usize>) -> Result<LoadedModel, LoadError> {
+fn load_gguf(
+    path: &Path,
+    policy: Q41Policy,
+    max_seq_len: Option<usize>,
+) -> Result<LoadedModel, LoadError> {
     let file = GgufFile::open(path)?;
     let mut config = model_config(&file.header)?;
     if let Some(m) = max_seq_len {
         config.max_seq_len = config.max_seq_len.min(m);
     }
     let device = Device::Cpu;
-    let transformer = Transformer::new(&config, &GgufWeights::new(&file, &device, policy), &device)?;
+    let transformer =
+        Transformer::new(&config, &GgufWeights::new(&file, &device, policy), &device)?;
     let tokenizer = GgufTokenizer::from_header(&file.header)?;
     let name = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.token_to_piece(i)).map(|b| String::from_utf8_lossy(&b).into_owned())
+        id.and_then(|i| tokenizer.token_to_piece(i))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
     };
-    let (bos, eos) = (name(tokenizer.bos_id()).unwrap_or_default(), name(tokenizer.eos_id()).unwrap_or_default());
+    let (bos, eos) = (
+        name(tokenizer.bos_id()).unwrap_or_default(),
+        name(tokenizer.eos_id()).unwrap_or_default(),
+    );
     let template = file.header.get_str("tokenizer.chat_template").ok();
     let chat_template = ChatTemplate::new(template, &bos, &eos)?;
     let mut stop_ids: Vec<u32> = tokenizer.eos_id().into_iter().collect();
@@ -85,6 +98,16 @@ fn load_gguf(path: &Path, policy: Q41Policy, max_seq_len: Option<usize>) -> Resu
         .header
         .get_str("general.name")
         .map(str::to_string)
-        .unwrap_or_else(|_| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-    Ok(LoadedModel { id, transformer, tokenizer: Arc::new(tokenizer), chat_template, stop_ids })
+        .unwrap_or_else(|_| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+    Ok(LoadedModel {
+        id,
+        transformer,
+        tokenizer: Arc::new(tokenizer),
+        chat_template,
+        stop_ids,
+    })
 }

@@ -39,16 +39,53 @@ impl Default for Metrics {
         let requests = Family::<StatusLabel, Counter>::default();
         let latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        let (generated_tokens, batch_size, queue_depth, kv_cache_bytes) =
-            (Counter::default(), Gauge::default(), Gauge::default(), Gauge::default());
+        let (generated_tokens, batch_size, queue_depth, kv_cache_bytes) = (
+            Counter::default(),
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+        );
         registry.register("requests", "HTTP requests by status", requests.clone());
-        registry.register("request_duration_seconds", "Generation request latency", latency.clone());
-        registry.register("time_to_first_token_seconds", "Time to first token", ttft.clone());
-        registry.register("generated_tokens", "Tokens generated", generated_tokens.clone());
-        registry.register("batch_size", "Sequences in the last decode step", batch_size.clone());
-        registry.register("queue_depth", "Requests waiting for a batch slot", queue_depth.clone());
-        registry.register("kv_cache_bytes", "Bytes held by KV caches", kv_cache_bytes.clone());
-        Self { registry, requests, latency, ttft, generated_tokens, batch_size, queue_depth, kv_cache_bytes }
+        registry.register(
+            "request_duration_seconds",
+            "Generation request latency",
+            latency.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time to first token",
+            ttft.clone(),
+        );
+        registry.register(
+            "generated_tokens",
+            "Tokens generated",
+            generated_tokens.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Sequences in the last decode step",
+            batch_size.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a batch slot",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "kv_cache_bytes",
+            "Bytes held by KV caches",
+            kv_cache_bytes.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            ttft,
+            generated_tokens,
+            batch_size,
+            queue_depth,
+            kv_cache_bytes,
+        }
     }
 }
 

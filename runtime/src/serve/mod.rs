@@ -69,9 +69,11 @@ pub struct Args {
 
 /// Runs `anneal-runtime serve` until SIGTERM or Ctrl-C, then drains.
 pub fn run(args: Args) -> Result<()> {
-    let _ = tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    ).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .try_init();
     if let Some(n) = args.threads {
         // candle's CPU kernels size their pool from this variable.
         // SAFETY: set before any other thread of this process exists.
@@ -129,7 +131,11 @@ pub async fn serve_on(
     match loading.await {
         Ok(Ok(())) => tracing::info!("model loaded; ready"),
         Ok(Err(e)) => return Err(e),
-        Err(e) => return Err(RuntimeError::Internal(format!("model loading panicked: {e}"))),
+        Err(e) => {
+            return Err(RuntimeError::Internal(format!(
+                "model loading panicked: {e}"
+            )));
+        }
     }
     server
         .await
@@ -142,7 +148,12 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
     let model = loaded_model::load(&args.model, args.q4_1, Some(args.max_seq_len))?;
     tracing::info!(model = %model.id, secs = started.elapsed().as_secs_f64(), "loaded");
     let limits = Limits {
-        max_tokens: model.transformer.config.max_seq_len.saturating_sub(1).max(1),
+        max_tokens: model
+            .transformer
+            .config
+            .max_seq_len
+            .saturating_sub(1)
+            .max(1),
         default_max_tokens: args.default_max_tokens,
         vocab_size: model.tokenizer.vocab_size(),
     };
@@ -152,7 +163,10 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
             tokenizer: model.tokenizer.clone(),
             stop_ids: model.stop_ids,
         },
-        engine::EngineConfig { max_batch: args.max_batch, max_queue: args.max_queue },
+        engine::EngineConfig {
+            max_batch: args.max_batch,
+            max_queue: args.max_queue,
+        },
         state.metrics.clone(),
     );
     let served = Served {

@@ -18,7 +18,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
     }
 }
 
@@ -34,7 +39,11 @@ impl Sampler {
     /// A sampler for one sequence.
     pub fn new(params: SamplingParams) -> Self {
         let rng = Rng::new(params.seed, 0x5a3);
-        Self { params, rng, scratch: Vec::new() }
+        Self {
+            params,
+            rng,
+            scratch: Vec::new(),
+        }
     }
 
     /// The next token given the logits of the last position.
@@ -45,11 +54,21 @@ impl Sampler {
         let c = &mut self.scratch;
         c.clear();
         // NaN logits (a broken model) are skipped rather than poisoning the distribution.
-        c.extend(logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (l, i as u32)));
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, &l)| (l, i as u32)),
+        );
         if c.is_empty() {
             return 0;
         }
-        let k = if self.params.top_k == 0 { c.len() } else { self.params.top_k.min(c.len()) };
+        let k = if self.params.top_k == 0 {
+            c.len()
+        } else {
+            self.params.top_k.min(c.len())
+        };
         if k < c.len() {
             c.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
             c.truncate(k);
@@ -103,14 +122,22 @@ mod tests {
 
     #[test]
     fn greedy_picks_the_largest() {
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
     }
 
     #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let p = SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 40, seed: 7 };
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 40,
+            seed: 7,
+        };
         let run = || {
             let mut s = Sampler::new(p.clone());
             (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
@@ -121,7 +148,11 @@ mod tests {
     #[test]
     fn top_k_restricts_choices() {
         let logits = [5.0, 4.0, 1.0, 0.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 2, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            top_k: 2,
+            ..Default::default()
+        });
         for _ in 0..200 {
             assert!(s.sample(&logits) < 2);
         }
@@ -130,7 +161,10 @@ mod tests {
     #[test]
     fn top_p_restricts_choices() {
         let logits = [10.0, 0.0, 0.0, 0.0];
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            ..Default::default()
+        });
         for _ in 0..200 {
             assert_eq!(s.sample(&logits), 0);
         }

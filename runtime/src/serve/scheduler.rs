@@ -24,7 +24,9 @@ impl<T> PartialOrd for Entry<T> {
 impl<T> Ord for Entry<T> {
     // BinaryHeap pops the greatest: higher priority, then lower arrival number.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.priority.cmp(&other.priority).then(other.arrival.cmp(&self.arrival))
+        self.priority
+            .cmp(&other.priority)
+            .then(other.arrival.cmp(&self.arrival))
     }
 }
 
@@ -38,13 +40,21 @@ pub struct Scheduler<T> {
 impl<T> Scheduler<T> {
     /// A scheduler that runs at most `max_batch` sequences at once.
     pub fn new(max_batch: usize) -> Self {
-        Self { waiting: BinaryHeap::new(), arrivals: 0, max_batch: max_batch.max(1) }
+        Self {
+            waiting: BinaryHeap::new(),
+            arrivals: 0,
+            max_batch: max_batch.max(1),
+        }
     }
 
     /// Queues an item.
     pub fn push(&mut self, priority: i32, item: T) {
         self.arrivals += 1;
-        self.waiting.push(Entry { priority, arrival: self.arrivals, item });
+        self.waiting.push(Entry {
+            priority,
+            arrival: self.arrivals,
+            item,
+        });
     }
 
     /// The next item to admit when `running` sequences are in the batch, if there is room.

@@ -17,7 +17,12 @@ impl TextStream {
     /// A stream ending at any of `stop` (empty strings are ignored).
     pub fn new(tokenizer: Arc<dyn Tokenizer>, stop: Vec<String>) -> Self {
         let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { tokenizer, stop, text: String::new(), emitted: 0 }
+        Self {
+            tokenizer,
+            stop,
+            text: String::new(),
+            emitted: 0,
+        }
     }
 
     /// Takes the whole generation so far; returns the text that can be released and whether a
@@ -26,8 +31,17 @@ impl TextStream {
         // Decoding everything each time keeps multi-token characters right; generations are
         // short enough that this costs little next to a forward pass.
         self.text = self.tokenizer.decode(generated).unwrap_or_default();
-        if let Some(at) = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
-            let out = self.text.get(self.emitted..at).unwrap_or_default().to_string();
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            let out = self
+                .text
+                .get(self.emitted..at)
+                .unwrap_or_default()
+                .to_string();
             self.emitted = at.max(self.emitted);
             return (out, true);
         }
@@ -40,7 +54,11 @@ impl TextStream {
         let held = self
             .stop
             .iter()
-            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
             .filter(|prefix| self.text[..end].ends_with(prefix))
             .map(str::len)
             .max()
@@ -56,7 +74,11 @@ impl TextStream {
 
     /// The held-back text, when the generation ends without a stop sequence.
     pub fn flush(&mut self) -> Option<String> {
-        let rest = self.text.get(self.emitted..).filter(|r| !r.is_empty())?.to_string();
+        let rest = self
+            .text
+            .get(self.emitted..)
+            .filter(|r| !r.is_empty())?
+            .to_string();
         self.emitted = self.text.len();
         Some(rest)
     }

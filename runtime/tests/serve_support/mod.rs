@@ -16,8 +16,15 @@ pub fn smollm2() -> PathBuf {
         return p.into();
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-smollm2.sh");
-    let out = std::process::Command::new("bash").arg(script).output().expect("running fetch-smollm2.sh");
-    assert!(out.status.success(), "fetch-smollm2.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("running fetch-smollm2.sh");
+    assert!(
+        out.status.success(),
+        "fetch-smollm2.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
@@ -44,11 +51,17 @@ pub fn args(model: PathBuf) -> Args {
 pub fn start(args: Args, api_key: Option<String>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            serve_on(listener, args, api_key, std::future::pending()).await.unwrap();
+            serve_on(listener, args, api_key, std::future::pending())
+                .await
+                .unwrap();
         });
     });
     let addr = rx.recv().unwrap();
@@ -59,17 +72,22 @@ pub fn start(args: Args, api_key: Option<String>) -> SocketAddr {
 /// Polls /readyz until it answers 200 (the model loads in the background).
 pub fn wait_ready(addr: SocketAddr) {
     // On a thread of its own: callers may be inside a runtime already.
-    std::thread::spawn(move || wait_ready_blocking(addr)).join().unwrap();
+    std::thread::spawn(move || wait_ready_blocking(addr))
+        .join()
+        .unwrap();
 }
 
 fn wait_ready_blocking(addr: SocketAddr) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         for _ in 0..600 {
-            if let Ok(r) = request(addr, "GET", "/readyz", None, &[]).await {
-                if r.status == 200 {
-                    return;
-                }
+            if let Ok(r) = request(addr, "GET", "/readyz", None, &[]).await
+                && r.status == 200
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -87,14 +105,21 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
     /// The `data:` payloads of a server-sent-event body.
     pub fn sse_data(&self) -> Vec<String> {
-        self.body.lines().filter_map(|l| l.strip_prefix("data: ").or(l.strip_prefix("data:"))).map(String::from).collect()
+        self.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").or(l.strip_prefix("data:")))
+            .map(String::from)
+            .collect()
     }
 }
 
@@ -122,7 +147,10 @@ pub async fn send(
     headers: &[(&str, &str)],
 ) -> std::io::Result<()> {
     let body = body.unwrap_or(b"");
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if !body.is_empty() {
         head.push_str("Content-Type: application/json\r\n");
     }
@@ -139,19 +167,38 @@ pub fn parse(raw: &[u8]) -> Response {
     let text = String::from_utf8_lossy(raw);
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
         .collect();
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
-    Response { status, headers, body }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Response {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }

@@ -37,7 +37,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Reads the key file: its first line, trimmed; an empty key is an error.
 pub fn read_key_file(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("reading API key file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading API key file {}: {e}", path.display()))?;
     let key = text.lines().next().unwrap_or("").trim().to_string();
     if key.is_empty() {
         return Err(format!("API key file {} is empty", path.display()));

@@ -20,12 +20,20 @@ pub struct ApiError {
 impl ApiError {
     /// An error with a status and a message.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), param: None, retry_after: None }
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
     }
 
     /// A 422 naming the field at fault.
     pub fn field(param: &str, message: impl Into<String>) -> Self {
-        Self { param: Some(param.into()), ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message) }
+        Self {
+            param: Some(param.into()),
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+        }
     }
 
     /// Names the field at fault.
@@ -55,7 +63,8 @@ impl IntoResponse for ApiError {
         let body = json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": null}});
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -18,7 +18,10 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// `POST /v1/completions`.
-pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let result = async {
         let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         let (req, params): (CompletionRequest, _) = openai::parse(&body)?;
@@ -26,17 +29,27 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes,
         let prompt = match req.prompt {
             openai::OneOrMany::One(p) => p,
             openai::OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
-            openai::OneOrMany::Many(_) => return Err(ApiError::field("prompt", "exactly one prompt is supported")),
+            openai::OneOrMany::Many(_) => {
+                return Err(ApiError::field("prompt", "exactly one prompt is supported"));
+            }
         };
         let mut ids: Vec<u32> = served.tokenizer.bos_id().into_iter().collect();
-        ids.extend(served.tokenizer.encode(&prompt).map_err(|e| ApiError::field("prompt", e.to_string()))?);
+        ids.extend(
+            served
+                .tokenizer
+                .encode(&prompt)
+                .map_err(|e| ApiError::field("prompt", e.to_string()))?,
+        );
         generate(&state, Endpoint::Completion, ids, &params, "prompt").await
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let result = async {
         let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         let (req, params): (ChatRequest, _) = openai::parse(&body)?;
@@ -44,8 +57,14 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<B
         if req.messages.is_empty() {
             return Err(ApiError::field("messages", "messages must not be empty"));
         }
-        let text = served.chat_template.render(&req.messages).map_err(|e| ApiError::field("messages", e.to_string()))?;
-        let ids = served.tokenizer.encode(&text).map_err(|e| ApiError::field("messages", e.to_string()))?;
+        let text = served
+            .chat_template
+            .render(&req.messages)
+            .map_err(|e| ApiError::field("messages", e.to_string()))?;
+        let ids = served
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| ApiError::field("messages", e.to_string()))?;
         generate(&state, Endpoint::Chat, ids, &params, "messages").await
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
@@ -64,7 +83,10 @@ async fn generate(
     if prompt.is_empty() || prompt.len() >= context {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("{prompt_field}: the prompt is {} tokens; the context holds {context}", prompt.len()),
+            format!(
+                "{prompt_field}: the prompt is {} tokens; the context holds {context}",
+                prompt.len()
+            ),
         )
         .with_param(prompt_field));
     }
@@ -80,13 +102,23 @@ async fn generate(
         arrived,
     };
     served.engine.submit(gen_req).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).retry_after(1),
+        SubmitError::QueueFull => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).retry_after(1)
+        }
         SubmitError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     })?;
     let id = request_id(ep);
     let deadline = tokio::time::Instant::from_std(arrived + state.request_timeout);
     if params.stream {
-        return Ok(stream(state.clone(), ep, id, served.model_id.clone(), rx, deadline, arrived));
+        return Ok(stream(
+            state.clone(),
+            ep,
+            id,
+            served.model_id.clone(),
+            rx,
+            deadline,
+            arrived,
+        ));
     }
     let mut rx = rx;
     let mut text = String::new();
@@ -96,23 +128,51 @@ async fn generate(
             .map_err(|_| ApiError::new(StatusCode::GATEWAY_TIMEOUT, "the request timed out"))?;
         match event {
             Some(Event::Delta(d)) => text.push_str(&d),
-            Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
-                state.metrics.latency.observe(arrived.elapsed().as_secs_f64());
+            Some(Event::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                state
+                    .metrics
+                    .latency
+                    .observe(arrived.elapsed().as_secs_f64());
                 let body = openai::full_response(
-                    ep, &id, &served.model_id, &text, reason.as_str(), prompt_tokens, completion_tokens,
+                    ep,
+                    &id,
+                    &served.model_id,
+                    &text,
+                    reason.as_str(),
+                    prompt_tokens,
+                    completion_tokens,
                 );
                 return Ok(axum::Json(body).into_response());
             }
-            Some(Event::Error(e)) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
-            None => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request")),
+            Some(Event::Error(e)) => {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e));
+            }
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the engine dropped the request",
+                ));
+            }
         }
     }
 }
 
 fn request_id(ep: Endpoint) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    let prefix = if ep == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
-    format!("{prefix}-{}-{}", openai::now(), NEXT.fetch_add(1, Ordering::Relaxed))
+    let prefix = if ep == Endpoint::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    format!(
+        "{prefix}-{}-{}",
+        openai::now(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 struct StreamState {
@@ -131,36 +191,49 @@ fn stream(
     deadline: tokio::time::Instant,
     arrived: Instant,
 ) -> Response {
-    let events = futures::stream::unfold(StreamState { rx, finished: false, done: false }, move |mut s| {
-        let (id, model, state) = (id.clone(), model.clone(), state.clone());
-        async move {
-            if s.done {
-                return None;
-            }
-            if s.finished {
-                s.done = true;
-                return Some((Ok(SseEvent::default().data("[DONE]")), s));
-            }
-            let data = match tokio::time::timeout_at(deadline, s.rx.recv()).await {
-                Ok(Some(Event::Delta(d))) => openai::chunk(ep, &id, &model, &d, None).to_string(),
-                Ok(Some(Event::Done { reason, .. })) => {
-                    state.metrics.latency.observe(arrived.elapsed().as_secs_f64());
-                    s.finished = true;
-                    openai::chunk(ep, &id, &model, "", Some(reason.as_str())).to_string()
+    let events = futures::stream::unfold(
+        StreamState {
+            rx,
+            finished: false,
+            done: false,
+        },
+        move |mut s| {
+            let (id, model, state) = (id.clone(), model.clone(), state.clone());
+            async move {
+                if s.done {
+                    return None;
                 }
-                Ok(Some(Event::Error(e))) => {
-                    s.finished = true;
-                    serde_json::json!({"error": {"message": e, "type": "server_error"}}).to_string()
+                if s.finished {
+                    s.done = true;
+                    return Some((Ok(SseEvent::default().data("[DONE]")), s));
                 }
-                Ok(None) => return None,
-                Err(_) => {
-                    s.finished = true;
-                    serde_json::json!({"error": {"message": "the request timed out", "type": "server_error"}})
+                let data = match tokio::time::timeout_at(deadline, s.rx.recv()).await {
+                    Ok(Some(Event::Delta(d))) => {
+                        openai::chunk(ep, &id, &model, &d, None).to_string()
+                    }
+                    Ok(Some(Event::Done { reason, .. })) => {
+                        state
+                            .metrics
+                            .latency
+                            .observe(arrived.elapsed().as_secs_f64());
+                        s.finished = true;
+                        openai::chunk(ep, &id, &model, "", Some(reason.as_str())).to_string()
+                    }
+                    Ok(Some(Event::Error(e))) => {
+                        s.finished = true;
+                        serde_json::json!({"error": {"message": e, "type": "server_error"}})
+                            .to_string()
+                    }
+                    Ok(None) => return None,
+                    Err(_) => {
+                        s.finished = true;
+                        serde_json::json!({"error": {"message": "the request timed out", "type": "server_error"}})
                         .to_string()
-                }
-            };
-            Some((Ok::<_, Infallible>(SseEvent::default().data(data)), s))
-        }
-    });
+                    }
+                };
+                Some((Ok::<_, Infallible>(SseEvent::default().data(data)), s))
+            }
+        },
+    );
     Sse::new(events).into_response()
 }

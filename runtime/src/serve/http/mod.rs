@@ -55,9 +55,14 @@ impl AppState {
     /// The served model, or 503 while loading or draining.
     pub fn served(&self) -> Result<&Served, ApiError> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down"));
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            ));
         }
-        self.served.get().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading").retry_after(5))
+        self.served.get().ok_or_else(|| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading").retry_after(5)
+        })
     }
 }
 
@@ -71,14 +76,23 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), count_status))
         .with_state(state)
 }
 
 async fn count_status(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
-    state.metrics.requests.get_or_create(&StatusLabel { status: resp.status().as_u16() }).inc();
+    state
+        .metrics
+        .requests
+        .get_or_create(&StatusLabel {
+            status: resp.status().as_u16(),
+        })
+        .inc();
     resp
 }
 
@@ -101,7 +115,10 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()

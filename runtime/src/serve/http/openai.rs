@@ -81,7 +81,11 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<(T, Params), ApiError> 
 fn typed<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let param = if path == "." { "body".to_string() } else { path };
+        let param = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
         ApiError::field(&param, format!("{param}: {}", e.inner()))
     })
 }
@@ -117,34 +121,60 @@ impl Params {
             None => limits.default_max_tokens,
             Some(m) if m >= 1 && (m as u64) <= limits.max_tokens as u64 => m as usize,
             Some(m) => {
-                return Err(ApiError::field("max_tokens", format!("max_tokens {m} is not in 1..={}", limits.max_tokens)));
+                return Err(ApiError::field(
+                    "max_tokens",
+                    format!("max_tokens {m} is not in 1..={}", limits.max_tokens),
+                ));
             }
         };
         if let Some(n) = self.n.filter(|&n| n != 1) {
-            return Err(ApiError::field("n", format!("n {n} is not supported (only 1)")));
+            return Err(ApiError::field(
+                "n",
+                format!("n {n} is not supported (only 1)"),
+            ));
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::field("temperature", format!("temperature {temperature} is not in [0, 2]")));
+            return Err(ApiError::field(
+                "temperature",
+                format!("temperature {temperature} is not in [0, 2]"),
+            ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::field("top_p", format!("top_p {top_p} is not in (0, 1]")));
+            return Err(ApiError::field(
+                "top_p",
+                format!("top_p {top_p} is not in (0, 1]"),
+            ));
         }
         let top_k = self.top_k.unwrap_or(0);
         if top_k < 0 || top_k as u64 > limits.vocab_size as u64 {
-            return Err(ApiError::field("top_k", format!("top_k {top_k} is not in 0..={}", limits.vocab_size)));
+            return Err(ApiError::field(
+                "top_k",
+                format!("top_k {top_k} is not in 0..={}", limits.vocab_size),
+            ));
         }
-        let stop = self.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
+        let stop = self
+            .stop
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
         if stop.len() > 4 {
             return Err(ApiError::field("stop", "at most 4 stop sequences"));
         }
         // Without a seed, sampled requests differ run to run, as clients expect.
         let seed = self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
         });
         Ok(Validated {
-            sampling: SamplingParams { temperature: temperature as f32, top_p: top_p as f32, top_k: top_k as usize, seed },
+            sampling: SamplingParams {
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                top_k: top_k as usize,
+                seed,
+            },
             max_tokens,
             stop,
             priority: self.priority.unwrap_or(0),
@@ -163,7 +193,9 @@ pub enum Endpoint {
 
 /// Seconds since the epoch.
 pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A whole (non-streamed) response body.
@@ -179,20 +211,28 @@ pub fn full_response(
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                        "total_tokens": prompt_tokens + completion_tokens});
     match ep {
-        Endpoint::Completion => json!({"id": id, "object": "text_completion", "created": now(), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": usage}),
-        Endpoint::Chat => json!({"id": id, "object": "chat.completion", "created": now(), "model": model,
+        Endpoint::Completion => {
+            json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": usage})
+        }
+        Endpoint::Chat => {
+            json!({"id": id, "object": "chat.completion", "created": now(), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": usage}),
+            "usage": usage})
+        }
     }
 }
 
 /// One streamed chunk.
 pub fn chunk(ep: Endpoint, id: &str, model: &str, text: &str, finish: Option<&str>) -> Value {
     match ep {
-        Endpoint::Completion => json!({"id": id, "object": "text_completion", "created": now(), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]}),
-        Endpoint::Chat => json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}]}),
+        Endpoint::Completion => {
+            json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]})
+        }
+        Endpoint::Chat => {
+            json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}]})
+        }
     }
 }
