@@ -18,8 +18,12 @@ if [[ ! -d "$src" ]]; then
     pip3 download --quiet --no-deps --no-binary=:all: --dest "$root" "llama-cpp-python==$version" >&2
     tar -xzf "$root/llama_cpp_python-$version.tar.gz" -C "$root"
 fi
-# GGML_NATIVE: the same "all features of this CPU" footing as our target-cpu=native bench build.
-cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+# The same SIMD footing as our target-cpu=native build (AVX-512 with VNNI and BF16), but no AMX:
+# with GGML_NATIVE=ON ggml uses AMX tiles, which fault (SIGILL) on VMs that do not grant the
+# process AMX state, as on this project's machines.
+cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+    -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
+    -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >&2
 cmake --build "$build" --target llama-bench llama-server -j "${JOBS:-2}" >&2
 echo "$build/bin"

@@ -67,6 +67,8 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Higher runs first.
     pub priority: i32,
+    /// Generate `max_tokens` even past end-of-sequence (benchmarks).
+    pub ignore_eos: bool,
     /// Where events go; dropping the receiver cancels the request.
     pub events: UnboundedSender<Event>,
     /// When the request arrived (for time to first token).
@@ -279,7 +281,7 @@ impl Engine {
             prompt_tokens: seq.req.prompt.len(),
             completion_tokens: seq.generated.len(),
         };
-        if self.model.stop_ids.contains(&token) {
+        if !seq.req.ignore_eos && self.model.stop_ids.contains(&token) {
             if let Some(rest) = seq.text.flush() {
                 let _ = seq.req.events.send(Event::Delta(rest));
             }

@@ -98,6 +98,7 @@ async fn generate(
         max_tokens: v.max_tokens,
         stop: v.stop,
         priority: v.priority,
+        ignore_eos: v.ignore_eos,
         events: tx,
         arrived,
     };

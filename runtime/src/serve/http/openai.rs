@@ -53,6 +53,9 @@ pub struct Params {
     pub stream: bool,
     /// Scheduling priority (higher first).
     pub priority: Option<i32>,
+    /// Keep generating past end-of-sequence (as vLLM and llama-server accept; for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `/v1/completions` body.
@@ -112,6 +115,8 @@ pub struct Validated {
     pub stop: Vec<String>,
     /// Priority.
     pub priority: i32,
+    /// Keep generating past end-of-sequence.
+    pub ignore_eos: bool,
 }
 
 impl Params {
@@ -178,6 +183,7 @@ impl Params {
             max_tokens,
             stop,
             priority: self.priority.unwrap_or(0),
+            ignore_eos: self.ignore_eos,
         })
     }
 }
