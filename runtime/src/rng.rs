@@ -14,7 +14,9 @@ pub struct Rng {
 impl Rng {
     /// A generator seeded with `seed`; `stream` separates independent uses of one seed.
     pub fn new(seed: u64, stream: u64) -> Self {
-        let mut r = Self { state: seed ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93) };
+        let mut r = Self {
+            state: seed ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93),
+        };
         r.next_u64();
         r
     }

@@ -8,7 +8,11 @@ use train_support::{Scratch, run, tiny_config};
 fn assert_user_error(out: &std::process::Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(65), "stderr: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line expected: {stderr}"
+    );
     assert!(stderr.starts_with("anneal-runtime: error: "), "{stderr}");
     assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -43,12 +47,21 @@ fn bad_data_uris_and_files() {
     let s = Scratch::new("baddata");
     let base = tiny_config(&s.path("m"), 10, "", "");
     let with_uri = |uri: &str| base.replace("uri: builtin:arith", &format!("uri: {uri}"));
-    assert_user_error(&train_with(&s, &with_uri("s3://bucket/data.jsonl")), "unsupported data URI");
-    assert_user_error(&train_with(&s, &with_uri("builtin:nope")), "builtin data set");
+    assert_user_error(
+        &train_with(&s, &with_uri("s3://bucket/data.jsonl")),
+        "unsupported data URI",
+    );
+    assert_user_error(
+        &train_with(&s, &with_uri("builtin:nope")),
+        "builtin data set",
+    );
     let missing = s.path("missing.jsonl");
     let cfg = with_uri(&format!("file://{}", missing.display()));
     assert_user_error(&train_with(&s, &cfg), "cannot read data file");
-    let bad = s.write("bad.jsonl", "{\"prompt\":\"1+1=\",\"response\":\"2\"}\n{\"prompt\": 3}\n");
+    let bad = s.write(
+        "bad.jsonl",
+        "{\"prompt\":\"1+1=\",\"response\":\"2\"}\n{\"prompt\": 3}\n",
+    );
     let cfg = with_uri(&format!("file://{}", bad.display()));
     assert_user_error(&train_with(&s, &cfg), "bad.jsonl:2:");
     let text = s.write("plain.txt", "some free text\n\nmore text\n");
@@ -60,12 +73,39 @@ fn bad_data_uris_and_files() {
 fn eval_bad_inputs() {
     let s = Scratch::new("badeval");
     let missing = s.path("nomodel");
-    let out = run(&["eval", "--model", missing.to_str().unwrap(), "--data", "builtin:arith"], &[]);
+    let out = run(
+        &[
+            "eval",
+            "--model",
+            missing.to_str().unwrap(),
+            "--data",
+            "builtin:arith",
+        ],
+        &[],
+    );
     assert_user_error(&out, "no such model directory");
     std::fs::create_dir_all(s.path("broken")).unwrap();
     let broken = s.path("broken");
-    let out = run(&["eval", "--model", broken.to_str().unwrap(), "--data", "builtin:arith"], &[]);
+    let out = run(
+        &[
+            "eval",
+            "--model",
+            broken.to_str().unwrap(),
+            "--data",
+            "builtin:arith",
+        ],
+        &[],
+    );
     assert_user_error(&out, "MANIFEST.json");
-    let out = run(&["eval", "--model", broken.to_str().unwrap(), "--data", "ftp://x"], &[]);
+    let out = run(
+        &[
+            "eval",
+            "--model",
+            broken.to_str().unwrap(),
+            "--data",
+            "ftp://x",
+        ],
+        &[],
+    );
     assert_user_error(&out, "");
 }

@@ -14,13 +14,23 @@ use train_support::{BIN, Scratch, assert_ok, events, run, tiny_config};
 const STEPS: u64 = 120;
 
 fn config(s: &Scratch, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let ckpt = format!("checkpoint:\n  dir: {}\n  everySteps: 10\n  keep: 3", s.path(&format!("{name}-ckpt")).display());
+    let ckpt = format!(
+        "checkpoint:\n  dir: {}\n  everySteps: 10\n  keep: 3",
+        s.path(&format!("{name}-ckpt")).display()
+    );
     let cfg = tiny_config(&s.path(&format!("{name}-model")), STEPS, "", &ckpt);
-    (s.write(&format!("{name}.yaml"), &cfg), s.path(&format!("{name}-model/model.safetensors")))
+    (
+        s.write(&format!("{name}.yaml"), &cfg),
+        s.path(&format!("{name}-model/model.safetensors")),
+    )
 }
 
 /// Spawns `train`, reads its progress until `stop(event)` is true, then SIGKILLs it.
-fn train_until_killed(cfg: &std::path::Path, attempt: &str, stop: impl Fn(&serde_json::Value) -> bool) {
+fn train_until_killed(
+    cfg: &std::path::Path,
+    attempt: &str,
+    stop: impl Fn(&serde_json::Value) -> bool,
+) {
     let mut child = Command::new(BIN)
         .args(["train", "--config", cfg.to_str().unwrap()])
         .env("ANNEAL_ATTEMPT", attempt)
@@ -48,14 +58,22 @@ fn sigkill_and_resume_is_bitwise_exact_and_corrupt_checkpoints_are_skipped() {
     assert_ok(&run(&["train", "--config", cfg_a.to_str().unwrap()], &[]));
 
     let (cfg_b, weights_b) = config(&s, "b");
-    train_until_killed(&cfg_b, "1", |v| v["event"] == "checkpoint" && v["step"] == 30);
+    train_until_killed(&cfg_b, "1", |v| {
+        v["event"] == "checkpoint" && v["step"] == 30
+    });
     assert!(!weights_b.exists(), "the run was killed before finishing");
-    let out = run(&["train", "--config", cfg_b.to_str().unwrap()], &[("ANNEAL_ATTEMPT", "2")]);
+    let out = run(
+        &["train", "--config", cfg_b.to_str().unwrap()],
+        &[("ANNEAL_ATTEMPT", "2")],
+    );
     assert_ok(&out);
     let resumed = events(&out, "resumed");
     let step = resumed[0]["step"].as_u64().unwrap();
     assert!((30..STEPS).contains(&step), "resumed at {step}");
-    assert_eq!(std::fs::read(&weights_a).unwrap(), std::fs::read(&weights_b).unwrap());
+    assert_eq!(
+        std::fs::read(&weights_a).unwrap(),
+        std::fs::read(&weights_b).unwrap()
+    );
 
     // Corrupt the newest checkpoint of run a and redo the tail from the one before.
     let newest = s.path(&format!("a-ckpt/step-{STEPS:08}/model.safetensors"));
@@ -64,12 +82,23 @@ fn sigkill_and_resume_is_bitwise_exact_and_corrupt_checkpoints_are_skipped() {
     bytes[last] ^= 0xff;
     std::fs::write(&newest, bytes).unwrap();
     std::fs::remove_dir_all(s.path("a-model")).unwrap();
-    let out = run(&["train", "--config", cfg_a.to_str().unwrap()], &[("ANNEAL_ATTEMPT", "1")]);
+    let out = run(
+        &["train", "--config", cfg_a.to_str().unwrap()],
+        &[("ANNEAL_ATTEMPT", "1")],
+    );
     assert_ok(&out);
     let warnings = events(&out, "warning");
-    assert!(warnings[0]["message"].as_str().unwrap().contains(&format!("step-{STEPS:08}")));
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("step-{STEPS:08}"))
+    );
     assert_eq!(events(&out, "resumed")[0]["step"], STEPS - 10);
-    assert_eq!(std::fs::read(&weights_a).unwrap(), std::fs::read(&weights_b).unwrap());
+    assert_eq!(
+        std::fs::read(&weights_a).unwrap(),
+        std::fs::read(&weights_b).unwrap()
+    );
 }
 
 #[test]
@@ -80,8 +109,16 @@ fn stale_attempt_is_fenced() {
     // A newer attempt has claimed the directory: an older one refuses to start.
     std::fs::create_dir_all(&ckpt).unwrap();
     CheckpointDir::open(&ckpt, 5).unwrap();
-    let out = run(&["train", "--config", cfg.to_str().unwrap()], &[("ANNEAL_ATTEMPT", "4")]);
-    assert_eq!(out.status.code(), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &["train", "--config", cfg.to_str().unwrap()],
+        &[("ANNEAL_ATTEMPT", "4")],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(65),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("fenced"));
 
     // An attempt running when a newer one claims the directory stops at its next checkpoint,
@@ -109,7 +146,10 @@ fn stale_attempt_is_fenced() {
     assert!(!weights.exists());
     // Every checkpoint on disk was committed (and reported) before the claim was seen; the
     // one the stale attempt tried after it was never committed.
-    let dir = CheckpointDir { root: ckpt.clone(), attempt: 7 };
+    let dir = CheckpointDir {
+        root: ckpt.clone(),
+        attempt: 7,
+    };
     let mut on_disk: Vec<u64> = dir.list().unwrap().into_iter().map(|(s, _)| s).collect();
     on_disk.reverse();
     assert_eq!(on_disk, reported[reported.len().saturating_sub(3)..]);

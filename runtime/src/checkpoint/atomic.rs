@@ -20,7 +20,10 @@ pub struct Manifest {
 }
 
 fn io(path: &Path, e: std::io::Error) -> CheckpointError {
-    CheckpointError::Io { path: path.display().to_string(), source: e }
+    CheckpointError::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
 }
 
 /// Hex sha256 of a file's content, read in blocks.
@@ -46,7 +49,9 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 fn sync_path(path: &Path) -> Result<(), CheckpointError> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(|e| io(path, e))
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(path, e))
 }
 
 /// Checksums and fsyncs every file of `tmp`, writes the manifest, then runs `gate` (the
@@ -68,7 +73,8 @@ pub fn commit_dir(
         files.insert(name, sha256_file(&entry.path())?);
     }
     let manifest = Manifest { files };
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Format(e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Format(e.to_string()))?;
     write_synced(&tmp.join(MANIFEST), &json)?;
     sync_path(tmp)?;
     gate()?;
@@ -96,11 +102,15 @@ pub fn verify_dir(dir: &Path) -> Result<Manifest, CheckpointError> {
         .map_err(|e| CheckpointError::Corrupt(format!("{}: {e}", path.display())))?;
     for (name, want) in &manifest.files {
         if name.contains('/') || name.contains("..") {
-            return Err(CheckpointError::Corrupt(format!("bad file name {name:?} in manifest")));
+            return Err(CheckpointError::Corrupt(format!(
+                "bad file name {name:?} in manifest"
+            )));
         }
         let got = sha256_file(&dir.join(name))?;
         if &got != want {
-            return Err(CheckpointError::Corrupt(format!("{name}: sha256 {got} != manifest {want}")));
+            return Err(CheckpointError::Corrupt(format!(
+                "{name}: sha256 {got} != manifest {want}"
+            )));
         }
     }
     Ok(manifest)

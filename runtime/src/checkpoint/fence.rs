@@ -28,12 +28,18 @@ impl FenceLock {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|e| CheckpointError::Io { path: path.display().to_string(), source: e })?;
+            .map_err(|e| CheckpointError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
         // SAFETY: flock on a file descriptor we own; no memory is shared with the call.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if rc != 0 {
             let source = std::io::Error::last_os_error();
-            return Err(CheckpointError::Io { path: path.display().to_string(), source });
+            return Err(CheckpointError::Io {
+                path: path.display().to_string(),
+                source,
+            });
         }
         Ok(Self { file })
     }
@@ -54,7 +60,10 @@ pub fn read_fence(root: &Path) -> Result<u64, CheckpointError> {
             CheckpointError::Corrupt(format!("{}: not an attempt number: {s:?}", path.display()))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(CheckpointError::Io { path: path.display().to_string(), source: e }),
+        Err(e) => Err(CheckpointError::Io {
+            path: path.display().to_string(),
+            source: e,
+        }),
     }
 }
 
@@ -73,6 +82,8 @@ pub fn claim(root: &Path, attempt: u64) -> Result<(), CheckpointError> {
     check(root, attempt)?;
     let tmp: PathBuf = root.join(format!(".{FENCE}.{}", std::process::id()));
     write_synced(&tmp, attempt.to_string().as_bytes())?;
-    std::fs::rename(&tmp, root.join(FENCE))
-        .map_err(|e| CheckpointError::Io { path: root.display().to_string(), source: e })
+    std::fs::rename(&tmp, root.join(FENCE)).map_err(|e| CheckpointError::Io {
+        path: root.display().to_string(),
+        source: e,
+    })
 }

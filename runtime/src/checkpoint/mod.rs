@@ -55,7 +55,10 @@ pub enum CheckpointError {
 }
 
 fn io(path: &Path, e: std::io::Error) -> CheckpointError {
-    CheckpointError::Io { path: path.display().to_string(), source: e }
+    CheckpointError::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
 }
 
 /// A checkpoint directory claimed by one attempt.
@@ -81,24 +84,36 @@ impl CheckpointDir {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
-        Ok(Self { root: root.to_path_buf(), attempt })
+        Ok(Self {
+            root: root.to_path_buf(),
+            attempt,
+        })
     }
 
     /// Committed checkpoints as (step, path), newest first.
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.root).map_err(|e| io(&self.root, e))?.flatten() {
+        for entry in std::fs::read_dir(&self.root)
+            .map_err(|e| io(&self.root, e))?
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(step) = name
+                .strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 out.push((step, entry.path()));
             }
         }
-        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.sort_by_key(|s| std::cmp::Reverse(s.0));
         Ok(out)
     }
 
     /// The newest checkpoint that verifies; each one skipped is reported through `warn`.
-    pub fn latest_valid(&self, mut warn: impl FnMut(&str)) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
+    pub fn latest_valid(
+        &self,
+        mut warn: impl FnMut(&str),
+    ) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
         for (step, path) in self.list()? {
             match atomic::verify_dir(&path) {
                 Ok(_) => return Ok(Some((step, path))),
@@ -118,9 +133,11 @@ impl CheckpointDir {
     ) -> Result<PathBuf, CheckpointError> {
         // Fail early rather than spend the write on a checkpoint that cannot be committed.
         fence::check(&self.root, self.attempt)?;
-        let tmp = self
-            .root
-            .join(format!(".tmp-step-{step:08}-a{}-{}", self.attempt, std::process::id()));
+        let tmp = self.root.join(format!(
+            ".tmp-step-{step:08}-a{}-{}",
+            self.attempt,
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
         let result = write(&tmp).and_then(|()| {
@@ -162,7 +179,10 @@ mod tests {
         let root = tmpdir("unit");
         let dir = CheckpointDir::open(&root, 1).unwrap();
         for step in [1, 2, 3] {
-            dir.save(step, 2, |p| atomic::write_synced(&p.join("a"), &[step as u8])).unwrap();
+            dir.save(step, 2, |p| {
+                atomic::write_synced(&p.join("a"), &[step as u8])
+            })
+            .unwrap();
         }
         let steps: Vec<u64> = dir.list().unwrap().into_iter().map(|s| s.0).collect();
         assert_eq!(steps, vec![3, 2]);
@@ -175,7 +195,16 @@ mod tests {
         // A newer attempt claims the directory: the old writer is fenced out.
         let newer = CheckpointDir::open(&root, 2).unwrap();
         let err = dir.save(4, 2, |_| Ok(())).unwrap_err();
-        assert!(matches!(err, CheckpointError::Fenced { attempt: 1, newer: 2 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CheckpointError::Fenced {
+                    attempt: 1,
+                    newer: 2
+                }
+            ),
+            "{err}"
+        );
         assert!(CheckpointDir::open(&root, 1).is_err());
         newer.save(4, 2, |_| Ok(())).unwrap();
         assert_eq!(tmp_attempt(".tmp-step-00000004-a7-99"), Some(7));

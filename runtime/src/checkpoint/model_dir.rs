@@ -37,9 +37,15 @@ pub fn save(
     tokenizer: &TokenizerSpec,
     tokenizer_source: &Path,
 ) -> Result<String, CheckpointError> {
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp: PathBuf = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
@@ -51,7 +57,9 @@ pub fn save(
             TokenizerSpec::Huggingface { path } => {
                 let src = tokenizer_source.join(path);
                 std::fs::copy(&src, tmp.join("tokenizer.json")).map_err(|e| io(&src, e))?;
-                TokenizerSpec::Huggingface { path: "tokenizer.json".into() }
+                TokenizerSpec::Huggingface {
+                    path: "tokenizer.json".into(),
+                }
             }
         };
         atomic::write_synced(&tmp.join(TOKENIZER_CONFIG), &json(&spec)?)?;
@@ -78,15 +86,20 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, CheckpointError>
         serde_json::from_slice(&read(CONFIG)?).map_err(|e| corrupt(CONFIG, &e))?;
     let config = config.normalized();
     config.validate().map_err(|e| corrupt(CONFIG, &e))?;
-    let spec: TokenizerSpec =
-        serde_json::from_slice(&read(TOKENIZER_CONFIG)?).map_err(|e| corrupt(TOKENIZER_CONFIG, &e))?;
+    let spec: TokenizerSpec = serde_json::from_slice(&read(TOKENIZER_CONFIG)?)
+        .map_err(|e| corrupt(TOKENIZER_CONFIG, &e))?;
     let tokenizer = spec.load(dir).map_err(|e| corrupt(TOKENIZER_CONFIG, &e))?;
     let tensors = candle_core::safetensors::load_buffer(&read(WEIGHTS)?, device)
         .map_err(|e| corrupt(WEIGHTS, &e))?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     let model = Transformer::new(&config, &vb, device).map_err(|e| corrupt(WEIGHTS, &e))?;
     let sha256 = manifest.files.get(WEIGHTS).cloned().unwrap_or_default();
-    Ok(LoadedModel { config, model, tokenizer, sha256 })
+    Ok(LoadedModel {
+        config,
+        model,
+        tokenizer,
+        sha256,
+    })
 }
 
 /// Pretty JSON of one of the small files of a model directory.

@@ -42,7 +42,10 @@ pub fn tokenize(
             tokens.extend(&eos);
             tokens.truncate(seq_len + 1);
             if tokens.len() > loss_from.max(1) {
-                samples.push(Sample { tokens, loss_from: loss_from.max(1) });
+                samples.push(Sample {
+                    tokens,
+                    loss_from: loss_from.max(1),
+                });
             }
         }
     } else {
@@ -56,7 +59,10 @@ pub fn tokenize(
         let mut start = 0;
         while start + 1 < stream.len() {
             let end = (start + seq_len + 1).min(stream.len());
-            samples.push(Sample { tokens: stream[start..end].to_vec(), loss_from: 1 });
+            samples.push(Sample {
+                tokens: stream[start..end].to_vec(),
+                loss_from: 1,
+            });
             start += seq_len;
         }
     }
@@ -79,7 +85,12 @@ pub struct Batch {
 impl Batch {
     /// Pads `samples` to a common length (with `pad`, masked out) and moves them to `device`.
     pub fn new(samples: &[&Sample], pad: u32, device: &Device) -> candle_core::Result<Self> {
-        let t = samples.iter().map(|s| s.tokens.len() - 1).max().unwrap_or(0).max(1);
+        let t = samples
+            .iter()
+            .map(|s| s.tokens.len() - 1)
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let (mut inputs, mut targets, mut mask) = (Vec::new(), Vec::new(), Vec::new());
         let mut n_tokens = 0;
         for s in samples {
@@ -128,7 +139,12 @@ pub struct Loader {
 impl Loader {
     /// A loader over non-empty `samples`, positioned at `cursor`.
     pub fn new(samples: Vec<Sample>, seed: u64, cursor: Cursor) -> Self {
-        let mut loader = Self { order: Vec::new(), samples, seed, cursor };
+        let mut loader = Self {
+            order: Vec::new(),
+            samples,
+            seed,
+            cursor,
+        };
         loader.reshuffle();
         loader
     }
@@ -160,7 +176,10 @@ impl Loader {
         let mut picked = Vec::with_capacity(size);
         while picked.len() < size && !self.samples.is_empty() {
             if self.cursor.index >= self.order.len() {
-                self.cursor = Cursor { epoch: self.cursor.epoch + 1, index: 0 };
+                self.cursor = Cursor {
+                    epoch: self.cursor.epoch + 1,
+                    index: 0,
+                };
                 self.reshuffle();
             }
             picked.push(self.order[self.cursor.index]);
@@ -177,19 +196,29 @@ mod tests {
 
     #[test]
     fn sft_masks_prompt() {
-        let ex = [Example::Pair { prompt: "1+1=".into(), response: "2".into() }];
+        let ex = [Example::Pair {
+            prompt: "1+1=".into(),
+            response: "2".into(),
+        }];
         let s = tokenize(&ex, &ByteTokenizer, true, 64).unwrap();
         assert_eq!(s[0].tokens.len(), 7);
         let b = Batch::new(&[&s[0]], ByteTokenizer::EOS, &Device::Cpu).unwrap();
         // Predictions of "2" and EOS count, the prompt's do not.
         assert_eq!(b.n_tokens, 2);
-        assert_eq!(b.mask.to_vec2::<f32>().unwrap()[0], vec![0., 0., 0., 0., 1., 1.]);
+        assert_eq!(
+            b.mask.to_vec2::<f32>().unwrap()[0],
+            vec![0., 0., 0., 0., 1., 1.]
+        );
     }
 
     #[test]
     fn loader_resumes_identically() {
-        let samples: Vec<Sample> =
-            (0..10).map(|i| Sample { tokens: vec![i, i + 1], loss_from: 1 }).collect();
+        let samples: Vec<Sample> = (0..10)
+            .map(|i| Sample {
+                tokens: vec![i, i + 1],
+                loss_from: 1,
+            })
+            .collect();
         let mut a = Loader::new(samples.clone(), 3, Cursor::default());
         let first: Vec<u32> = a.next_samples(7).iter().map(|s| s.tokens[0]).collect();
         let cursor = a.cursor;

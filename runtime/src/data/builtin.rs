@@ -11,7 +11,9 @@ pub fn load(spec: &str) -> Result<Vec<Example>, DataError> {
     let (name, query) = spec.split_once('?').unwrap_or((spec, ""));
     match name {
         "arith" => arith(query),
-        other => Err(DataError::Builtin(format!("{other:?} does not exist (available: arith)"))),
+        other => Err(DataError::Builtin(format!(
+            "{other:?} does not exist (available: arith)"
+        ))),
     }
 }
 
@@ -21,7 +23,13 @@ fn arith(query: &str) -> Result<Vec<Example>, DataError> {
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let bad = || DataError::Builtin(format!("arith: bad parameter {kv:?}"));
         match kv.split_once('=').ok_or_else(bad)? {
-            ("digits", v) => digits = v.parse().ok().filter(|d| (1..=3).contains(d)).ok_or_else(bad)?,
+            ("digits", v) => {
+                digits = v
+                    .parse()
+                    .ok()
+                    .filter(|d| (1..=3).contains(d))
+                    .ok_or_else(bad)?
+            }
             ("ops", v) if !v.is_empty() && v.chars().all(|c| "+-*".contains(c)) => ops = v.into(),
             _ => return Err(bad()),
         }
@@ -36,7 +44,10 @@ fn arith(query: &str) -> Result<Vec<Example>, DataError> {
                     '-' => a - b,
                     _ => a * b,
                 };
-                out.push(Example::Pair { prompt: format!("{a}{op}{b}="), response: r.to_string() });
+                out.push(Example::Pair {
+                    prompt: format!("{a}{op}{b}="),
+                    response: r.to_string(),
+                });
             }
         }
     }
@@ -51,7 +62,10 @@ mod tests {
     fn arith_answers_are_right() {
         let ex = load("arith?digits=1&ops=+*").unwrap();
         assert_eq!(ex.len(), 200);
-        assert!(ex.contains(&Example::Pair { prompt: "7*8=".into(), response: "56".into() }));
+        assert!(ex.contains(&Example::Pair {
+            prompt: "7*8=".into(),
+            response: "56".into()
+        }));
         assert!(load("arith?digits=9").is_err());
         assert!(load("nope").is_err());
     }

@@ -123,7 +123,11 @@ pub struct SplitRatios {
 
 impl Default for SplitRatios {
     fn default() -> Self {
-        Self { train: 8.0, validation: 1.0, test: 1.0 }
+        Self {
+            train: 8.0,
+            validation: 1.0,
+            test: 1.0,
+        }
     }
 }
 
@@ -153,5 +157,8 @@ impl SplitRatios {
 
 /// The examples of `examples` that fall in `split`, in their original order.
 pub fn split(examples: Vec<Example>, ratios: &SplitRatios, which: Split) -> Vec<Example> {
-    examples.into_iter().filter(|e| ratios.split_of(e.content_hash()) == which).collect()
+    examples
+        .into_iter()
+        .filter(|e| ratios.split_of(e.content_hash()) == which)
+        .collect()
 }

@@ -42,14 +42,27 @@ pub fn load(uri: &str) -> Result<Vec<Example>, DataError> {
 
 fn load_file(path: &Path) -> Result<Vec<Example>, DataError> {
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: shown.clone(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: shown.clone(),
+        source,
+    })?;
     let text = String::from_utf8(bytes).map_err(|e| DataError::Malformed {
         path: shown.clone(),
-        line: 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count(),
+        line: 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count(),
         msg: "not valid UTF-8".into(),
     })?;
-    let is_jsonl = matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "ndjson"));
-    if is_jsonl { parse_jsonl(&text, &shown) } else { Ok(parse_text(&text)) }
+    let is_jsonl = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "ndjson")
+    );
+    if is_jsonl {
+        parse_jsonl(&text, &shown)
+    } else {
+        Ok(parse_text(&text))
+    }
 }
 
 /// A plain text file: each paragraph (separated by a blank line) is one example.
@@ -57,7 +70,9 @@ fn parse_text(text: &str) -> Vec<Example> {
     text.split("\n\n")
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| Example::Text { text: p.to_string() })
+        .map(|p| Example::Text {
+            text: p.to_string(),
+        })
         .collect()
 }
 
@@ -68,7 +83,11 @@ fn parse_jsonl(text: &str, path: &str) -> Result<Vec<Example>, DataError> {
         if line.trim().is_empty() {
             continue;
         }
-        let malformed = |msg: String| DataError::Malformed { path: path.into(), line: i + 1, msg };
+        let malformed = |msg: String| DataError::Malformed {
+            path: path.into(),
+            line: i + 1,
+            msg,
+        };
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
         let field = |name: &str| value.get(name).map(|v| v.as_str().map(str::to_string));
@@ -77,7 +96,8 @@ fn parse_jsonl(text: &str, path: &str) -> Result<Vec<Example>, DataError> {
             (None, None, Some(Some(text))) => Example::Text { text },
             _ => {
                 return Err(malformed(
-                    "expected {\"text\": string} or {\"prompt\": string, \"response\": string}".into(),
+                    "expected {\"text\": string} or {\"prompt\": string, \"response\": string}"
+                        .into(),
                 ));
             }
         };
@@ -92,15 +112,25 @@ mod tests {
 
     #[test]
     fn uris() {
-        assert!(matches!(resolve_path("s3://bucket/x"), Err(DataError::Scheme(_))));
-        assert_eq!(resolve_path("file:///a/b").unwrap(), Some(PathBuf::from("/a/b")));
+        assert!(matches!(
+            resolve_path("s3://bucket/x"),
+            Err(DataError::Scheme(_))
+        ));
+        assert_eq!(
+            resolve_path("file:///a/b").unwrap(),
+            Some(PathBuf::from("/a/b"))
+        );
         assert!(resolve_path("pvc://claim/../etc").is_err());
         assert_eq!(resolve_path("builtin:arith").unwrap(), None);
     }
 
     #[test]
     fn jsonl() {
-        let ok = parse_jsonl("{\"prompt\":\"1+1=\",\"response\":\"2\"}\n\n{\"text\":\"hi\"}\n", "f").unwrap();
+        let ok = parse_jsonl(
+            "{\"prompt\":\"1+1=\",\"response\":\"2\"}\n\n{\"text\":\"hi\"}\n",
+            "f",
+        )
+        .unwrap();
         assert_eq!(ok.len(), 2);
         let err = parse_jsonl("{\"text\":\"a\"}\n{oops\n", "f").unwrap_err();
         assert!(err.to_string().starts_with("f:2: invalid JSON"), "{err}");

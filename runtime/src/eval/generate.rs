@@ -23,7 +23,10 @@ pub fn greedy(
     let mut pos = prompt.len();
     let mut out = Vec::new();
     while out.len() < max_new_tokens {
-        let next = logits.argmax(candle_core::D::Minus1)?.squeeze(0)?.to_scalar::<u32>()?;
+        let next = logits
+            .argmax(candle_core::D::Minus1)?
+            .squeeze(0)?
+            .to_scalar::<u32>()?;
         if Some(next) == eos {
             break;
         }

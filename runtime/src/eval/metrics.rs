@@ -53,14 +53,19 @@ pub fn evaluate(
         let batch = Batch::new(&refs, pad, device)?;
         let logits = loaded.model.forward(&batch.inputs, 0, None)?;
         nll += f64::from(masked_nll_sum(&logits, &batch.targets, &batch.mask)?.to_scalar::<f32>()?);
-        let hits = logits.argmax(D::Minus1)?.eq(&batch.targets)?.to_dtype(DType::F32)?;
+        let hits = logits
+            .argmax(D::Minus1)?
+            .eq(&batch.targets)?
+            .to_dtype(DType::F32)?;
         correct += (hits * &batch.mask)?.sum_all()?.to_scalar::<f32>()? as usize;
         tokens += batch.n_tokens;
     }
     let exact_match = if pairs {
         let mut hits = 0usize;
         for e in examples {
-            let Example::Pair { prompt, response } = e else { continue };
+            let Example::Pair { prompt, response } = e else {
+                continue;
+            };
             let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
             ids.extend(tok.encode(prompt).map_err(crate::data::DataError::from)?);
             let out = greedy(&loaded.model, &ids, max_new_tokens, tok.eos_id(), device)?;

@@ -71,7 +71,9 @@ impl From<EvalError> for RuntimeError {
     fn from(e: EvalError) -> Self {
         let msg = e.to_string();
         match e {
-            EvalError::Tensor(_) if crate::train::is_device_error(&msg) => RuntimeError::Device(msg),
+            EvalError::Tensor(_) if crate::train::is_device_error(&msg) => {
+                RuntimeError::Device(msg)
+            }
             EvalError::Tensor(_) => RuntimeError::Internal(msg),
             EvalError::Model(CheckpointError::Io { source, .. })
                 if source.kind() != std::io::ErrorKind::NotFound =>
@@ -84,10 +86,24 @@ impl From<EvalError> for RuntimeError {
 }
 
 fn parse_ratios(s: &str) -> Result<SplitRatios, EvalError> {
-    let bad = || EvalError::Args(format!("--split-ratios {s:?}: expected TRAIN:VALIDATION:TEST"));
-    let parts: Vec<f64> = s.split(':').map(|p| p.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|_| bad())?;
-    let [train, validation, test] = parts[..] else { return Err(bad()) };
-    let r = SplitRatios { train, validation, test };
+    let bad = || {
+        EvalError::Args(format!(
+            "--split-ratios {s:?}: expected TRAIN:VALIDATION:TEST"
+        ))
+    };
+    let parts: Vec<f64> = s
+        .split(':')
+        .map(|p| p.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let [train, validation, test] = parts[..] else {
+        return Err(bad());
+    };
+    let r = SplitRatios {
+        train,
+        validation,
+        test,
+    };
     r.validate().map_err(EvalError::Args)?;
     Ok(r)
 }
@@ -114,7 +130,10 @@ fn run_eval(args: &Args, device: &candle_core::Device) -> Result<EvalReport, Eva
     let dir = data::resolve_path(&args.model)?
         .ok_or_else(|| EvalError::Args(format!("--model {}: not a directory", args.model)))?;
     if !dir.is_dir() {
-        return Err(EvalError::Args(format!("--model {}: no such model directory", dir.display())));
+        return Err(EvalError::Args(format!(
+            "--model {}: no such model directory",
+            dir.display()
+        )));
     }
     let loaded = model_dir::load(&dir, device)?;
     let mut examples = data::split(data::load(&args.data)?, &ratios, args.split);
@@ -124,7 +143,13 @@ fn run_eval(args: &Args, device: &candle_core::Device) -> Result<EvalReport, Eva
     if examples.is_empty() {
         return Err(DataError::Empty(args.data.clone()).into());
     }
-    let mut report = evaluate(&loaded, &examples, args.batch_size.max(1), args.max_new_tokens, device)?;
+    let mut report = evaluate(
+        &loaded,
+        &examples,
+        args.batch_size.max(1),
+        args.max_new_tokens,
+        device,
+    )?;
     report.model_path = dir.display().to_string();
     report.data = args.data.clone();
     report.split = args.split;

@@ -26,14 +26,26 @@ impl KvCache {
     ) -> Result<Self> {
         let shape = (batch, config.n_kv_heads, capacity, config.head_dim());
         let alloc = || Tensor::zeros(shape, dtype, device);
-        let keys = (0..config.n_layers).map(|_| alloc()).collect::<Result<Vec<_>>>()?;
-        let values = (0..config.n_layers).map(|_| alloc()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { keys, values, capacity })
+        let keys = (0..config.n_layers)
+            .map(|_| alloc())
+            .collect::<Result<Vec<_>>>()?;
+        let values = (0..config.n_layers)
+            .map(|_| alloc())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            keys,
+            values,
+            capacity,
+        })
     }
 
     /// Bytes held by the cache.
     pub fn size_in_bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Writes `k`, `v` (batch, n_kv_heads, t, head_dim) of `layer` at `start_pos` and returns
@@ -48,7 +60,10 @@ impl KvCache {
         let t = k.dim(2)?;
         let end = start_pos + t;
         if end > self.capacity {
-            candle_core::bail!("kv cache full: {end} positions > capacity {}", self.capacity);
+            candle_core::bail!(
+                "kv cache full: {end} positions > capacity {}",
+                self.capacity
+            );
         }
         let (kc, vc) = (&self.keys[layer], &self.values[layer]);
         kc.slice_set(&k.contiguous()?, 2, start_pos)?;

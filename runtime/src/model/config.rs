@@ -95,7 +95,10 @@ impl ModelConfig {
             ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return err(format!("head dimension {} must be even for RoPE", self.head_dim()));
+            return err(format!(
+                "head dimension {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return err(format!(

@@ -84,7 +84,9 @@ impl Attention {
     pub fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| {
-            y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+            y.reshape((b, t, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.q.forward(x)?, self.n_heads)?;
         let k = split(self.k.forward(x)?, self.n_kv_heads)?;
@@ -186,7 +188,14 @@ impl Block {
         start_pos: usize,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let a = self.attn.forward(&self.attn_norm.forward(x)?, cos, sin, mask, start_pos, cache)?;
+        let a = self.attn.forward(
+            &self.attn_norm.forward(x)?,
+            cos,
+            sin,
+            mask,
+            start_pos,
+            cache,
+        )?;
         let x = (x + a)?;
         let m = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
         x + m

@@ -48,18 +48,35 @@ impl Transformer {
         let blocks = (0..config.n_layers)
             .map(|i| Block::new(config, weights, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(weights.tensor("output_norm.weight", &[h])?, config.rms_norm_eps);
-        let head_name = if config.tie_embeddings { "token_embd" } else { "output" };
+        let norm = RmsNorm::new(
+            weights.tensor("output_norm.weight", &[h])?,
+            config.rms_norm_eps,
+        );
+        let head_name = if config.tie_embeddings {
+            "token_embd"
+        } else {
+            "output"
+        };
         let lm_head = weights.linear(head_name, h, config.vocab_size)?;
         let (cos, sin) = rope_tables(config, device)?;
-        Ok(Self { config: config.clone(), embedding, blocks, norm, lm_head, cos, sin })
+        Ok(Self {
+            config: config.clone(),
+            embedding,
+            blocks,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        })
     }
 
     /// Embeds `tokens` (batch, seq) of u32 ids into (batch, seq, hidden).
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let flat = tokens.flatten_all()?;
-        self.embedding.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))
+        self.embedding
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.config.hidden_size))
     }
 
     /// Logits (batch, seq, vocab) for `tokens` (batch, seq) whose first token sits at position
@@ -81,7 +98,11 @@ impl Transformer {
         }
         let cos = self.cos.narrow(0, start_pos, t)?;
         let sin = self.sin.narrow(0, start_pos, t)?;
-        let mask = if t > 1 { Some(causal_mask(t, start_pos, tokens.device())?) } else { None };
+        let mask = if t > 1 {
+            Some(causal_mask(t, start_pos, tokens.device())?)
+        } else {
+            None
+        };
         let mut x = self.embed(tokens)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));

@@ -12,7 +12,11 @@ use candle_core::{CpuStorage, D, DType, Device, Layout, Result, Shape, Tensor};
 pub fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = config.head_dim() / 2;
     let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / config.head_dim() as f64) as f32)
+        .map(|i| {
+            1.0 / config
+                .rope_theta
+                .powf(2.0 * i as f64 / config.head_dim() as f64) as f32
+        })
         .collect();
     let n = config.max_seq_len;
     let mut angles = Vec::with_capacity(n * half);
@@ -59,9 +63,11 @@ impl candle_core::CustomOp3 for RopeCpu {
         let (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) = (xs, cs, ss) else {
             candle_core::bail!("anneal-rope-i: f32 only");
         };
-        let (Some((x0, x1)), Some((c0, c1)), Some((s0, s1))) =
-            (lx.contiguous_offsets(), lc.contiguous_offsets(), ls.contiguous_offsets())
-        else {
+        let (Some((x0, x1)), Some((c0, c1)), Some((s0, s1))) = (
+            lx.contiguous_offsets(),
+            lc.contiguous_offsets(),
+            ls.contiguous_offsets(),
+        ) else {
             candle_core::bail!("anneal-rope-i: inputs must be contiguous");
         };
         let (x, c, s) = (&x[x0..x1], &c[c0..c1], &s[s0..s1]);
@@ -71,8 +77,15 @@ impl candle_core::CustomOp3 for RopeCpu {
         }
         let mut out = vec![0f32; x.len()];
         for (row_in, row_out) in x.chunks_exact(t * d).zip(out.chunks_exact_mut(t * d)) {
-            for (pos, (xi, yi)) in row_in.chunks_exact(d).zip(row_out.chunks_exact_mut(d)).enumerate() {
-                let (cp, sp) = (&c[pos * d / 2..(pos + 1) * d / 2], &s[pos * d / 2..(pos + 1) * d / 2]);
+            for (pos, (xi, yi)) in row_in
+                .chunks_exact(d)
+                .zip(row_out.chunks_exact_mut(d))
+                .enumerate()
+            {
+                let (cp, sp) = (
+                    &c[pos * d / 2..(pos + 1) * d / 2],
+                    &s[pos * d / 2..(pos + 1) * d / 2],
+                );
                 for i in 0..d / 2 {
                     let (a, b) = (xi[2 * i], xi[2 * i + 1]);
                     yi[2 * i] = a * cp[i] - b * sp[i];
@@ -91,7 +104,9 @@ impl candle_core::CustomOp3 for RopeCpu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?.apply_op3_no_bwd(cos, &sin.neg()?, &RopeCpu)?;
+        let g = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, &sin.neg()?, &RopeCpu)?;
         Ok((Some(g), None, None))
     }
 }
@@ -100,7 +115,15 @@ impl candle_core::CustomOp3 for RopeCpu {
 pub fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let total = offset + t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (t, total), device)
 }
@@ -112,7 +135,9 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kvh, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kvh, n_rep, t, d))?.reshape((b, kvh * n_rep, t, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n_rep, t, d))?
+        .reshape((b, kvh * n_rep, t, d))
 }
 
 /// Scaled dot-product attention: `q` (batch, heads, t, d) over `k`, `v` (batch, kv_heads, T, d),

@@ -53,6 +53,10 @@ mod tests {
         let t = ByteTokenizer;
         let ids = t.encode("12+7=19 é").unwrap();
         assert_eq!(t.decode(&ids).unwrap(), "12+7=19 é");
-        assert_eq!(t.decode(&[ByteTokenizer::BOS, 65, ByteTokenizer::EOS]).unwrap(), "A");
+        assert_eq!(
+            t.decode(&[ByteTokenizer::BOS, 65, ByteTokenizer::EOS])
+                .unwrap(),
+            "A"
+        );
     }
 }

@@ -140,7 +140,11 @@ pub struct CheckpointSpec {
 
 impl Default for CheckpointSpec {
     fn default() -> Self {
-        Self { dir: None, every_steps: 100, keep: 3 }
+        Self {
+            dir: None,
+            every_steps: 100,
+            keep: 3,
+        }
     }
 }
 
@@ -168,16 +172,46 @@ impl TrainConfig {
         let h = &self.hyperparameters;
         let checks = [
             (h.steps == 0, "hyperparameters.steps must be positive"),
-            (h.batch_size == 0, "hyperparameters.batchSize must be positive"),
-            (h.gradient_accumulation == 0, "hyperparameters.gradientAccumulation must be positive"),
-            (h.seq_len == Some(0), "hyperparameters.seqLen must be positive"),
-            (!(h.learning_rate.is_finite() && h.learning_rate > 0.0), "hyperparameters.learningRate must be positive"),
-            (!(0.0..1.0).contains(&h.beta1) || !(0.0..1.0).contains(&h.beta2), "hyperparameters.beta1/beta2 must be in [0, 1)"),
-            (!(h.weight_decay.is_finite() && h.weight_decay >= 0.0), "hyperparameters.weightDecay must be >= 0"),
-            (!(h.grad_clip.is_finite() && h.grad_clip >= 0.0), "hyperparameters.gradClip must be >= 0"),
-            (!(0.0..=1.0).contains(&h.freeze_fraction), "hyperparameters.freezeFraction must be in [0, 1]"),
-            (h.threads == Some(0), "hyperparameters.threads must be positive"),
-            (self.model.architecture.is_none() && self.model.base.is_none(), "model needs an architecture or a base"),
+            (
+                h.batch_size == 0,
+                "hyperparameters.batchSize must be positive",
+            ),
+            (
+                h.gradient_accumulation == 0,
+                "hyperparameters.gradientAccumulation must be positive",
+            ),
+            (
+                h.seq_len == Some(0),
+                "hyperparameters.seqLen must be positive",
+            ),
+            (
+                !(h.learning_rate.is_finite() && h.learning_rate > 0.0),
+                "hyperparameters.learningRate must be positive",
+            ),
+            (
+                !(0.0..1.0).contains(&h.beta1) || !(0.0..1.0).contains(&h.beta2),
+                "hyperparameters.beta1/beta2 must be in [0, 1)",
+            ),
+            (
+                !(h.weight_decay.is_finite() && h.weight_decay >= 0.0),
+                "hyperparameters.weightDecay must be >= 0",
+            ),
+            (
+                !(h.grad_clip.is_finite() && h.grad_clip >= 0.0),
+                "hyperparameters.gradClip must be >= 0",
+            ),
+            (
+                !(0.0..=1.0).contains(&h.freeze_fraction),
+                "hyperparameters.freezeFraction must be in [0, 1]",
+            ),
+            (
+                h.threads == Some(0),
+                "hyperparameters.threads must be positive",
+            ),
+            (
+                self.model.architecture.is_none() && self.model.base.is_none(),
+                "model needs an architecture or a base",
+            ),
         ];
         if let Some((_, msg)) = checks.iter().find(|(bad, _)| *bad) {
             return Err((*msg).to_string());

@@ -5,6 +5,7 @@ pub mod config;
 pub mod loss;
 pub mod optim;
 pub mod progress;
+pub mod status;
 pub mod trainer;
 
 use crate::checkpoint::{CheckpointDir, CheckpointError, model_dir};
@@ -67,9 +68,10 @@ impl From<TrainError> for RuntimeError {
     fn from(e: TrainError) -> Self {
         let msg = e.to_string();
         match e {
-            TrainError::Config(_) | TrainError::Data(_) | TrainError::Base(_) | TrainError::Diverged { .. } => {
-                RuntimeError::User(msg)
-            }
+            TrainError::Config(_)
+            | TrainError::Data(_)
+            | TrainError::Base(_)
+            | TrainError::Diverged { .. } => RuntimeError::User(msg),
             // A stale attempt must not be retried: the newer attempt owns the job now.
             TrainError::Checkpoint(CheckpointError::Fenced { .. }) => RuntimeError::User(msg),
             TrainError::Tensor(_) if is_device_error(&msg) => RuntimeError::Device(msg),
@@ -91,15 +93,22 @@ pub fn run(args: Args) -> crate::error::Result<()> {
         config.checkpoint.dir = Some(dir);
     }
     let threads = config.hyperparameters.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map(usize::from).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
     });
     crate::device::set_cpu_threads(threads);
+    crate::device::keep_freed_memory();
     let device = crate::device::parse_device(&args.device)?;
     train(config, args.attempt, device).map_err(RuntimeError::from)
 }
 
 /// Trains to the configured number of steps and writes the model directory.
-pub fn train(config: TrainConfig, attempt: u64, device: candle_core::Device) -> Result<(), TrainError> {
+pub fn train(
+    config: TrainConfig,
+    attempt: u64,
+    device: candle_core::Device,
+) -> Result<(), TrainError> {
     let reporter = Reporter::default();
     let ckpt_dir = match &config.checkpoint.dir {
         Some(uri) => Some(CheckpointDir::open(&trainer::resolve(uri)?, attempt)?),
@@ -120,7 +129,16 @@ pub fn train(config: TrainConfig, attempt: u64, device: candle_core::Device) -> 
         "parameters": t.model_config.param_count(), "train_samples": t.loader.len(),
     }));
     let h = t.config.hyperparameters.clone();
-    let job = (std::env::var(contract::ENV_JOB_NAME), std::env::var(contract::ENV_JOB_NAMESPACE));
+    let job = (
+        std::env::var(contract::ENV_JOB_NAME),
+        std::env::var(contract::ENV_JOB_NAMESPACE),
+    );
+    let reporter_k8s = match job {
+        (Ok(name), Ok(ns)) if !name.is_empty() && !ns.is_empty() => {
+            Some(status::StatusReporter::start(name, ns))
+        }
+        _ => None,
+    };
     let (mut window_start, mut window_tokens) = (Instant::now(), 0usize);
     while t.step < h.steps {
         let stats = t.train_step()?;
@@ -138,8 +156,13 @@ pub fn train(config: TrainConfig, attempt: u64, device: candle_core::Device) -> 
                 epoch: t.loader.cursor.epoch,
             };
             reporter.step(&report);
-            if let (Ok(name), Ok(ns)) = &job {
-                progress::patch_trainingjob_progress(name, ns, &report);
+            if let Some(k8s) = &reporter_k8s {
+                let mut p =
+                    anneal_crds::trainingjob::TrainingProgress::at(report.step, report.total_steps);
+                p.loss = Some(report.loss);
+                p.learning_rate = Some(report.lr);
+                p.tokens_per_second = Some(report.tokens_per_sec);
+                k8s.report(p);
             }
             (window_start, window_tokens) = (Instant::now(), 0);
         }

@@ -44,10 +44,23 @@ impl AdamW {
                 let m = var.as_tensor().zeros_like()?;
                 let v = var.as_tensor().zeros_like()?;
                 let decay = var.as_tensor().rank() >= 2;
-                Ok(Param { name, var, m, v, decay })
+                Ok(Param {
+                    name,
+                    var,
+                    m,
+                    v,
+                    decay,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { params, t: 0, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weight_decay: h.weight_decay })
+        Ok(Self {
+            params,
+            t: 0,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+        })
     }
 
     /// Applies one update with learning rate `lr` and gradients `grads` (aligned with
@@ -65,7 +78,11 @@ impl AdamW {
             let denom = ((&p.v / bias2)?.sqrt()? + self.eps)?;
             let update = ((&p.m / bias1)? / denom)?;
             let theta = p.var.as_tensor();
-            let theta = if p.decay { (theta * (1.0 - lr * self.weight_decay))? } else { theta.clone() };
+            let theta = if p.decay {
+                (theta * (1.0 - lr * self.weight_decay))?
+            } else {
+                theta.clone()
+            };
             p.var.set(&(theta - (update * lr)?)?)?;
         }
         Ok(())
@@ -82,10 +99,16 @@ impl AdamW {
     }
 
     /// Restores moments saved by [`state_tensors`](Self::state_tensors) and the step count.
-    pub fn load_state(&mut self, mut tensors: HashMap<String, Tensor>, t: u64) -> std::result::Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        mut tensors: HashMap<String, Tensor>,
+        t: u64,
+    ) -> std::result::Result<(), String> {
         for p in &mut self.params {
             let mut take = |k: String| {
-                let x = tensors.remove(&k).ok_or_else(|| format!("optimizer state lacks {k}"))?;
+                let x = tensors
+                    .remove(&k)
+                    .ok_or_else(|| format!("optimizer state lacks {k}"))?;
                 if x.shape() != p.var.shape() {
                     return Err(format!("optimizer state {k} has shape {:?}", x.shape()));
                 }
@@ -116,7 +139,11 @@ pub fn learning_rate(h: &Hyperparameters, step: u64) -> f64 {
 pub fn global_norm(grads: &[Tensor], scale: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt() * scale)
 }
@@ -124,7 +151,11 @@ pub fn global_norm(grads: &[Tensor], scale: f64) -> Result<f64> {
 /// Factor that brings a gradient of norm `norm` under `clip` (1 when already under, or when
 /// clipping is off).
 pub fn clip_factor(norm: f64, clip: f64) -> f64 {
-    if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 }
+    if clip > 0.0 && norm > clip {
+        clip / (norm + 1e-6)
+    } else {
+        1.0
+    }
 }
 
 #[cfg(test)]
@@ -133,7 +164,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let h = Hyperparameters { steps: 100, warmup_steps: 10, learning_rate: 1.0, ..Default::default() };
+        let h = Hyperparameters {
+            steps: 100,
+            warmup_steps: 10,
+            learning_rate: 1.0,
+            ..Default::default()
+        };
         assert!((learning_rate(&h, 0) - 0.1).abs() < 1e-12);
         assert!((learning_rate(&h, 9) - 1.0).abs() < 1e-12);
         assert!((learning_rate(&h, 10) - 1.0).abs() < 1e-12);

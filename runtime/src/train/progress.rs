@@ -33,7 +33,9 @@ pub struct Reporter {
 
 impl Default for Reporter {
     fn default() -> Self {
-        Self { bar: std::io::stderr().is_terminal() }
+        Self {
+            bar: std::io::stderr().is_terminal(),
+        }
     }
 }
 
@@ -75,11 +77,3 @@ impl Reporter {
         self.event(&serde_json::json!({ "event": "warning", "message": msg }));
     }
 }
-
-/// Patches `status.progress` of the TrainingJob `name` in `namespace` through the pod's
-/// ServiceAccount.
-///
-/// TODO(issue 4): not wired yet. The TrainingJob status types in `anneal-crds` are still being
-/// written; until they land the operator reads progress from the JSON lines on stdout and the
-/// checkpoint directory. This is the one place to add the kube client call.
-pub fn patch_trainingjob_progress(_name: &str, _namespace: &str, _report: &StepReport) {}

@@ -1,9 +1,9 @@
 //! The training state and one optimizer step; checkpoint save and restore of that state.
 
+use super::TrainError;
 use super::config::{Stage, TrainConfig};
 use super::loss::masked_nll_sum;
 use super::optim::{self, AdamW};
-use super::TrainError;
 use crate::checkpoint::{CheckpointDir, CheckpointError, atomic, model_dir};
 use crate::data::{self, Batch, Cursor, Loader, Split};
 use crate::model::{ModelConfig, Transformer, init_params};
@@ -85,27 +85,42 @@ impl Trainer {
             Some(dir) => {
                 let loaded = model_dir::load(dir, &device).map_err(TrainError::Base)?;
                 let spec: TokenizerSpec = read_json(&dir.join(crate::tokenizer::TOKENIZER_CONFIG))?;
-                let tensors = candle_core::safetensors::load(dir.join(model_dir::WEIGHTS), &device)?;
-                (loaded.config, Some(tensors), loaded.tokenizer, (spec, dir.clone()))
+                let tensors =
+                    candle_core::safetensors::load(dir.join(model_dir::WEIGHTS), &device)?;
+                (
+                    loaded.config,
+                    Some(tensors),
+                    loaded.tokenizer,
+                    (spec, dir.clone()),
+                )
             }
             None => {
                 let spec = match &config.tokenizer {
-                    TokenizerSpec::Huggingface { path } => {
-                        TokenizerSpec::Huggingface { path: resolve(path)?.display().to_string() }
-                    }
+                    TokenizerSpec::Huggingface { path } => TokenizerSpec::Huggingface {
+                        path: resolve(path)?.display().to_string(),
+                    },
                     TokenizerSpec::Byte => TokenizerSpec::Byte,
                 };
-                let tokenizer = spec.load(Path::new(".")).map_err(|e| TrainError::Config(e.to_string()))?;
+                let tokenizer = spec
+                    .load(Path::new("."))
+                    .map_err(|e| TrainError::Config(e.to_string()))?;
                 let mut arch = config.model.architecture.clone().ok_or_else(|| {
                     TrainError::Config("model needs an architecture or a base".into())
                 })?;
                 if arch.vocab_size == 0 {
                     arch.vocab_size = tokenizer.vocab_size();
                 }
-                (arch.normalized(), None, tokenizer, (spec, PathBuf::from(".")))
+                (
+                    arch.normalized(),
+                    None,
+                    tokenizer,
+                    (spec, PathBuf::from(".")),
+                )
             }
         };
-        model_config.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+        model_config
+            .validate()
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         if model_config.vocab_size < tokenizer.vocab_size() {
             return Err(TrainError::Config(format!(
                 "model vocabSize {} is smaller than the tokenizer's {}",
@@ -124,7 +139,9 @@ impl Trainer {
         let mut varmap = init_params(&model_config, h.seed, &device)?;
         if let Some(tensors) = base_tensors {
             for (name, t) in tensors {
-                varmap.set_one(&name, &t).map_err(|e| TrainError::Config(format!("base model: {e}")))?;
+                varmap
+                    .set_one(&name, &t)
+                    .map_err(|e| TrainError::Config(format!("base model: {e}")))?;
             }
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
@@ -143,7 +160,12 @@ impl Trainer {
 
         let examples = data::load(&config.dataset.uri)?;
         let train = data::split(examples, &config.dataset.split, Split::Train);
-        let samples = data::tokenize(&train, tokenizer.as_ref(), config.stage == Stage::Sft, seq_len)?;
+        let samples = data::tokenize(
+            &train,
+            tokenizer.as_ref(),
+            config.stage == Stage::Sft,
+            seq_len,
+        )?;
         if samples.is_empty() {
             return Err(data::DataError::Empty(config.dataset.uri.clone()).into());
         }
@@ -201,17 +223,27 @@ impl Trainer {
         let scale = 1.0 / counted.max(1) as f64;
         let grad_norm = optim::global_norm(&grads, scale)?;
         if !grad_norm.is_finite() {
-            return Err(TrainError::Diverged { step: self.step + 1 });
+            return Err(TrainError::Diverged {
+                step: self.step + 1,
+            });
         }
         let factor = optim::clip_factor(grad_norm, h.grad_clip);
         self.optimizer.step(&grads, scale * factor, lr)?;
         self.step += 1;
-        Ok(StepStats { loss: loss_sum * scale, grad_norm, lr, tokens })
+        Ok(StepStats {
+            loss: loss_sum * scale,
+            grad_norm,
+            lr,
+            tokens,
+        })
     }
 
     /// Every weight by name (frozen ones included).
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>, TrainError> {
-        Ok(lock(&self.varmap)?.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect())
+        Ok(lock(&self.varmap)?
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect())
     }
 
     /// Writes a checkpoint of the current step into `dir`.
@@ -229,8 +261,12 @@ impl Trainer {
         let keep = self.config.checkpoint.keep;
         Ok(dir.save(self.step, keep, |tmp| {
             candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
-            candle_core::safetensors::save(&self.optimizer.state_tensors(), tmp.join("optimizer.safetensors"))?;
-            let json = serde_json::to_vec_pretty(&state).map_err(|e| CheckpointError::Format(e.to_string()))?;
+            candle_core::safetensors::save(
+                &self.optimizer.state_tensors(),
+                tmp.join("optimizer.safetensors"),
+            )?;
+            let json = serde_json::to_vec_pretty(&state)
+                .map_err(|e| CheckpointError::Format(e.to_string()))?;
             atomic::write_synced(&tmp.join("state.json"), &json)
         })?)
     }
@@ -247,10 +283,15 @@ impl Trainer {
                 path.display()
             )));
         }
-        self.varmap.load(path.join("model.safetensors")).map_err(|e| corrupt(&e))?;
-        let moments = candle_core::safetensors::load(path.join("optimizer.safetensors"), &self.device)
+        self.varmap
+            .load(path.join("model.safetensors"))
             .map_err(|e| corrupt(&e))?;
-        self.optimizer.load_state(moments, state.optimizer_step).map_err(|e| corrupt(&e))?;
+        let moments =
+            candle_core::safetensors::load(path.join("optimizer.safetensors"), &self.device)
+                .map_err(|e| corrupt(&e))?;
+        self.optimizer
+            .load_state(moments, state.optimizer_step)
+            .map_err(|e| corrupt(&e))?;
         self.loader.seek(state.cursor);
         self.rng = state.rng;
         self.step = state.step;
@@ -258,8 +299,13 @@ impl Trainer {
     }
 }
 
-fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, candle_core::Var>>, TrainError> {
-    varmap.data().lock().map_err(|_| TrainError::Internal("weights lock poisoned".into()))
+fn lock(
+    varmap: &VarMap,
+) -> Result<std::sync::MutexGuard<'_, HashMap<String, candle_core::Var>>, TrainError> {
+    varmap
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Internal("weights lock poisoned".into()))
 }
 
 /// Whether a parameter stays fixed: blocks below `frozen_blocks`, and the untied embedding
@@ -279,12 +325,16 @@ fn is_frozen(name: &str, frozen_blocks: usize, tied: bool) -> bool {
 
 /// A local path for a `file://`, `pvc://` or plain path URI.
 pub fn resolve(uri: &str) -> Result<PathBuf, TrainError> {
-    data::resolve_path(uri)?.ok_or_else(|| TrainError::Config(format!("{uri}: not a file location")))
+    data::resolve_path(uri)?
+        .ok_or_else(|| TrainError::Config(format!("{uri}: not a file location")))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainError> {
     let bytes = std::fs::read(path).map_err(|e| {
-        TrainError::Checkpoint(CheckpointError::Io { path: path.display().to_string(), source: e })
+        TrainError::Checkpoint(CheckpointError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })
     })?;
     serde_json::from_slice(&bytes).map_err(|e| {
         TrainError::Checkpoint(CheckpointError::Corrupt(format!("{}: {e}", path.display())))

@@ -70,7 +70,9 @@ output:
 /// Runs the binary to completion with `args` and extra environment.
 pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("ANNEAL_CHECKPOINT_DIR").env_remove("ANNEAL_ATTEMPT");
+    cmd.args(args)
+        .env_remove("ANNEAL_CHECKPOINT_DIR")
+        .env_remove("ANNEAL_ATTEMPT");
     for (k, v) in env {
         cmd.env(k, v);
     }
