@@ -21,9 +21,9 @@ pub enum LoadError {
     /// The chat template does not compile.
     #[error(transparent)]
     Template(#[from] TemplateError),
-    /// The path is neither a GGUF file nor a model directory.
-    #[error("{0}")]
-    Unsupported(String),
+    /// A model directory written by `train` that does not load.
+    #[error("model directory: {0}")]
+    ModelDir(#[from] crate::checkpoint::CheckpointError),
 }
 
 impl From<LoadError> for crate::error::RuntimeError {
@@ -49,19 +49,46 @@ pub struct LoadedModel {
     pub stop_ids: Vec<u32>,
 }
 
-/// Loads `path`: a `.gguf` file (llama family).
+/// Loads `path`: a model directory written by `anneal-runtime train`, or a GGUF file (llama
+/// family).
 pub fn load(
     path: &Path,
     policy: Q41Policy,
     max_seq_len: Option<usize>,
 ) -> Result<LoadedModel, LoadError> {
-    if path.extension().is_some_and(|e| e == "gguf") || path.is_file() {
-        return load_gguf(path, policy, max_seq_len);
+    if path.is_dir() {
+        return load_model_dir(path, max_seq_len);
     }
-    Err(LoadError::Unsupported(format!(
-        "{}: not a GGUF file (serving model directories is not implemented yet)",
-        path.display()
-    )))
+    load_gguf(path, policy, max_seq_len)
+}
+
+fn load_model_dir(path: &Path, max_seq_len: Option<usize>) -> Result<LoadedModel, LoadError> {
+    let loaded = crate::checkpoint::model_dir::load(path, &Device::Cpu)?;
+    let mut transformer = loaded.model;
+    if let Some(m) = max_seq_len {
+        // The RoPE tables cover the trained length; a smaller limit only bounds the caches.
+        transformer.config.max_seq_len = transformer.config.max_seq_len.min(m);
+    }
+    let tokenizer: Arc<dyn Tokenizer> = Arc::from(loaded.tokenizer);
+    // Our own models are trained without a chat template: ChatML text, which a byte-level
+    // tokenizer encodes like any other text.
+    let chat_template = ChatTemplate::new(None, "", "")?;
+    let stop_ids = tokenizer.eos_id().into_iter().collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let id = format!(
+        "{name}@{}",
+        loaded.sha256.get(..12).unwrap_or(&loaded.sha256)
+    );
+    Ok(LoadedModel {
+        id,
+        transformer,
+        tokenizer,
+        chat_template,
+        stop_ids,
+    })
 }
 
 fn load_gguf(
