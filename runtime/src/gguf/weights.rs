@@ -20,6 +20,8 @@ pub enum Q41Policy {
     /// Re-quantize Q4_1 to Q8_0 (SIMD kernels; the default).
     #[default]
     Q8_0,
+    /// Dequantize Q4_1 to dense f32 (exact; 4.5x the memory; dense GEMM kernels).
+    F32,
 }
 
 /// A GGUF file viewed as model weights.
@@ -97,8 +99,14 @@ impl Weights for GgufWeights<'_> {
         let info = self.info(&full).map_err(candle_core::Error::wrap)?;
         Self::check_shape(info, &[out_dim, in_dim]).map_err(candle_core::Error::wrap)?;
         let mut q = self.qtensor(&full).map_err(candle_core::Error::wrap)?;
-        if q.dtype() == GgmlDType::Q4_1 && self.policy == Q41Policy::Q8_0 {
-            q = QTensor::quantize(&q.dequantize(&self.device)?, GgmlDType::Q8_0)?;
+        if q.dtype() == GgmlDType::Q4_1 {
+            match self.policy {
+                Q41Policy::Keep => {}
+                Q41Policy::Q8_0 => {
+                    q = QTensor::quantize(&q.dequantize(&self.device)?, GgmlDType::Q8_0)?
+                }
+                Q41Policy::F32 => return Ok(Linear::Dense(q.dequantize(&self.device)?)),
+            }
         }
         Ok(Linear::Quantized(QMatMul::from_qtensor(q)?))
     }
