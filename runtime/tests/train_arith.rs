@@ -38,7 +38,10 @@ output:
 fn tiny_model_learns_two_digit_addition() {
     let s = Scratch::new("arith");
     let model = s.path("model");
-    let cfg = s.write("train.yaml", &CONFIG.replace("OUTPUT", model.to_str().unwrap()));
+    let cfg = s.write(
+        "train.yaml",
+        &CONFIG.replace("OUTPUT", model.to_str().unwrap()),
+    );
     let out = run(&["train", "--config", cfg.to_str().unwrap()], &[]);
     assert_ok(&out);
     let done = &events(&out, "done")[0];
