@@ -1,27 +1,61 @@
-//! `anneal-operator`: reconciles TrainingJob, EvalGate and ModelServer.
+//! `anneal-operator`: reconciles TrainingJob (EvalGate and ModelServer follow in later issues).
 
+use anneal_operator::config::OperatorConfig;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "anneal-operator", version, about = "Kubernetes operator that trains, evaluates and serves language models")]
+#[command(
+    name = "anneal-operator",
+    version,
+    about = "Kubernetes operator that trains, evaluates and serves language models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Runtime image for pods whose resource names none.
+    #[arg(long, env = "ANNEAL_RUNTIME_IMAGE")]
+    runtime_image: Option<String>,
+    /// Reconcile only the resources of this namespace (default: all namespaces).
+    #[arg(long, env = "ANNEAL_WATCH_NAMESPACE")]
+    namespace: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controllers (the default).
+    Run,
     /// Print the CustomResourceDefinitions as YAML (the same that `manifests/crds/` holds).
     Crds,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Crds) => {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Crds => {
             print!("{}", anneal_crds::all_crds_yaml()?);
             Ok(())
         }
-        None => anyhow::bail!("the controllers are not implemented yet; see `anneal-operator --help`"),
+        Command::Run => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .json()
+                .init();
+            let mut config = OperatorConfig::default();
+            if let Some(image) = cli.runtime_image {
+                config.runtime_image = image;
+            }
+            let client = kube::Client::try_default().await?;
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                "anneal-operator starting"
+            );
+            anneal_operator::trainingjob::run(client, config, cli.namespace.as_deref()).await;
+            tracing::info!("anneal-operator stopped");
+            Ok(())
+        }
     }
 }

@@ -1,0 +1,349 @@
+//! Pure builders of what a TrainingJob owns: worker pods, their ServiceAccount, Role and
+//! RoleBinding, and the ConfigMap holding the training configuration. No client here.
+
+use std::collections::BTreeMap;
+
+use anneal_crds::TrainingJob;
+use anneal_crds::contract;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::config::{GPU_PRODUCT_LABEL, GPU_RESOURCE, OperatorConfig};
+use crate::labels::{ATTEMPT, WORKER, trainingjob_labels};
+
+/// Where the checkpoint volume is mounted in a worker.
+pub const CHECKPOINT_MOUNT: &str = "/checkpoints";
+/// Where the training configuration is mounted in a worker.
+pub const CONFIG_MOUNT: &str = "/etc/anneal";
+/// File name of the configuration in the ConfigMap.
+pub const CONFIG_FILE: &str = "trainingjob.json";
+/// Name of the worker container.
+pub const CONTAINER: &str = "trainer";
+
+/// Why a TrainingJob cannot be built into children (it passed the API server, but not this).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The object has no name or namespace (not from the API server).
+    #[error("TrainingJob has no {0}")]
+    Missing(&'static str),
+    /// The spec could not be serialised into the worker configuration.
+    #[error("cannot serialise the spec: {0}")]
+    Serialise(#[from] serde_json::Error),
+}
+
+/// Name of the ServiceAccount, Role and RoleBinding of job `job`.
+pub fn trainer_account(job: &str) -> String {
+    format!("{job}-trainer")
+}
+
+/// Name of the ConfigMap of job `job`.
+pub fn config_map_name(job: &str) -> String {
+    format!("{job}-config")
+}
+
+/// Name of worker `worker` of attempt `attempt`: the attempt is in the name, so that a replacement
+/// never collides with a pod still terminating on a dead node.
+pub fn worker_name(job: &str, attempt: u32, worker: u32) -> String {
+    format!("{job}-a{attempt}-w{worker}")
+}
+
+fn owned_meta(job: &TrainingJob, name: String) -> Result<ObjectMeta, BuildError> {
+    let owner: OwnerReference = job
+        .controller_owner_ref(&())
+        .ok_or(BuildError::Missing("uid"))?;
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: Some(job.namespace().ok_or(BuildError::Missing("namespace"))?),
+        labels: Some(trainingjob_labels(&job.name_any())),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    })
+}
+
+/// The workers' ServiceAccount: it exists so that the runtime can report progress.
+pub fn service_account(job: &TrainingJob) -> Result<ServiceAccount, BuildError> {
+    Ok(ServiceAccount {
+        metadata: owned_meta(job, trainer_account(&job.name_any()))?,
+        ..ServiceAccount::default()
+    })
+}
+
+/// The workers' Role: `patch` on this one TrainingJob's status, nothing else.
+pub fn role(job: &TrainingJob) -> Result<Role, BuildError> {
+    Ok(serde_json::from_value(json!({
+        "metadata": owned_meta(job, trainer_account(&job.name_any()))?,
+        "rules": [{
+            "apiGroups": [anneal_crds::GROUP],
+            "resources": ["trainingjobs/status"],
+            "resourceNames": [job.name_any()],
+            "verbs": ["patch"],
+        }],
+    }))?)
+}
+
+/// Binds the Role to the ServiceAccount.
+pub fn role_binding(job: &TrainingJob) -> Result<RoleBinding, BuildError> {
+    let name = trainer_account(&job.name_any());
+    Ok(serde_json::from_value(json!({
+        "metadata": owned_meta(job, name.clone())?,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job.namespace()}],
+    }))?)
+}
+
+/// The training configuration, as the spec itself, mounted into every worker.
+pub fn config_map(job: &TrainingJob) -> Result<ConfigMap, BuildError> {
+    let spec = serde_json::to_string_pretty(&job.spec)?;
+    Ok(ConfigMap {
+        metadata: owned_meta(job, config_map_name(&job.name_any()))?,
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), spec)])),
+        ..ConfigMap::default()
+    })
+}
+
+/// Worker `worker` of `attempt`, placed on a node of the requested GPU type that this job has not
+/// excluded, admitted under the Pod Security "restricted" profile.
+pub fn worker_pod(
+    job: &TrainingJob,
+    attempt: u32,
+    worker: u32,
+    excluded_nodes: &[String],
+    config: &OperatorConfig,
+) -> Result<Pod, BuildError> {
+    let name = job.name_any();
+    let namespace = job.namespace().ok_or(BuildError::Missing("namespace"))?;
+    let spec = &job.spec;
+    let res = &spec.resources;
+    let mut meta = owned_meta(job, worker_name(&name, attempt, worker))?;
+    let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(ATTEMPT.into(), attempt.to_string());
+    labels.insert(WORKER.into(), worker.to_string());
+
+    let mut match_expressions = Vec::new();
+    if res.gpus > 0 {
+        match config.products(res.gpu_type) {
+            Some(products) => match_expressions
+                .push(json!({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products})),
+            None => match_expressions.push(json!({"key": GPU_PRODUCT_LABEL, "operator": "Exists"})),
+        }
+    }
+    let mut term = json!({"matchExpressions": match_expressions});
+    if !excluded_nodes.is_empty() {
+        term["matchFields"] =
+            json!([{"key": "metadata.name", "operator": "NotIn", "values": excluded_nodes}]);
+    }
+    let affinity = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}});
+
+    let grace = config.node_toleration_seconds;
+    let mut tolerations = vec![
+        json!({"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace}),
+        json!({"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace}),
+    ];
+    if res.gpus > 0 {
+        tolerations
+            .push(json!({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}));
+    }
+    tolerations.extend(res.tolerations.iter().map(|t| json!(t)));
+
+    let mut limits = serde_json::Map::new();
+    let mut requests = serde_json::Map::new();
+    if res.gpus > 0 {
+        limits.insert(GPU_RESOURCE.into(), json!(res.gpus.to_string()));
+    }
+    for (key, value) in [("cpu", &res.cpu), ("memory", &res.memory)] {
+        if let Some(q) = value {
+            limits.insert(key.into(), json!(q));
+            requests.insert(key.into(), json!(q));
+        }
+    }
+
+    let checkpoint_volume = match spec
+        .checkpoint
+        .storage
+        .as_ref()
+        .and_then(|s| s.pvc.as_ref())
+    {
+        Some(claim) => {
+            json!({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}})
+        }
+        // Without a claim, checkpoints live as long as the pod: the status says so.
+        None => json!({"name": "checkpoints", "emptyDir": {}}),
+    };
+    let env = json!([
+        {"name": contract::ENV_JOB_NAME, "value": name},
+        {"name": contract::ENV_JOB_NAMESPACE, "value": namespace},
+        {"name": contract::ENV_ATTEMPT, "value": attempt.to_string()},
+        {"name": contract::ENV_CHECKPOINT_DIR, "value": CHECKPOINT_MOUNT},
+        {"name": "ANNEAL_WORKER", "value": worker.to_string()},
+        {"name": "ANNEAL_WORKERS", "value": spec.workers.to_string()},
+        {"name": "ANNEAL_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+    ]);
+
+    let pod = json!({
+        "metadata": meta,
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": trainer_account(&name),
+            "affinity": affinity,
+            "nodeSelector": res.node_selector,
+            "tolerations": tolerations,
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": 65532,
+                "runAsGroup": 65532,
+                "fsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [{
+                "name": CONTAINER,
+                "image": spec.image.clone().unwrap_or_else(|| config.runtime_image.clone()),
+                "args": ["train", "--config", format!("{CONFIG_MOUNT}/{CONFIG_FILE}")],
+                "env": env,
+                "resources": {"limits": limits, "requests": requests},
+                "terminationMessagePath": contract::TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": [
+                    {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+                    {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": true},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+            }],
+            "volumes": [
+                checkpoint_volume,
+                {"name": "config", "configMap": {"name": config_map_name(&name)}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        },
+    });
+    Ok(serde_json::from_value(pod)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> TrainingJob {
+        let text = include_str!("../../../manifests/examples/trainingjob.yaml");
+        let mut job: TrainingJob = serde_yaml::from_str(text).expect("example parses");
+        job.metadata.namespace = Some("ml".into());
+        job.metadata.uid = Some("uid-1".into());
+        job
+    }
+
+    fn json_of(pod: &Pod) -> serde_json::Value {
+        serde_json::to_value(pod).unwrap()
+    }
+
+    #[test]
+    fn worker_is_placed_on_the_requested_gpu_type_away_from_excluded_nodes() {
+        let pod = worker_pod(
+            &job(),
+            3,
+            0,
+            &["gpu-h100-0".into()],
+            &OperatorConfig::default(),
+        )
+        .unwrap();
+        let v = json_of(&pod);
+        assert_eq!(v["metadata"]["name"], "arith-a3-w0");
+        assert_eq!(v["metadata"]["labels"]["anneal.dev/attempt"], "3");
+        let term = &v["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0];
+        assert_eq!(term["matchExpressions"][0]["key"], GPU_PRODUCT_LABEL);
+        assert!(
+            term["matchExpressions"][0]["values"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("NVIDIA-H100-80GB-HBM3"))
+        );
+        assert_eq!(term["matchFields"][0]["values"], json!(["gpu-h100-0"]));
+        assert_eq!(
+            v["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+            "1"
+        );
+        let owner = &v["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (owner["kind"].as_str(), owner["controller"].as_bool()),
+            (Some("TrainingJob"), Some(true))
+        );
+    }
+
+    #[test]
+    fn worker_tolerates_gpu_taint_and_only_briefly_a_dead_node() {
+        let v = json_of(&worker_pod(&job(), 1, 0, &[], &OperatorConfig::default()).unwrap());
+        let tolerations = v["spec"]["tolerations"].as_array().unwrap();
+        assert!(tolerations.iter().any(|t| t["key"] == GPU_RESOURCE));
+        let unreachable = tolerations
+            .iter()
+            .find(|t| t["key"] == "node.kubernetes.io/unreachable")
+            .unwrap();
+        assert_eq!(unreachable["tolerationSeconds"], 20);
+    }
+
+    #[test]
+    fn worker_meets_the_restricted_pod_security_profile() {
+        let v = json_of(&worker_pod(&job(), 1, 0, &[], &OperatorConfig::default()).unwrap());
+        assert_eq!(v["spec"]["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            v["spec"]["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        let c = &v["spec"]["containers"][0]["securityContext"];
+        assert_eq!(c["allowPrivilegeEscalation"], false);
+        assert_eq!(c["capabilities"]["drop"], json!(["ALL"]));
+        for volume in v["spec"]["volumes"].as_array().unwrap() {
+            assert!(
+                volume.get("hostPath").is_none(),
+                "restricted forbids hostPath"
+            );
+        }
+    }
+
+    #[test]
+    fn worker_gets_the_runtime_contract_env() {
+        let v = json_of(&worker_pod(&job(), 2, 0, &[], &OperatorConfig::default()).unwrap());
+        let env = v["spec"]["containers"][0]["env"].as_array().unwrap();
+        let get = |name: &str| {
+            env.iter()
+                .find(|e| e["name"] == name)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(get(contract::ENV_JOB_NAME), Some(json!("arith")));
+        assert_eq!(get(contract::ENV_JOB_NAMESPACE), Some(json!("ml")));
+        assert_eq!(get(contract::ENV_ATTEMPT), Some(json!("2")));
+        assert_eq!(
+            get(contract::ENV_CHECKPOINT_DIR),
+            Some(json!(CHECKPOINT_MOUNT))
+        );
+    }
+
+    #[test]
+    fn role_allows_only_patching_its_own_status() {
+        let role = serde_json::to_value(role(&job()).unwrap()).unwrap();
+        assert_eq!(
+            role["rules"],
+            json!([{"apiGroups": ["anneal.dev"], "resources": ["trainingjobs/status"], "resourceNames": ["arith"], "verbs": ["patch"]}])
+        );
+        let binding = serde_json::to_value(role_binding(&job()).unwrap()).unwrap();
+        assert_eq!(binding["subjects"][0]["name"], "arith-trainer");
+        assert_eq!(binding["roleRef"]["name"], "arith-trainer");
+    }
+
+    #[test]
+    fn any_gpu_type_asks_only_for_some_gpu_product() {
+        let mut job = job();
+        job.spec.resources.gpu_type = anneal_crds::GpuType::Any;
+        let v = json_of(&worker_pod(&job, 1, 0, &[], &OperatorConfig::default()).unwrap());
+        let term = &v["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0];
+        assert_eq!(term["matchExpressions"][0]["operator"], "Exists");
+    }
+}
