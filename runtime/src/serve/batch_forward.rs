@@ -4,6 +4,7 @@
 //! run as one batched matmul, attention runs per sequence against that sequence's own
 //! preallocated cache.
 
+use super::decode_weights::{DecodeWeights, apply};
 use crate::model::{KvCache, Transformer, apply_rope, attention};
 use candle_core::{Result, Tensor};
 
@@ -15,6 +16,7 @@ impl Transformer {
         tokens: &[u32],
         positions: &[usize],
         caches: &mut [&mut KvCache],
+        padded: &DecodeWeights,
     ) -> Result<Tensor> {
         let b = tokens.len();
         if positions.len() != b || caches.len() != b || b == 0 {
@@ -38,8 +40,11 @@ impl Transformer {
         let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?;
         let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?;
         let mut x = self.embed(&ids)?;
+        const NONE: &super::decode_weights::BlockPadded =
+            &[None, None, None, None, None, None, None];
         for (layer, block) in self.blocks.iter().enumerate() {
             let attn = &block.attn;
+            let p = padded.blocks.get(layer).unwrap_or(NONE);
             let h = block.attn_norm.forward(&x)?;
             // (b, 1, heads * d) -> (b, heads, 1, d): with one position the transpose is free.
             let q = attn
@@ -67,11 +72,16 @@ impl Transformer {
                 outs.push(attention(&q.narrow(0, i, 1)?, &kc, &vc, None)?);
             }
             let y = Tensor::cat(&outs, 0)?;
-            x = (x + attn.output(&y)?)?;
-            let m = block.mlp.forward(&block.ffn_norm.forward(&x)?)?;
+            let (bh, nh, t, d) = y.dims4()?;
+            let y = y.transpose(1, 2)?.reshape((bh, t, nh * d))?;
+            x = (x + apply(&attn.o, &p[3], &y)?)?;
+            let h = block.ffn_norm.forward(&x)?;
+            let gate = candle_nn::ops::silu(&apply(&block.mlp.gate, &p[4], &h)?)?;
+            let up = apply(&block.mlp.up, &p[5], &h)?;
+            let m = apply(&block.mlp.down, &p[6], &(gate * up)?)?;
             x = (x + m)?;
         }
         let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)?.squeeze(1)
+        apply(&self.lm_head, &padded.lm_head, &x)?.squeeze(1)
     }
 }

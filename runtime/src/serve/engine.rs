@@ -4,6 +4,7 @@
 //!
 //! A request is cancelled when its event receiver is gone (the HTTP client disconnected).
 
+use super::decode_weights::DecodeWeights;
 use super::kv_pool::KvPool;
 use super::metrics::Metrics;
 use super::sampling::{Sampler, SamplingParams};
@@ -160,6 +161,7 @@ struct Sequence {
 
 struct Engine {
     model: EngineModel,
+    padded: DecodeWeights,
     pool: KvPool,
     scheduler: Scheduler<GenRequest>,
     running: Vec<Sequence>,
@@ -179,8 +181,13 @@ impl Engine {
             model.transformer.config.max_seq_len,
             &Device::Cpu,
         );
+        let padded = DecodeWeights::new(&model.transformer).unwrap_or_else(|e| {
+            tracing::warn!("decode weights stay unpadded: {e}");
+            DecodeWeights::none()
+        });
         Self {
             model,
+            padded,
             pool,
             scheduler: Scheduler::new(config.max_batch),
             running: Vec::new(),
@@ -322,7 +329,7 @@ impl Engine {
             let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|s| &mut s.cache).collect();
             self.model
                 .transformer
-                .forward_decode_batch(&tokens, &positions, &mut caches)
+                .forward_decode_batch(&tokens, &positions, &mut caches, &self.padded)
                 .and_then(|l| l.to_vec2::<f32>())
         };
         let logits = match logits {

@@ -7,6 +7,7 @@
 
 pub mod batch_forward;
 pub mod chat_template;
+pub mod decode_weights;
 pub mod engine;
 pub mod http;
 pub mod kv_pool;
