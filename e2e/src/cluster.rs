@@ -33,6 +33,12 @@ pub fn logs_dir() -> Result<PathBuf> {
 
 /// A client for the local cluster, as its admin.
 pub async fn client() -> Result<Client> {
+    client_as(None).await
+}
+
+/// A client for the local cluster that impersonates `user` (e.g.
+/// `system:serviceaccount:<ns>:<name>`), to check what that identity may do with real requests.
+pub async fn client_as(user: Option<&str>) -> Result<Client> {
     let path = kubeconfig_path()?;
     let kubeconfig = Kubeconfig::read_from(&path).with_context(|| {
         format!(
@@ -40,9 +46,10 @@ pub async fn client() -> Result<Client> {
             path.display()
         )
     })?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .with_context(|| format!("loading kubeconfig {}", path.display()))?;
+    config.auth_info.impersonate = user.map(str::to_string);
     Client::try_from(config).context("building a client for the local cluster")
 }
 

@@ -2,10 +2,12 @@
 //! (real etcd, kube-apiserver, kube-controller-manager, kube-scheduler; nodes and pods simulated by kwok).
 //!
 //! - [`cluster`]: where the cluster is (kubeconfig, pinned tools) and a [`kube::Client`] for it;
+//! - [`crds`]: the project's CRDs installed from `manifests/crds/`;
 //! - [`tools`]: the pinned `kubectl` and `helm`, pointed at the cluster;
 //! - [`wait`]: waiting on a condition of an object, with a deadline (a watch, never a blind sleep);
 //! - [`namespace`]: a temporary namespace per test, deleted when the test ends, pass or fail;
-//! - [`faults`]: dead nodes, unhealthy GPUs, container exits, as `e2e/cluster/fault.sh` does them.
+//! - [`faults`]: dead nodes, unhealthy GPUs, container exits, as `e2e/cluster/fault.sh` does them;
+//! - [`operator`]: the real operator binary as a process, scoped to a test namespace.
 //!
 //! Tests that need the cluster are marked `#[ignore = "cluster tier: needs e2e/cluster/up.sh"]` and run with
 //! `cargo test -p anneal-e2e -- --include-ignored` once `e2e/cluster/up.sh` has brought the cluster up.
@@ -13,8 +15,10 @@
 //! Errors are `anyhow` with context: this crate only serves tests, whose failures a person reads.
 
 pub mod cluster;
+pub mod crds;
 pub mod faults;
 pub mod namespace;
+pub mod operator;
 pub mod tools;
 pub mod wait;
 

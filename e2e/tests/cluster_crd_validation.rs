@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anneal_crds::TrainingJob;
 use anneal_crds::trainingjob::{TrainingJobStatus, TrainingPhase};
 use anneal_e2e::tools::{kubectl, run};
-use anneal_e2e::{TestNamespace, client};
+use anneal_e2e::{TestNamespace, client, crds};
 use anyhow::{Context, Result, bail, ensure};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -18,20 +18,6 @@ use serde_json::json;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Installs (or updates) the CRDs from `manifests/crds/` and waits until they are served.
-async fn install_crds() -> Result<()> {
-    let crds = repo_root().join("manifests/crds");
-    run(kubectl()?
-        .args(["apply", "--server-side", "--force-conflicts", "-f"])
-        .arg(&crds))
-    .await?;
-    run(kubectl()?
-        .args(["wait", "--for=condition=Established", "--timeout=60s", "-f"])
-        .arg(&crds))
-    .await?;
-    Ok(())
 }
 
 /// `kubectl apply --dry-run=server` of `file`: the API server validates it fully, stores nothing.
@@ -45,7 +31,7 @@ async fn server_dry_run(namespace: &str, file: &Path) -> Result<String> {
 #[tokio::test]
 #[ignore = "cluster tier: needs e2e/cluster/up.sh"]
 async fn api_server_refuses_each_invalid_object_naming_the_field() -> Result<()> {
-    install_crds().await?;
+    crds::install().await?;
     let client = client().await?;
     let namespace = TestNamespace::create(&client, "crd-invalid").await?;
     let dir = repo_root().join("manifests/examples/testdata/invalid");
@@ -93,7 +79,7 @@ async fn api_server_refuses_each_invalid_object_naming_the_field() -> Result<()>
 #[tokio::test]
 #[ignore = "cluster tier: needs e2e/cluster/up.sh"]
 async fn api_server_accepts_every_example() -> Result<()> {
-    install_crds().await?;
+    crds::install().await?;
     let client = client().await?;
     let namespace = TestNamespace::create(&client, "crd-examples").await?;
     for name in [
@@ -116,7 +102,7 @@ async fn api_server_accepts_every_example() -> Result<()> {
 #[tokio::test]
 #[ignore = "cluster tier: needs e2e/cluster/up.sh"]
 async fn started_trainingjob_model_and_dataset_are_immutable() -> Result<()> {
-    install_crds().await?;
+    crds::install().await?;
     let client = client().await?;
     let namespace = TestNamespace::create(&client, "crd-immutable").await?;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), namespace.name());
@@ -174,7 +160,7 @@ fn expect_refusal<T: std::fmt::Debug>(result: kube::Result<T>, message: &str) ->
 #[tokio::test]
 #[ignore = "cluster tier: needs e2e/cluster/up.sh"]
 async fn kubectl_get_shows_state_columns() -> Result<()> {
-    install_crds().await?;
+    crds::install().await?;
     let client = client().await?;
     let namespace = TestNamespace::create(&client, "crd-columns").await?;
     let pipeline = repo_root().join("manifests/examples/pipeline.yaml");

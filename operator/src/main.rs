@@ -13,10 +13,10 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// Runtime image for pods whose resource names none.
-    #[arg(long, env = "ANNEAL_RUNTIME_IMAGE")]
+    #[arg(long, global = true, env = "ANNEAL_RUNTIME_IMAGE")]
     runtime_image: Option<String>,
     /// Reconcile only the resources of this namespace (default: all namespaces).
-    #[arg(long, env = "ANNEAL_WATCH_NAMESPACE")]
+    #[arg(long, global = true, env = "ANNEAL_WATCH_NAMESPACE")]
     namespace: Option<String>,
 }
 

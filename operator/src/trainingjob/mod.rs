@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 
 use crate::FIELD_MANAGER;
 use crate::config::OperatorConfig;
-use crate::labels::{MANAGED_BY, TRAININGJOB};
+use crate::labels::{ATTEMPT, MANAGED_BY, TRAININGJOB};
 use crate::node_health::{lease_deadline, node_failure};
 use decide::{Observed, Plan, decide};
 
@@ -208,6 +208,17 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
         .await?
         .items;
 
+    // A worker newer than the status says exists: this copy of the job is older than a decision
+    // already carried out. Act only on a fresh copy.
+    let recorded = job.status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
+    let newest = pods
+        .iter()
+        .filter_map(|p| p.labels().get(ATTEMPT)?.parse::<u32>().ok())
+        .max();
+    if newest.is_some_and(|n| n > recorded) {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+
     let timeout = SignedDuration::from_secs(i64::from(
         job.spec.failover_policy.node_lease_timeout_seconds,
     ));
@@ -295,6 +306,28 @@ async fn execute(
 ) -> Result<(), Error> {
     let client = &ctx.client;
     let namespace = job.namespace().unwrap_or_default();
+    // Status first: the next attempt and the excluded node are recorded before any pod is
+    // touched, so that a crash in between resumes the same decision.
+    let mut current = job.status.clone().unwrap_or_default();
+    current.progress = None;
+    current.last_checkpoint = None;
+    if current != plan.status {
+        let api: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
+        let body = serde_json::json!({
+            "apiVersion": format!("{}/{}", anneal_crds::GROUP, anneal_crds::VERSION),
+            "kind": "TrainingJob",
+            // Optimistic concurrency: a decision made from a stale copy of the job fails here
+            // (409) instead of overwriting newer status, and nothing of it is carried out.
+            "metadata": {"resourceVersion": job.resource_version()},
+            "status": plan.status,
+        });
+        api.patch_status(
+            &job.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
+    }
     for deletion in &plan.delete {
         let params = if deletion.force {
             DeleteParams {
@@ -366,23 +399,6 @@ async fn execute(
     }
     if let Some(reason) = plan.failover {
         tracing::info!(job = %job.name_any(), ?reason, attempt = ?plan.status.attempt, "failing over");
-    }
-    let mut current = job.status.clone().unwrap_or_default();
-    current.progress = None;
-    current.last_checkpoint = None;
-    if current != plan.status {
-        let api: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
-        let body = serde_json::json!({
-            "apiVersion": format!("{}/{}", anneal_crds::GROUP, anneal_crds::VERSION),
-            "kind": "TrainingJob",
-            "status": plan.status,
-        });
-        api.patch_status(
-            &job.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await?;
     }
     Ok(())
 }
