@@ -38,5 +38,6 @@ step "local cluster up"
 trap 'step "local cluster down"; e2e/cluster/down.sh' EXIT
 e2e/cluster/up.sh
 
-step "cluster tier tests (real API server; nodes simulated by kwok)"
+step "cluster tier tests (real API server, real operator binary; nodes simulated by kwok)"
+cargo build -p anneal-operator
 cargo test -p anneal-e2e -- --include-ignored --test-threads=2

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The main job, on a fresh machine: bring up the local cluster (built from pinned upstream sources
+# on first use), install anneal with Helm, run the operator, apply the pipeline example and watch
+# the TrainingJob's worker land on an H100 node (kwok simulates the GPU nodes); then run the real
+# runtime on this CPU: train a tiny model on builtin:arith, evaluate it like an EvalGate would, and
+# serve it over the OpenAI-compatible API. What is not built yet is said as such.
+#
+#   e2e/demo.sh             run it; the cluster stays up afterwards (e2e/cluster/down.sh stops it)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/anneal/target}"
+work="${ANNEAL_DEMO_DIR:-$HOME/.cache/anneal/demo}"
+mkdir -p "$work"
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "building anneal (release)"
+cargo build --release -q -p anneal-operator -p anneal-runtime
+bin="$CARGO_TARGET_DIR/release"
+
+say "local cluster: pinned tools (built once) and up"
+e2e/cluster/build-tools.sh >/dev/null
+e2e/cluster/up.sh >/dev/null
+# shellcheck source=e2e/cluster/env.sh
+source e2e/cluster/env.sh
+kubectl get nodes -L nvidia.com/gpu.product
+
+say "helm install anneal (CRDs and user roles)"
+helm upgrade --install anneal charts/anneal -n anneal-system --create-namespace --wait >/dev/null
+helm list -n anneal-system
+
+say "operator (local process, logs in $work/operator.log)"
+"$bin/anneal-operator" run --runtime-image registry.invalid/anneal/runtime:demo >"$work/operator.log" 2>&1 &
+operator=$!
+trap 'kill $operator 2>/dev/null || true; [[ -n "${server:-}" ]] && kill "$server" 2>/dev/null || true' EXIT
+
+say "kubectl apply -f manifests/examples/pipeline.yaml"
+kubectl create namespace anneal-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl label namespace anneal-demo pod-security.kubernetes.io/enforce=restricted --overwrite >/dev/null
+kubectl apply -n anneal-demo -f manifests/examples/pipeline.yaml
+kubectl wait -n anneal-demo trainingjob/arith --for=jsonpath='{.status.phase}'=Running --timeout=120s
+kubectl get anneal -n anneal-demo
+kubectl get pods -n anneal-demo -o wide
+echo "(the worker pod runs on a kwok-simulated H100 node; the EvalGate and ModelServer controllers are not built yet)"
+
+say "the runtime, for real on this CPU: train builtin:arith"
+cat >"$work/train.yaml" <<YAML
+model:
+  architecture: {hiddenSize: 64, nLayers: 2, nHeads: 4, nKvHeads: 2, intermediateSize: 256, maxSeqLen: 16}
+dataset: {uri: "builtin:arith"}
+stage: sft
+hyperparameters: {steps: 1000, batchSize: 64, learningRate: 0.01, warmupSteps: 50, weightDecay: 0.0, threads: 2, logEvery: 200}
+checkpoint: {everySteps: 250, keep: 2, dir: "$work/checkpoints"}
+output: {path: "$work/model"}
+YAML
+rm -rf "$work/model" "$work/checkpoints"
+"$bin/anneal-runtime" train --config "$work/train.yaml"
+
+say "evaluate it on the held-out test split (what an EvalGate reads)"
+"$bin/anneal-runtime" eval --model "$work/model" --data builtin:arith | tee "$work/eval.json"
+
+say "serve it and ask over the OpenAI-compatible API"
+"$bin/anneal-runtime" serve --model "$work/model" --listen 127.0.0.1:18080 --max-seq-len 16 >"$work/serve.log" 2>&1 &
+server=$!
+for _ in $(seq 1 120); do
+  curl -sf localhost:18080/readyz >/dev/null && break
+  kill -0 "$server" 2>/dev/null || { cat "$work/serve.log"; exit 1; }
+  sleep 0.5
+done
+curl -s localhost:18080/v1/completions -H 'content-type: application/json' \
+  -d '{"model": "model", "prompt": "12+35=", "max_tokens": 4, "temperature": 0, "stop": ["\n"]}'
+echo
+say "done: the cluster is still up (source e2e/cluster/env.sh; e2e/cluster/down.sh stops it)"
