@@ -106,3 +106,27 @@ async fn chart_installs_and_user_roles_aggregate_into_edit_and_view() -> Result<
     run(helm()?.args(["uninstall", "anneal-e2e", "--wait", "-n", ns])).await?;
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "cluster tier: needs e2e/cluster/build-tools.sh (helm)"]
+async fn install_yaml_is_rendered_from_the_chart() -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/render-install.sh");
+    let helm = anneal_e2e::cluster::tools_bin()?.join("helm");
+    let rendered = tokio::process::Command::new("bash")
+        .arg(&script)
+        .arg("--stdout")
+        .env("HELM", helm)
+        .output()
+        .await?;
+    ensure!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let committed = std::fs::read_to_string(script.with_file_name("install.yaml"))?;
+    ensure!(
+        committed.as_bytes() == rendered.stdout.as_slice(),
+        "manifests/install.yaml is out of date: run manifests/render-install.sh"
+    );
+    Ok(())
+}
