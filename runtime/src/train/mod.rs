@@ -99,6 +99,7 @@ pub fn run(args: Args) -> crate::error::Result<()> {
     });
     crate::device::set_cpu_threads(threads);
     crate::device::keep_freed_memory();
+    crate::device::serial_elementwise();
     let device = crate::device::parse_device(&args.device)?;
     train(config, args.attempt, device).map_err(RuntimeError::from)
 }
