@@ -58,7 +58,7 @@ print(f"{best:.1f}")
 PY
 )"
 a_tg="$(python3 "$here/loadgen.py" --port "$a_port" --concurrency 1 --requests-per-client 3 --max-tokens 128 \
-    | python3 -c 'import json,sys; print(f"{json.load(sys.stdin)["decode_tok_s_per_stream"]:.1f}")')"
+    | python3 -c 'import json,sys; print("%.1f" % json.load(sys.stdin)["decode_tok_s_per_stream"])')"
 
 l_port="$(port)"
 "$llama_bin/llama-server" -m "$model" --port "$l_port" -t "$threads" -np 16 -c 16384 --no-webui \
@@ -66,6 +66,8 @@ l_port="$(port)"
 pids+=($!)
 wait_up "$l_port" health
 
+echo
+echo "load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg) (other processes on the machine skew every figure)"
 echo
 echo "| single stream, $threads threads | prefill tok/s (512) | decode tok/s (128) |"
 echo "| --- | --- | --- |"
