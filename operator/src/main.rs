@@ -18,6 +18,14 @@ struct Cli {
     /// Reconcile only the resources of this namespace (default: all namespaces).
     #[arg(long, global = true, env = "ANNEAL_WATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(
+        long,
+        global = true,
+        env = "ANNEAL_METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_addr: std::net::SocketAddr,
 }
 
 #[derive(Subcommand)]
@@ -53,7 +61,15 @@ async fn main() -> anyhow::Result<()> {
                 version = env!("CARGO_PKG_VERSION"),
                 "anneal-operator starting"
             );
-            anneal_operator::trainingjob::run(client, config, cli.namespace.as_deref()).await;
+            let metrics = std::sync::Arc::new(anneal_operator::metrics::Metrics::default());
+            let server = anneal_operator::metrics::serve(cli.metrics_addr, metrics.clone());
+            tokio::spawn(async move {
+                if let Err(err) = server.await {
+                    tracing::error!(error = %err, "metrics endpoint stopped");
+                }
+            });
+            anneal_operator::trainingjob::run(client, config, cli.namespace.as_deref(), metrics)
+                .await;
             tracing::info!("anneal-operator stopped");
             Ok(())
         }

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use crate::FIELD_MANAGER;
 use crate::config::OperatorConfig;
 use crate::labels::{ATTEMPT, MANAGED_BY, TRAININGJOB};
+use crate::metrics::{FailoverLabels, Metrics};
 use crate::node_health::{lease_deadline, node_failure};
 use decide::{Observed, Plan, decide};
 
@@ -62,6 +63,8 @@ pub struct Context {
     pub leases: Store<Lease>,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     /// Consecutive failures per job, for exponential backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<TrainingJob>, u32>>,
 }
@@ -101,7 +104,12 @@ where
 
 /// Runs the TrainingJob controller until a shutdown signal; with `namespace`, only for the
 /// TrainingJobs of that namespace (nodes are always watched cluster-wide).
-pub async fn run(client: Client, config: OperatorConfig, namespace: Option<&str>) {
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    namespace: Option<&str>,
+    metrics: Arc<Metrics>,
+) {
     let nodes = watched_store(Api::<Node>::all(client.clone())).await;
     let leases = watched_store(Api::<Lease>::namespaced(client.clone(), "kube-node-lease")).await;
     let reporter = Reporter {
@@ -116,7 +124,10 @@ pub async fn run(client: Client, config: OperatorConfig, namespace: Option<&str>
         leases,
         recorder,
         failures: Default::default(),
+        metrics: metrics.clone(),
     });
+    // Caches are filled: from here on the operator judges nodes from real data.
+    metrics.set_ready(true);
 
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
@@ -142,13 +153,20 @@ pub async fn run(client: Client, config: OperatorConfig, namespace: Option<&str>
             },
         )
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile_counted, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(error = %err, "reconcile stream");
             }
         })
         .await;
+}
+
+async fn reconcile_counted(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let result = reconcile(job, ctx.clone()).await;
+    ctx.metrics
+        .reconciled(result.as_ref().map_or_else(Error::category, |_| "ok"));
+    result
 }
 
 fn error_policy(job: Arc<TrainingJob>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -397,8 +415,34 @@ async fn execute(
             tracing::warn!(error = %err, "recording an event");
         }
     }
+    record_failover_metrics(job, plan, &ctx.metrics);
     if let Some(reason) = plan.failover {
         tracing::info!(job = %job.name_any(), ?reason, attempt = ?plan.status.attempt, "failing over");
     }
     Ok(())
+}
+
+/// Counts a failover when it starts, and observes its duration when its replacement runs.
+fn record_failover_metrics(job: &TrainingJob, plan: &Plan, metrics: &Metrics) {
+    if let Some(reason) = plan.failover {
+        let labels = FailoverLabels {
+            reason: format!("{reason:?}"),
+        };
+        metrics.failovers.get_or_create(&labels).inc();
+    }
+    let before = job
+        .status
+        .as_ref()
+        .map(|s| s.failovers.as_slice())
+        .unwrap_or_default();
+    for (i, record) in plan.status.failovers.iter().enumerate() {
+        let was_open = before.get(i).is_some_and(|r| r.recovered_at.is_none());
+        if let (true, Some(recovered)) = (was_open, &record.recovered_at) {
+            let seconds = recovered
+                .0
+                .duration_since(record.detected_at.0)
+                .as_secs_f64();
+            metrics.failover_seconds.observe(seconds.max(0.0));
+        }
+    }
 }

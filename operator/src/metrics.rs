@@ -1,0 +1,145 @@
+//! The operator's Prometheus metrics and its `/metrics`, `/healthz`, `/readyz` endpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of a reconcile outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// `ok` or the error category (bounded: see `trainingjob::Error::category`).
+    pub result: String,
+}
+
+/// Labels of a failover.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailoverLabels {
+    /// The `FailoverReason`.
+    pub reason: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    /// Reconciles by outcome.
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    /// Failovers started, by reason.
+    pub failovers: Family<FailoverLabels, Counter>,
+    /// Seconds from detecting a failure to the replacement worker Running.
+    pub failover_seconds: Histogram,
+    registry: Registry,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let failovers = Family::<FailoverLabels, Counter>::default();
+        let failover_seconds = Histogram::new([1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0]);
+        let mut registry = Registry::with_prefix("anneal_operator");
+        registry.register("reconciles", "Reconciles by outcome", reconciles.clone());
+        registry.register(
+            "failovers",
+            "Worker failovers started, by reason",
+            failovers.clone(),
+        );
+        registry.register(
+            "failover_seconds",
+            "Seconds from detecting a failed node or device to the replacement worker Running",
+            failover_seconds.clone(),
+        );
+        Self {
+            reconciles,
+            failovers,
+            failover_seconds,
+            registry,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one reconcile outcome.
+    pub fn reconciled(&self, result: &str) {
+        self.reconciles
+            .get_or_create(&ReconcileLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Marks the operator ready (its caches are filled and the controllers run).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+async fn metrics(State(m): State<Arc<Metrics>>) -> Result<String, StatusCode> {
+    m.render().map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+async fn ready(State(m): State<Arc<Metrics>>) -> StatusCode {
+    if m.ready.load(Ordering::Relaxed) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (the process is alive) and `/readyz` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+use metrics as metrics_handler;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_counters_and_the_failover_histogram() {
+        let m = Metrics::default();
+        m.reconciled("ok");
+        m.failovers
+            .get_or_create(&FailoverLabels {
+                reason: "NodeNotReady".into(),
+            })
+            .inc();
+        m.failover_seconds.observe(9.5);
+        let text = m.render().unwrap();
+        assert!(
+            text.contains(r#"anneal_operator_reconciles_total{result="ok"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"anneal_operator_failovers_total{reason="NodeNotReady"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("anneal_operator_failover_seconds_bucket{le=\"10.0\"} 1"),
+            "{text}"
+        );
+    }
+}
