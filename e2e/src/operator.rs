@@ -51,6 +51,9 @@ impl OperatorProcess {
                 namespace,
                 "--runtime-image",
                 "registry.invalid/anneal/runtime:e2e",
+                // Several operators may run at once (one per test binary): no fixed port.
+                "--metrics-addr",
+                "127.0.0.1:0",
             ])
             .env("KUBECONFIG", kubeconfig_path()?)
             .env("RUST_LOG", "info,anneal_operator=debug")
