@@ -38,6 +38,11 @@ pub struct OperatorProcess {
 impl OperatorProcess {
     /// Starts the operator for `namespace`; its log goes to `<logs>/operator-<namespace>.log`.
     pub async fn start(namespace: &str) -> Result<Self> {
+        Self::start_with(namespace, &[]).await
+    }
+
+    /// Like [`OperatorProcess::start`], with extra command-line arguments.
+    pub async fn start_with(namespace: &str, extra: &[&str]) -> Result<Self> {
         let log_path = logs_dir()?.join(format!("operator-{namespace}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -55,6 +60,7 @@ impl OperatorProcess {
                 "--metrics-addr",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig_path()?)
             .env("RUST_LOG", "info,anneal_operator=debug")
             .stdout(Stdio::from(log.try_clone()?))

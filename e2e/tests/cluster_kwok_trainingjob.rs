@@ -378,3 +378,60 @@ async fn kwok_failover_replacement_runs_on_another_gpu_node_under_30s() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "cluster tier: needs e2e/cluster/up.sh"]
+async fn kwok_two_operator_replicas_one_leads_and_the_other_takes_over_when_it_dies() -> Result<()>
+{
+    use k8s_openapi::api::coordination::v1::Lease;
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    crds::install().await?;
+    let namespace = TestNamespace::create(&client, "tj-leader").await?;
+    let ns = namespace.name();
+    let elect = ["--leader-elect", "--lease-namespace", ns];
+    let first = OperatorProcess::start_with(ns, &elect).await?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let holder = |l: Option<&Lease>| {
+        l.and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.holder_identity.clone())
+    };
+    let lease = wait_for(
+        &leases,
+        "anneal-operator",
+        Duration::from_secs(30),
+        |l: Option<&Lease>| holder(l).is_some(),
+    )
+    .await?;
+    let leader = holder(lease.as_ref()).context("holder")?;
+    let second = OperatorProcess::start_with(ns, &elect).await?;
+
+    // The first replica reconciles.
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &example_job("before")?)
+        .await?;
+    running_worker(&pods, "before", 1, Duration::from_secs(60)).await?;
+    let still = holder(leases.get_opt("anneal-operator").await?.as_ref());
+    ensure!(
+        still.as_deref() == Some(leader.as_str()),
+        "the lease moved while its holder lived: {still:?}"
+    );
+
+    // The leader dies (SIGKILL): the other takes the lease once it expires, and reconciles.
+    first.kill().await?;
+    let taken = wait_for(
+        &leases,
+        "anneal-operator",
+        Duration::from_secs(40),
+        |l: Option<&Lease>| holder(l).is_some_and(|h| h != leader),
+    )
+    .await?;
+    let transitions = taken.and_then(|l| l.spec).and_then(|s| s.lease_transitions);
+    ensure!(transitions == Some(1), "lease transitions {transitions:?}");
+    jobs.create(&PostParams::default(), &example_job("after")?)
+        .await?;
+    running_worker(&pods, "after", 1, Duration::from_secs(60)).await?;
+    drop(second);
+    Ok(())
+}

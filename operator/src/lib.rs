@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod labels;
+pub mod leader;
 pub mod metrics;
 pub mod node_health;
 pub mod trainingjob;

@@ -26,6 +26,18 @@ struct Cli {
         default_value = "0.0.0.0:8080"
     )]
     metrics_addr: std::net::SocketAddr,
+    /// Compete for the `anneal-operator` Lease and reconcile only while holding it (for running
+    /// two replicas).
+    #[arg(long, global = true, env = "ANNEAL_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease.
+    #[arg(
+        long,
+        global = true,
+        env = "POD_NAMESPACE",
+        default_value = "anneal-system"
+    )]
+    lease_namespace: String,
 }
 
 #[derive(Subcommand)]
@@ -68,8 +80,34 @@ async fn main() -> anyhow::Result<()> {
                     tracing::error!(error = %err, "metrics endpoint stopped");
                 }
             });
-            anneal_operator::trainingjob::run(client, config, cli.namespace.as_deref(), metrics)
-                .await;
+            let controllers = anneal_operator::trainingjob::run(
+                client.clone(),
+                config,
+                cli.namespace.as_deref(),
+                metrics,
+            );
+            if cli.leader_elect {
+                let identity = std::env::var("POD_NAME")
+                    .unwrap_or_else(|_| format!("anneal-operator-{}", std::process::id()));
+                let election = anneal_operator::leader::LeaderElection::new(
+                    client,
+                    &cli.lease_namespace,
+                    "anneal-operator",
+                    &identity,
+                );
+                tracing::info!(%identity, "waiting to lead");
+                election.acquire().await?;
+                tracing::info!(%identity, "leading");
+                tokio::select! {
+                    _ = controllers => {}
+                    lost = election.hold() => {
+                        // Stop at once: another replica may be writing already.
+                        anyhow::bail!("lost leadership: {lost}");
+                    }
+                }
+            } else {
+                controllers.await;
+            }
             tracing::info!("anneal-operator stopped");
             Ok(())
         }
