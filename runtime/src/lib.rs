@@ -9,12 +9,12 @@ pub mod error;
 // Training and evaluation.
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod model;
+pub mod rng;
 pub mod tokenizer;
 pub mod train;
-pub mod rng;
-pub mod device;
 
 // Serving.
 pub mod gguf;

@@ -5,7 +5,11 @@ use anneal_runtime::{eval, serve, train};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "anneal-runtime", version, about = "Train, evaluate and serve language models with candle")]
+#[command(
+    name = "anneal-runtime",
+    version,
+    about = "Train, evaluate and serve language models with candle"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
