@@ -55,6 +55,20 @@ impl GgufTokenizer {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
+        // tokenizers' BPE builder indexes a buffer sized by the longest token with each merged
+        // pair and panics when a merge's result is not in the vocabulary (found by the fuzzer):
+        // check every merge here first.
+        let known: std::collections::HashSet<&str> = tokens.iter().map(String::as_str).collect();
+        if let Some((a, b)) = merges.iter().find(|(a, b)| {
+            !known.contains(a.as_str())
+                || !known.contains(b.as_str())
+                || !known.contains(format!("{a}{b}").as_str())
+        }) {
+            return Err(meta_err(
+                "tokenizer.ggml.merges",
+                format!("merge `{a} {b}` is not made of, or into, vocabulary tokens"),
+            ));
+        }
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
