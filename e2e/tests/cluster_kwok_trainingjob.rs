@@ -435,3 +435,64 @@ async fn kwok_two_operator_replicas_one_leads_and_the_other_takes_over_when_it_d
     drop(second);
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "cluster tier: needs e2e/cluster/up.sh"]
+async fn kwok_deleted_worker_and_service_account_are_recreated() -> Result<()> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let (namespace, _operator) = restricted_namespace(&client, "tj-recreate").await?;
+    let ns = namespace.name();
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &example_job("owned")?)
+        .await?;
+    let worker = running_worker(&pods, "owned", 1, Duration::from_secs(60)).await?;
+
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let old_uid = accounts.get("owned-trainer").await?.metadata.uid;
+    accounts
+        .delete("owned-trainer", &Default::default())
+        .await?;
+    wait_for(
+        &accounts,
+        "owned-trainer",
+        Duration::from_secs(30),
+        |sa: Option<&ServiceAccount>| sa.is_some_and(|sa| sa.metadata.uid != old_uid),
+    )
+    .await
+    .context("the ServiceAccount was not recreated")?;
+
+    let old_uid = worker.metadata.uid.clone();
+    pods.delete(&worker.name_any(), &Default::default()).await?;
+    let again = wait_for_matching(
+        &pods,
+        watcher::Config::default().labels("anneal.dev/trainingjob=owned"),
+        "a recreated worker",
+        Duration::from_secs(60),
+        |p: &Pod| {
+            p.metadata.uid != old_uid
+                && p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        },
+    )
+    .await?;
+    let listed = pods
+        .list(&kube::api::ListParams::default().labels("anneal.dev/trainingjob=owned"))
+        .await?;
+    let live = listed
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .count();
+    ensure!(live == 1, "expected exactly one worker, found {live}");
+    ensure!(
+        again
+            .labels()
+            .get("anneal.dev/trainingjob")
+            .map(String::as_str)
+            == Some("owned")
+    );
+    Ok(())
+}
