@@ -9,8 +9,6 @@
 //!
 //! [`restore_node`] undoes the node faults; [`RestoreOnDrop`] does it when a test ends, even by a panic.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use kube::api::{Patch, PatchParams};
@@ -178,9 +176,8 @@ async fn edit_taints(client: &Client, node: &str, edit: impl Fn(&mut Vec<Taint>)
         };
         match nodes.patch(node, &params, &Patch::Merge(&patch)).await {
             Ok(_) => return Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            // Someone else changed the node since it was read: read it again and retry.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
             Err(e) => return Err(e).with_context(|| format!("editing taints of node {node}")),
         }
     }

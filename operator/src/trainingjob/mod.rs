@@ -282,6 +282,11 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
         },
     );
     execute(&job, &plan, &pods_api, &ctx).await?;
+    // Success: the next failure of this job starts the backoff from the beginning.
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&ObjectRef::from_obj(&*job));
 
     // A TTL on a finished job: delete it when due.
     if let (Some(ttl), Some(done)) = (
@@ -303,10 +308,6 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
         )));
     }
 
-    ctx.failures
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&ObjectRef::from_obj(&*job));
     // A lease going stale produces no event: look again when it would be.
     Ok(match next_look {
         Some(at) => Action::requeue(Duration::from_secs_f64(
