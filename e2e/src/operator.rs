@@ -33,6 +33,7 @@ pub fn operator_binary() -> Result<PathBuf> {
 pub struct OperatorProcess {
     child: Child,
     namespace: String,
+    metrics_addr: std::net::SocketAddr,
 }
 
 impl OperatorProcess {
@@ -49,6 +50,9 @@ impl OperatorProcess {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
+        // Several operators may run at once (one per test binary): a free port, asked of the
+        // kernel, for each.
+        let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let child = Command::new(operator_binary()?)
             .args([
                 "run",
@@ -56,9 +60,8 @@ impl OperatorProcess {
                 namespace,
                 "--runtime-image",
                 "registry.invalid/anneal/runtime:e2e",
-                // Several operators may run at once (one per test binary): no fixed port.
                 "--metrics-addr",
-                "127.0.0.1:0",
+                &metrics_addr.to_string(),
             ])
             .args(extra)
             .env("KUBECONFIG", kubeconfig_path()?)
@@ -71,7 +74,33 @@ impl OperatorProcess {
         Ok(Self {
             child,
             namespace: namespace.to_string(),
+            metrics_addr,
         })
+    }
+
+    /// The operator's `/metrics` page (Prometheus text).
+    pub async fn metrics(&self) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .with_context(|| format!("connecting to {}", self.metrics_addr))?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP response")?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!("/metrics answered {}", head.lines().next().unwrap_or_default());
+        }
+        Ok(body.to_string())
+    }
+
+    /// Sum of the samples of `metric` (all label sets) on the `/metrics` page; 0 when absent.
+    pub async fn metric_sum(&self, metric: &str) -> Result<f64> {
+        Ok(sum_samples(&self.metrics().await?, metric))
     }
 
     /// Kills the operator at once (SIGKILL) and waits for it to be gone.
@@ -80,5 +109,27 @@ impl OperatorProcess {
             .kill()
             .await
             .with_context(|| format!("killing the operator of {}", self.namespace))
+    }
+}
+
+/// Sum of the samples named `metric` (with any labels) in Prometheus text.
+pub fn sum_samples(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            let bare = name.split('{').next()?;
+            (bare == metric).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sums_every_label_set_of_one_metric() {
+        let text = "# HELP w writes\nw_total{verb=\"apply\"} 2\nw_total{verb=\"delete\"} 3\nw_totally 9\n";
+        assert_eq!(super::sum_samples(text, "w_total"), 5.0);
+        assert_eq!(super::sum_samples(text, "absent"), 0.0);
     }
 }

@@ -28,6 +28,15 @@ pub struct FailoverLabels {
     pub reason: String,
 }
 
+/// Labels of a write request to the API server.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// The resource written (`trainingjobs/status`, `pods`, ...).
+    pub resource: String,
+    /// `apply`, `delete` or `create`.
+    pub verb: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     /// Reconciles by outcome.
@@ -36,6 +45,8 @@ pub struct Metrics {
     pub failovers: Family<FailoverLabels, Counter>,
     /// Seconds from detecting a failure to the replacement worker Running.
     pub failover_seconds: Histogram,
+    /// Write requests sent to the API server: a steady state sends none.
+    pub writes: Family<WriteLabels, Counter>,
     registry: Registry,
     ready: AtomicBool,
 }
@@ -45,7 +56,13 @@ impl Default for Metrics {
         let reconciles = Family::<ReconcileLabels, Counter>::default();
         let failovers = Family::<FailoverLabels, Counter>::default();
         let failover_seconds = Histogram::new([1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0]);
+        let writes = Family::<WriteLabels, Counter>::default();
         let mut registry = Registry::with_prefix("anneal_operator");
+        registry.register(
+            "api_writes",
+            "Write requests the operator sent to the API server, by resource and verb",
+            writes.clone(),
+        );
         registry.register("reconciles", "Reconciles by outcome", reconciles.clone());
         registry.register(
             "failovers",
@@ -61,6 +78,7 @@ impl Default for Metrics {
             reconciles,
             failovers,
             failover_seconds,
+            writes,
             registry,
             ready: AtomicBool::new(false),
         }
@@ -73,6 +91,16 @@ impl Metrics {
         self.reconciles
             .get_or_create(&ReconcileLabels {
                 result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one write request.
+    pub fn wrote(&self, resource: &str, verb: &str) {
+        self.writes
+            .get_or_create(&WriteLabels {
+                resource: resource.to_string(),
+                verb: verb.to_string(),
             })
             .inc();
     }
@@ -109,6 +137,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
         .route("/readyz", get(ready))
         .with_state(metrics);
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, app).await
 }
 
@@ -128,6 +157,7 @@ mod tests {
             })
             .inc();
         m.failover_seconds.observe(9.5);
+        m.wrote("pods", "create");
         let text = m.render().unwrap();
         assert!(
             text.contains(r#"anneal_operator_reconciles_total{result="ok"} 1"#),
@@ -139,6 +169,10 @@ mod tests {
         );
         assert!(
             text.contains("anneal_operator_failover_seconds_bucket{le=\"10.0\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"anneal_operator_api_writes_total{resource="pods",verb="create"} 1"#),
             "{text}"
         );
     }

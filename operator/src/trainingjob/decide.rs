@@ -144,6 +144,14 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
         plan.status = status;
         return plan;
     }
+    // Resuming starts a new attempt: a worker of the suspended one that still lives (on a
+    // partitioned node) is fenced off, and its checkpoints can no longer overwrite the new ones.
+    let resuming = status.phase == Some(TrainingPhase::Suspended) && !job.spec.run_policy.suspend;
+    if resuming {
+        attempt += 1;
+        status.attempt = Some(attempt);
+        status.phase = Some(TrainingPhase::Pending);
+    }
 
     // Workers of earlier attempts are fenced: delete them, forcibly when their node is gone.
     for pod in observed
@@ -185,14 +193,19 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
         plan.status = status;
         return plan;
     }
-    if status.phase == Some(TrainingPhase::Suspended) {
+    if resuming {
         set(
             &mut status,
             "Suspended",
             false,
             "Resumed",
-            "runPolicy.suspend is false",
+            &format!("runPolicy.suspend is false; starting attempt {attempt}"),
         );
+        plan.notices.push(Notice {
+            warning: false,
+            reason: "Resumed".into(),
+            message: format!("runPolicy.suspend is false; starting attempt {attempt}"),
+        });
     }
 
     // Why the current attempt cannot go on, if it cannot: (reason, node, message).
@@ -611,6 +624,28 @@ mod tests {
         let p = plan(&with_status(job(), &done), &[], &[]);
         assert_eq!(p.create_attempt, None);
         assert!(p.delete.is_empty());
+    }
+
+    #[test]
+    fn resume_starts_a_new_attempt_and_fences_the_suspended_one() {
+        let mut suspended = job();
+        suspended.spec.run_policy.suspend = true;
+        let stopped = plan(&suspended, &[pod(1, Some("a"), "Running", None)], &[]).status;
+        let resumed = with_status(job(), &stopped);
+        // The suspended worker still lives (say, on a partitioned node).
+        let p = plan(&resumed, &[pod(1, Some("a"), "Running", None)], &[]);
+        assert_eq!(p.status.attempt, Some(2));
+        assert_eq!(p.create_attempt, Some(2));
+        assert_eq!(p.delete.len(), 1, "the attempt-1 worker is fenced");
+        assert_eq!(p.status.restarts, stopped.restarts, "a resume is no restart");
+        let suspended_condition = p
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Suspended")
+            .unwrap();
+        assert_eq!(suspended_condition.status, "False");
+        assert_eq!(p.status.phase, Some(TrainingPhase::Pending));
     }
 
     #[test]

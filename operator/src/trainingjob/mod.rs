@@ -187,27 +187,20 @@ fn error_policy(job: Arc<TrainingJob>, err: &Error, ctx: Arc<Context>) -> Action
     }
 }
 
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
-where
-    K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-}
-
 /// Applies `obj` only when it does not exist yet, so that a steady state makes no writes.
-async fn ensure<K>(api: &Api<K>, obj: &K) -> Result<(), kube::Error>
+async fn ensure<K>(api: &Api<K>, obj: &K, metrics: &Metrics) -> Result<(), kube::Error>
 where
-    K: Resource + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
     if api.get_opt(&name).await?.is_none() {
-        apply(api, obj).await?;
+        metrics.wrote(&K::plural(&()), "apply");
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -298,6 +291,7 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
             .checked_add(SignedDuration::from_secs(i64::from(ttl)))
             .unwrap_or(done.0);
         if due <= now {
+            ctx.metrics.wrote("trainingjobs", "delete");
             Api::<TrainingJob>::namespaced(client.clone(), &namespace)
                 .delete(&name, &DeleteParams::background())
                 .await?;
@@ -340,6 +334,7 @@ async fn execute(
             "metadata": {"resourceVersion": job.resource_version()},
             "status": plan.status,
         });
+        ctx.metrics.wrote("trainingjobs/status", "apply");
         api.patch_status(
             &job.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -356,6 +351,7 @@ async fn execute(
         } else {
             DeleteParams::background()
         };
+        ctx.metrics.wrote("pods", "delete");
         match pods_api.delete(&deletion.pod, &params).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -374,21 +370,25 @@ async fn execute(
         ensure(
             &Api::namespaced(client.clone(), &namespace),
             &build::service_account(job)?,
+            &ctx.metrics,
         )
         .await?;
         ensure::<Role>(
             &Api::namespaced(client.clone(), &namespace),
             &build::role(job)?,
+            &ctx.metrics,
         )
         .await?;
         ensure::<RoleBinding>(
             &Api::namespaced(client.clone(), &namespace),
             &build::role_binding(job)?,
+            &ctx.metrics,
         )
         .await?;
         ensure::<ConfigMap>(
             &Api::namespaced(client.clone(), &namespace),
             &build::config_map(job)?,
+            &ctx.metrics,
         )
         .await?;
     }
@@ -396,7 +396,7 @@ async fn execute(
         let excluded = &plan.status.excluded_nodes;
         for worker in 0..job.spec.workers {
             let pod = build::worker_pod(job, attempt, worker, excluded, &ctx.config)?;
-            ensure(pods_api, &pod).await?;
+            ensure(pods_api, &pod, &ctx.metrics).await?;
         }
     }
     let reference = job.object_ref(&());
@@ -412,6 +412,7 @@ async fn execute(
             action: "Reconcile".into(),
             secondary: None,
         };
+        ctx.metrics.wrote("events", "create");
         if let Err(err) = ctx.recorder.publish(&event, &reference).await {
             tracing::warn!(error = %err, "recording an event");
         }
