@@ -7,7 +7,8 @@
 //! - [`wait`]: waiting on a condition of an object, with a deadline (a watch, never a blind sleep);
 //! - [`namespace`]: a temporary namespace per test, deleted when the test ends, pass or fail;
 //! - [`faults`]: dead nodes, unhealthy GPUs, container exits, as `e2e/cluster/fault.sh` does them;
-//! - [`operator`]: the real operator binary as a process, scoped to a test namespace.
+//! - [`operator`]: the real operator binary as a process, scoped to a test namespace;
+//! - [`trainingjob`]: the example TrainingJob, a restricted namespace, waiting for workers.
 //!
 //! Tests that need the cluster are marked `#[ignore = "cluster tier: needs e2e/cluster/up.sh"]` and run with
 //! `cargo test -p anneal-e2e -- --include-ignored` once `e2e/cluster/up.sh` has brought the cluster up.
@@ -20,6 +21,7 @@ pub mod faults;
 pub mod namespace;
 pub mod operator;
 pub mod tools;
+pub mod trainingjob;
 pub mod wait;
 
 pub use cluster::client;

@@ -93,7 +93,10 @@ impl OperatorProcess {
             .split_once("\r\n\r\n")
             .context("malformed HTTP response")?;
         if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            bail!("/metrics answered {}", head.lines().next().unwrap_or_default());
+            bail!(
+                "/metrics answered {}",
+                head.lines().next().unwrap_or_default()
+            );
         }
         Ok(body.to_string())
     }
@@ -128,7 +131,8 @@ pub fn sum_samples(text: &str, metric: &str) -> f64 {
 mod tests {
     #[test]
     fn sums_every_label_set_of_one_metric() {
-        let text = "# HELP w writes\nw_total{verb=\"apply\"} 2\nw_total{verb=\"delete\"} 3\nw_totally 9\n";
+        let text =
+            "# HELP w writes\nw_total{verb=\"apply\"} 2\nw_total{verb=\"delete\"} 3\nw_totally 9\n";
         assert_eq!(super::sum_samples(text, "w_total"), 5.0);
         assert_eq!(super::sum_samples(text, "absent"), 0.0);
     }

@@ -90,6 +90,56 @@ where
     }
 }
 
+/// Waits until the set of objects selected by `config` satisfies `predicate` (which sees the whole
+/// current set, possibly empty), for at most `timeout`, and returns that set. For conditions on
+/// several objects at once: "exactly one live worker", "no pod of an older attempt left".
+pub async fn wait_for_set<K>(
+    api: &Api<K>,
+    config: watcher::Config,
+    what: &str,
+    timeout: Duration,
+    predicate: impl Fn(&[std::sync::Arc<K>]) -> bool,
+) -> Result<Vec<std::sync::Arc<K>>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = kube::runtime::reflector::store();
+    let mut listed = false;
+    let mut last = 0usize;
+    let watching = async {
+        let mut events = std::pin::pin!(kube::runtime::reflector::reflector(
+            writer,
+            watcher(api.clone(), config)
+        ));
+        while let Some(event) = events
+            .try_next()
+            .await
+            .with_context(|| format!("watching for {what}"))?
+        {
+            match event {
+                watcher::Event::Init | watcher::Event::InitApply(_) => continue,
+                watcher::Event::InitDone => listed = true,
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+            }
+            if listed {
+                let state = reader.state();
+                last = state.len();
+                if predicate(&state) {
+                    return Ok(state);
+                }
+            }
+        }
+        bail!("the watch for {what} ended")
+    };
+    match tokio::time::timeout(timeout, watching).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            bail!("timed out after {timeout:?} waiting for {what} ({last} objects last seen)")
+        }
+    }
+}
+
 /// Calls `check` every `interval` until it returns `Some`, for at most `timeout`. For what cannot be watched
 /// (a command's output, an HTTP endpoint); prefer [`wait_for`] for API objects.
 pub async fn poll_until<T, F, Fut>(

@@ -14,10 +14,11 @@ use anneal_e2e::cluster::client_as;
 use anneal_e2e::faults::{self, RestoreOnDrop};
 use anneal_e2e::operator::OperatorProcess;
 use anneal_e2e::tools::{kubectl, run};
+use anneal_e2e::trainingjob::{example_job, node_of, restricted_namespace, running_worker};
 use anneal_e2e::wait::{wait_for, wait_for_matching};
 use anneal_e2e::{TestNamespace, client, crds};
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
@@ -29,64 +30,6 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
 const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
-
-fn example_job(name: &str) -> Result<TrainingJob> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/trainingjob.yaml");
-    let mut job: TrainingJob = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
-    job.metadata.name = Some(name.to_string());
-    // Room for every trial's fail-over.
-    job.spec.failover_policy.max_restarts = 20;
-    Ok(job)
-}
-
-/// A test namespace that enforces the Pod Security "restricted" profile, with an operator for it.
-async fn restricted_namespace(
-    client: &Client,
-    test: &str,
-) -> Result<(TestNamespace, OperatorProcess)> {
-    crds::install().await?;
-    let namespace = TestNamespace::create(client, test).await?;
-    let label =
-        json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            namespace.name(),
-            &PatchParams::default(),
-            &Patch::Merge(&label),
-        )
-        .await?;
-    let operator = OperatorProcess::start(namespace.name()).await?;
-    Ok((namespace, operator))
-}
-
-/// Waits for a Running worker of `job` with attempt `attempt`; returns it.
-async fn running_worker(
-    pods: &Api<Pod>,
-    job: &str,
-    attempt: u32,
-    timeout: Duration,
-) -> Result<Pod> {
-    let selector = format!("anneal.dev/trainingjob={job},anneal.dev/attempt={attempt}");
-    let what = format!("a Running worker of {job}, attempt {attempt}");
-    wait_for_matching(
-        pods,
-        watcher::Config::default().labels(&selector),
-        &what,
-        timeout,
-        |pod: &Pod| {
-            pod.metadata.deletion_timestamp.is_none()
-                && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        },
-    )
-    .await
-}
-
-fn node_of(pod: &Pod) -> Result<String> {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .context("worker not scheduled")
-}
 
 async fn product_of(client: &Client, node: &str) -> Result<String> {
     let node = Api::<Node>::all(client.clone()).get(node).await?;

@@ -637,7 +637,10 @@ mod tests {
         assert_eq!(p.status.attempt, Some(2));
         assert_eq!(p.create_attempt, Some(2));
         assert_eq!(p.delete.len(), 1, "the attempt-1 worker is fenced");
-        assert_eq!(p.status.restarts, stopped.restarts, "a resume is no restart");
+        assert_eq!(
+            p.status.restarts, stopped.restarts,
+            "a resume is no restart"
+        );
         let suspended_condition = p
             .status
             .conditions
