@@ -7,7 +7,7 @@ mod builtin;
 mod source;
 
 pub use batch::{Batch, Cursor, Loader, Sample, tokenize};
-pub use source::{load, resolve_path};
+pub use source::{DatasetFormat, load, load_as, resolve_path};
 
 use serde::{Deserialize, Serialize};
 

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 /// Where `pvc://CLAIM/PATH` URIs are mounted: `$ANNEAL_PVC_ROOT/CLAIM/PATH` (default `/mnt/pvc`),
 /// the layout the operator uses when it mounts a claim into a pod.
+pub use anneal_crds::common::DatasetFormat;
+
 const PVC_ROOT_ENV: &str = "ANNEAL_PVC_ROOT";
 
 /// The local path a `file://` or `pvc://` URI (or a plain path) points at; `None` for `builtin:`.
@@ -28,11 +30,16 @@ pub fn resolve_path(uri: &str) -> Result<Option<PathBuf>, DataError> {
     Ok(Some(PathBuf::from(uri)))
 }
 
-/// All examples behind `uri`, in file order.
+/// All examples behind `uri`, in file order; the format follows the file name.
 pub fn load(uri: &str) -> Result<Vec<Example>, DataError> {
+    load_as(uri, DatasetFormat::Auto)
+}
+
+/// All examples behind `uri`, in file order, read as `format` (`Auto`: from the file name).
+pub fn load_as(uri: &str, format: DatasetFormat) -> Result<Vec<Example>, DataError> {
     let examples = match resolve_path(uri)? {
         None => builtin::load(uri.trim_start_matches("builtin:"))?,
-        Some(path) => load_file(&path)?,
+        Some(path) => load_file(&path, format)?,
     };
     if examples.is_empty() {
         return Err(DataError::Empty(uri.into()));
@@ -40,7 +47,7 @@ pub fn load(uri: &str) -> Result<Vec<Example>, DataError> {
     Ok(examples)
 }
 
-fn load_file(path: &Path) -> Result<Vec<Example>, DataError> {
+fn load_file(path: &Path, format: DatasetFormat) -> Result<Vec<Example>, DataError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: shown.clone(),
@@ -54,10 +61,14 @@ fn load_file(path: &Path) -> Result<Vec<Example>, DataError> {
             .count(),
         msg: "not valid UTF-8".into(),
     })?;
-    let is_jsonl = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("jsonl" | "ndjson")
-    );
+    let is_jsonl = match format {
+        DatasetFormat::Jsonl => true,
+        DatasetFormat::Text => false,
+        DatasetFormat::Auto => matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("jsonl" | "ndjson")
+        ),
+    };
     if is_jsonl {
         parse_jsonl(&text, &shown)
     } else {

@@ -4,6 +4,8 @@
 use crate::data::SplitRatios;
 use crate::model::ModelConfig;
 use crate::tokenizer::TokenizerSpec;
+pub use anneal_crds::common::DatasetFormat;
+pub use anneal_crds::trainingjob::{GgufQuantization, Precision, Schedule};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -49,6 +51,9 @@ pub struct ModelSpec {
 pub struct DatasetSpec {
     /// `file://PATH`, `pvc://CLAIM/PATH` or `builtin:NAME`.
     pub uri: String,
+    /// File format (`auto`: from the file name).
+    #[serde(default)]
+    pub format: DatasetFormat,
     /// Train/validation/test ratios.
     #[serde(default)]
     pub split: SplitRatios,
@@ -83,6 +88,10 @@ pub struct Hyperparameters {
     pub min_learning_rate: Option<f64>,
     /// Linear warm-up steps.
     pub warmup_steps: u64,
+    /// Decay after the warm-up: cosine (to `minLearningRate`), linear (to zero) or constant.
+    pub schedule: Schedule,
+    /// Compute precision: `auto` is bf16 on a GPU and f32 on the CPU.
+    pub precision: Precision,
     /// AdamW decoupled weight decay (matrices only, not norms).
     pub weight_decay: f64,
     /// AdamW beta1.
@@ -113,6 +122,8 @@ impl Default for Hyperparameters {
             learning_rate: 1e-3,
             min_learning_rate: None,
             warmup_steps: 100,
+            schedule: Schedule::Cosine,
+            precision: Precision::Auto,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.95,
@@ -154,6 +165,9 @@ impl Default for CheckpointSpec {
 pub struct OutputSpec {
     /// Model directory (`file://`, `pvc://` or a path), replaced atomically.
     pub path: String,
+    /// Also export the model as a GGUF file in this quantization (inside the model directory).
+    #[serde(default)]
+    pub gguf: Option<GgufQuantization>,
 }
 
 impl TrainConfig {

@@ -1,7 +1,8 @@
-//! `anneal-runtime train --config FILE`: trains a model, checkpointing every N steps and
+//! `anneal-runtime train --config FILE` (or `--job-spec FILE`, a TrainingJob's spec): trains a model, checkpointing every N steps and
 //! resuming exactly from the newest valid checkpoint, then writes the model directory.
 
 pub mod config;
+pub mod job_spec;
 pub mod loss;
 pub mod optim;
 pub mod progress;
@@ -22,8 +23,11 @@ use trainer::Trainer;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Training configuration (YAML or JSON), mirroring the TrainingJob spec.
+    #[arg(long, required_unless_present = "job_spec", conflicts_with = "job_spec")]
+    pub config: Option<PathBuf>,
+    /// A TrainingJob's spec (JSON or YAML), as the operator mounts it into worker pods.
     #[arg(long)]
-    pub config: PathBuf,
+    pub job_spec: Option<PathBuf>,
     /// Attempt number of this worker; checkpoints of newer attempts are never overwritten.
     #[arg(long, env = contract::ENV_ATTEMPT, default_value_t = 0)]
     pub attempt: u64,
@@ -88,7 +92,12 @@ pub fn is_device_error(msg: &str) -> bool {
 
 /// Runs `anneal-runtime train`.
 pub fn run(args: Args) -> crate::error::Result<()> {
-    let mut config = TrainConfig::from_file(&args.config).map_err(RuntimeError::User)?;
+    let mut config = match (&args.config, &args.job_spec) {
+        (Some(path), _) => TrainConfig::from_file(path),
+        (None, Some(path)) => job_spec::from_file(path),
+        (None, None) => Err("give --config or --job-spec".to_string()),
+    }
+    .map_err(RuntimeError::User)?;
     if let Some(dir) = args.checkpoint_dir {
         config.checkpoint.dir = Some(dir);
     }

@@ -122,8 +122,8 @@ impl AdamW {
     }
 }
 
-/// Learning rate at `step` (0-based): linear warm-up to the peak, then cosine decay to the
-/// minimum at the last step.
+/// Learning rate at `step` (0-based): linear warm-up to the peak, then the schedule's decay:
+/// cosine to the minimum, linear to zero at the last step, or none.
 pub fn learning_rate(h: &Hyperparameters, step: u64) -> f64 {
     let peak = h.learning_rate;
     let min = h.min_learning_rate.unwrap_or(peak * 0.1);
@@ -132,7 +132,13 @@ pub fn learning_rate(h: &Hyperparameters, step: u64) -> f64 {
     }
     let decay_steps = h.steps.saturating_sub(h.warmup_steps).max(1);
     let progress = ((step - h.warmup_steps) as f64 / decay_steps as f64).min(1.0);
-    min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+    match h.schedule {
+        super::config::Schedule::Cosine => {
+            min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+        super::config::Schedule::Linear => peak * (1.0 - progress),
+        super::config::Schedule::Constant => peak,
+    }
 }
 
 /// Global L2 norm of `grads` (summed in order) times `scale`.
@@ -175,6 +181,17 @@ mod tests {
         assert!((learning_rate(&h, 10) - 1.0).abs() < 1e-12);
         assert!((learning_rate(&h, 100) - 0.1).abs() < 1e-12);
         assert!(learning_rate(&h, 50) < 1.0 && learning_rate(&h, 50) > 0.1);
+        let linear = Hyperparameters {
+            schedule: super::super::config::Schedule::Linear,
+            ..h.clone()
+        };
+        assert!((learning_rate(&linear, 55) - 0.5).abs() < 1e-12);
+        assert!(learning_rate(&linear, 100).abs() < 1e-12);
+        let constant = Hyperparameters {
+            schedule: super::super::config::Schedule::Constant,
+            ..h.clone()
+        };
+        assert!((learning_rate(&constant, 99) - 1.0).abs() < 1e-12);
         assert_eq!(clip_factor(0.5, 1.0), 1.0);
         assert!((clip_factor(4.0, 1.0) - 0.25).abs() < 1e-6);
     }
