@@ -36,6 +36,21 @@ trap 'kill $operator 2>/dev/null || true; [[ -n "${server:-}" ]] && kill "$serve
 say "kubectl apply -f manifests/examples/pipeline.yaml"
 kubectl create namespace anneal-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl label namespace anneal-demo pod-security.kubernetes.io/enforce=restricted --overwrite >/dev/null
+# The local cluster has no storage provisioner: a volume made for the models claim (kwok never
+# mounts it; a real cluster provisions one from its default StorageClass).
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: anneal-demo-models}
+spec:
+  capacity: {storage: 20Gi}
+  accessModes: [ReadWriteMany]
+  persistentVolumeReclaimPolicy: Retain
+  hostPath: {path: /tmp/anneal-demo-models}
+  claimRef: {namespace: anneal-demo, name: anneal-models}
+YAML
+kubectl apply -n anneal-demo -f manifests/examples/models-pvc.yaml
+kubectl wait -n anneal-demo pvc/anneal-models --for=jsonpath='{.status.phase}'=Bound --timeout=60s >/dev/null
 kubectl apply -n anneal-demo -f manifests/examples/pipeline.yaml
 kubectl wait -n anneal-demo trainingjob/arith --for=jsonpath='{.status.phase}'=Running --timeout=120s
 kubectl get anneal -n anneal-demo

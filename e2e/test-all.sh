@@ -26,6 +26,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "unit and integration tests"
 cargo test --workspace
 
+# No GPU here, but the GPU path must keep compiling: build the runtime's `cuda` feature with nvcc
+# from PyPI and link stubs (runtime/scripts/cuda/; toolkit and build cached outside the clone in
+# ~/.cache/anneal/cuda and ~/.cache/anneal/target-cuda). Cold: ~N min; warm: seconds.
+step "the runtime's cuda feature compiles"
+runtime/scripts/cuda/build.sh
+
 if [[ "${ANNEAL_SKIP_CLUSTER:-0}" == 1 ]]; then
   echo "ANNEAL_SKIP_CLUSTER=1: cluster tier skipped"
   exit 0

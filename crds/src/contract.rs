@@ -21,6 +21,10 @@ pub const ENV_ATTEMPT: &str = "ANNEAL_ATTEMPT";
 /// Env: directory where checkpoints are written and resumed from.
 pub const ENV_CHECKPOINT_DIR: &str = "ANNEAL_CHECKPOINT_DIR";
 
+/// Where a `pvc://CLAIM/PATH` URI is found in a pod: the operator mounts claim `CLAIM` at
+/// `PVC_ROOT/CLAIM`, and the runtime reads `PVC_ROOT/CLAIM/PATH`.
+pub const PVC_ROOT: &str = "/mnt/pvc";
+
 /// Where the runtime writes its result JSON for the operator (the container's termination message).
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 /// The termination message is cut by the kubelet at 4096 bytes; results must fit.

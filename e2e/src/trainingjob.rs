@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use anneal_crds::TrainingJob;
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::json;
 
 use crate::operator::OperatorProcess;
-use crate::wait::wait_for_matching;
+use crate::wait::{wait_for, wait_for_matching};
 use crate::{TestNamespace, crds};
 
 /// `manifests/examples/trainingjob.yaml` named `name`, with room for many fail-overs.
@@ -25,7 +25,67 @@ pub fn example_job(name: &str) -> Result<TrainingJob> {
     Ok(job)
 }
 
-/// A test namespace that enforces the Pod Security "restricted" profile (no operator).
+/// The claim the example jobs write their model to (`pvc://anneal-models/...`).
+pub const MODELS_CLAIM: &str = "anneal-models";
+
+/// Creates claim [`MODELS_CLAIM`] in `namespace`, bound to a PersistentVolume of its own (the
+/// local cluster has no provisioner; kwok never mounts it). The volume is owned by the namespace,
+/// so the garbage collector removes it with the namespace.
+pub async fn models_claim(client: &Client, namespace: &str) -> Result<()> {
+    let ns = Api::<Namespace>::all(client.clone()).get(namespace).await?;
+    let volume_name = format!("{MODELS_CLAIM}-{namespace}");
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {
+            "name": volume_name,
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "Namespace", "name": namespace,
+                "uid": ns.metadata.uid.context("namespace uid")?,
+            }],
+        },
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": format!("/tmp/anneal-kwok/{namespace}")},
+            "claimRef": {"namespace": namespace, "name": MODELS_CLAIM},
+        },
+    }))?;
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &volume)
+        .await
+        .context("creating the models volume")?;
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": MODELS_CLAIM},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": volume_name,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }))?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    claims
+        .create(&PostParams::default(), &claim)
+        .await
+        .context("creating the models claim")?;
+    wait_for(
+        &claims,
+        MODELS_CLAIM,
+        Duration::from_secs(60),
+        |c: Option<&PersistentVolumeClaim>| {
+            c.and_then(|c| c.status.as_ref())
+                .and_then(|s| s.phase.as_deref())
+                == Some("Bound")
+        },
+    )
+    .await
+    .context("the models claim never bound")?;
+    Ok(())
+}
+
+/// A test namespace that enforces the Pod Security "restricted" profile, with the models claim
+/// (no operator).
 pub async fn restricted_namespace_only(client: &Client, test: &str) -> Result<TestNamespace> {
     crds::install().await?;
     let namespace = TestNamespace::create(client, test).await?;
@@ -38,6 +98,7 @@ pub async fn restricted_namespace_only(client: &Client, test: &str) -> Result<Te
             &Patch::Merge(&label),
         )
         .await?;
+    models_claim(client, namespace.name()).await?;
     Ok(namespace)
 }
 

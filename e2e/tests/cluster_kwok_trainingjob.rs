@@ -332,6 +332,7 @@ async fn kwok_two_operator_replicas_one_leads_and_the_other_takes_over_when_it_d
     crds::install().await?;
     let namespace = TestNamespace::create(&client, "tj-leader").await?;
     let ns = namespace.name();
+    anneal_e2e::trainingjob::models_claim(&client, ns).await?;
     let elect = ["--leader-elect", "--lease-namespace", ns];
     let first = OperatorProcess::start_with(ns, &elect).await?;
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);

@@ -1,14 +1,18 @@
-//! `--device auto|cpu|cuda:N`: which device a command runs on, and the CPU thread count.
+//! `--device auto|cpu|cuda:N`: which device a command runs on, the dtype training computes in
+//! there, and the CPU thread count.
 
 use crate::error::RuntimeError;
-use candle_core::Device;
+use anneal_crds::trainingjob::Precision;
+use candle_core::{DType, Device};
 
-/// Resolves a device name. `auto` is the first GPU when built with `cuda` and one is present,
-/// else the CPU.
+/// Resolves a device name. `auto` is the first GPU when built with `cuda` and the driver reports
+/// one, else the CPU; a GPU that is present but fails to initialise is a device fault (exit code
+/// [`anneal_crds::contract::EXIT_DEVICE_FAULT`]), never a silent fallback to the CPU, so that the
+/// operator moves the work to a healthy node.
 pub fn parse_device(name: &str) -> Result<Device, RuntimeError> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+    let device = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" => auto_device()?,
         other => {
             let index = other
                 .strip_prefix("cuda:")
@@ -22,9 +26,68 @@ pub fn parse_device(name: &str) -> Result<Device, RuntimeError> {
                     "{other}: this build has no CUDA support"
                 )));
             }
-            Device::new_cuda(index).map_err(|e| RuntimeError::Device(format!("cuda:{index}: {e}")))
+            Device::new_cuda(index)
+                .map_err(|e| RuntimeError::Device(format!("cuda:{index}: {e}")))?
         }
+    };
+    if device.is_cuda() {
+        exit_on_device_panic();
     }
+    Ok(device)
+}
+
+#[cfg(feature = "cuda")]
+fn auto_device() -> Result<Device, RuntimeError> {
+    match Device::new_cuda(0) {
+        Ok(device) => Ok(device),
+        Err(e) if crate::error::is_no_cuda_device(&e) => {
+            eprintln!("anneal-runtime: --device auto: no CUDA device ({e}); running on the CPU");
+            Ok(Device::Cpu)
+        }
+        Err(e) => Err(RuntimeError::Device(format!("cuda:0: {e}"))),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn auto_device() -> Result<Device, RuntimeError> {
+    Ok(Device::Cpu)
+}
+
+/// The dtype a training step computes in: bf16 on a GPU unless the TrainingJob asks for fp32,
+/// f32 on the CPU unless it asks for bf16 explicitly. Weights and optimizer moments stay f32
+/// (master weights) whatever this says; the step casts a bf16 copy of the model (see
+/// [`crate::model::Transformer::to_dtype`]).
+pub fn training_dtype(precision: Precision, device: &Device) -> DType {
+    match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+        Precision::Auto if device.is_cuda() => DType::BF16,
+        Precision::Auto => DType::F32,
+    }
+}
+
+/// Makes a panic whose message names CUDA end the process with the device-fault exit code, as
+/// a CUDA error returned as a value does: a panic inside candle's or cudarc's CUDA code (e.g.
+/// on a lost device) would otherwise end with Rust's 101 and the operator would retry on the
+/// same broken node. Other panics keep the default behaviour.
+fn exit_on_device_panic() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if crate::error::is_device_message(msg) {
+                eprintln!("anneal-runtime: error: device fault: panic: {msg}");
+                std::process::exit(anneal_crds::contract::EXIT_DEVICE_FAULT);
+            }
+            default(info);
+        }));
+    });
 }
 
 /// Fixes the number of CPU threads candle uses. candle reads `RAYON_NUM_THREADS` for every
@@ -57,5 +120,29 @@ pub fn serial_elementwise() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: as in `set_cpu_threads`, before any thread exists.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_picks_the_compute_dtype() {
+        let cpu = Device::Cpu;
+        assert_eq!(training_dtype(Precision::Auto, &cpu), DType::F32);
+        assert_eq!(training_dtype(Precision::Fp32, &cpu), DType::F32);
+        assert_eq!(training_dtype(Precision::Bf16, &cpu), DType::BF16);
+    }
+
+    #[test]
+    fn device_names() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(matches!(parse_device("tpu"), Err(RuntimeError::User(_))));
+        #[cfg(not(feature = "cuda"))]
+        {
+            assert!(parse_device("auto").unwrap().is_cpu());
+            assert!(matches!(parse_device("cuda:0"), Err(RuntimeError::User(_))));
+        }
     }
 }

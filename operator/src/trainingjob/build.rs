@@ -104,6 +104,12 @@ pub fn config_map(job: &TrainingJob) -> Result<ConfigMap, BuildError> {
     })
 }
 
+/// The claim of a `pvc://CLAIM/PATH` URI.
+fn claim_of(uri: &str) -> Option<&str> {
+    let claim = uri.strip_prefix("pvc://")?.split('/').next()?;
+    (!claim.is_empty()).then_some(claim)
+}
+
 /// Worker `worker` of `attempt`, placed on a node of the requested GPU type that this job has not
 /// excluded, admitted under the Pod Security "restricted" profile.
 pub fn worker_pod(
@@ -172,6 +178,34 @@ pub fn worker_pod(
         // Without a claim, checkpoints live as long as the pod: the status says so.
         None => json!({"name": "checkpoints", "emptyDir": {}}),
     };
+    // Claims named by `pvc://` URIs, mounted where the runtime looks for them; only the output's
+    // is writable.
+    let mut claims: BTreeMap<&str, bool> = BTreeMap::new();
+    let inputs = [Some(&spec.dataset.uri), spec.model.base_model.as_ref()];
+    for uri in inputs.into_iter().flatten() {
+        if let Some(claim) = claim_of(&uri.0) {
+            claims.entry(claim).or_insert(false);
+        }
+    }
+    if let Some(claim) = claim_of(&spec.output.uri.0) {
+        claims.insert(claim, true);
+    }
+    let mut volumes = vec![
+        checkpoint_volume,
+        json!({"name": "config", "configMap": {"name": config_map_name(&name)}}),
+        json!({"name": "tmp", "emptyDir": {}}),
+    ];
+    let mut mounts = vec![
+        json!({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT}),
+        json!({"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": true}),
+        json!({"name": "tmp", "mountPath": "/tmp"}),
+    ];
+    for (i, (claim, writable)) in claims.iter().enumerate() {
+        let volume = format!("data-{i}");
+        volumes.push(json!({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": !writable}}));
+        mounts.push(json!({"name": volume, "mountPath": format!("{}/{claim}", contract::PVC_ROOT), "readOnly": !writable}));
+    }
+
     let env = json!([
         {"name": contract::ENV_JOB_NAME, "value": name},
         {"name": contract::ENV_JOB_NAMESPACE, "value": namespace},
@@ -200,7 +234,7 @@ pub fn worker_pod(
             "containers": [{
                 "name": CONTAINER,
                 "image": spec.image.clone().unwrap_or_else(|| config.runtime_image.clone()),
-                "args": ["train", "--config", format!("{CONFIG_MOUNT}/{CONFIG_FILE}")],
+                "args": ["train", "--job-spec", format!("{CONFIG_MOUNT}/{CONFIG_FILE}"), "--device", "auto"],
                 "env": env,
                 "resources": {"limits": limits, "requests": requests},
                 "terminationMessagePath": contract::TERMINATION_LOG,
@@ -210,17 +244,9 @@ pub fn worker_pod(
                     "readOnlyRootFilesystem": true,
                     "capabilities": {"drop": ["ALL"]},
                 },
-                "volumeMounts": [
-                    {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
-                    {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": true},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
+                "volumeMounts": mounts,
             }],
-            "volumes": [
-                checkpoint_volume,
-                {"name": "config", "configMap": {"name": config_map_name(&name)}},
-                {"name": "tmp", "emptyDir": {}},
-            ],
+            "volumes": volumes,
         },
     });
     Ok(serde_json::from_value(pod)?)
@@ -323,6 +349,40 @@ mod tests {
             get(contract::ENV_CHECKPOINT_DIR),
             Some(json!(CHECKPOINT_MOUNT))
         );
+    }
+
+    #[test]
+    fn claims_of_pvc_uris_are_mounted_where_the_runtime_reads_them() {
+        let mut job = job();
+        job.spec.dataset.uri = anneal_crds::StorageUri("pvc://corpus/arith.jsonl".into());
+        let v = json_of(&worker_pod(&job, 1, 0, &[], &OperatorConfig::default()).unwrap());
+        let container = &v["spec"]["containers"][0];
+        assert_eq!(
+            container["args"],
+            json!([
+                "train",
+                "--job-spec",
+                "/etc/anneal/trainingjob.json",
+                "--device",
+                "auto"
+            ])
+        );
+        let mounts = container["volumeMounts"].as_array().unwrap();
+        let mount = |path: &str| mounts.iter().find(|m| m["mountPath"] == path).cloned();
+        let data = mount("/mnt/pvc/corpus").expect("dataset claim mounted");
+        assert_eq!(data["readOnly"], true);
+        let models = mount("/mnt/pvc/anneal-models").expect("output claim mounted");
+        assert_eq!(models["readOnly"], false);
+        let volumes = v["spec"]["volumes"].as_array().unwrap();
+        let claim = |name: &str| {
+            volumes
+                .iter()
+                .find(|vol| vol["name"] == name)
+                .map(|vol| vol["persistentVolumeClaim"]["claimName"].clone())
+        };
+        assert_eq!(claim(data["name"].as_str().unwrap()), Some(json!("corpus")));
+        assert_eq!(claim_of("pvc:///x"), None);
+        assert_eq!(claim_of("builtin:arith"), None);
     }
 
     #[test]

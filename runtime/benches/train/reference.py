@@ -1,7 +1,11 @@
-"""PyTorch CPU reference for bench.sh: the same decoder-only architecture as anneal's
-(pre-norm RMSNorm, interleaved RoPE, grouped KV heads, SwiGLU, untied head), the same byte
-tokenizer (256 bytes + BOS + EOS), AdamW + warm-up/cosine + clipping, trained on the same
-text file. Prints one JSON line: tokens/s (steps after the first) and the loss per step."""
+"""PyTorch reference for bench.sh (CPU) and ../gpu/run.sh (GPU): the same decoder-only
+architecture as anneal's (pre-norm RMSNorm, interleaved RoPE, grouped KV heads, SwiGLU, untied
+head), the same byte tokenizer (256 bytes + BOS + EOS; --vocab pads the table like anneal's
+vocabSize), AdamW + warm-up/cosine + clipping, trained on the same text file. Prints one JSON
+line: tokens/s (steps after the first --skip, default 1) and the loss per step.
+
+--device cuda --dtype bf16 is PyTorch's usual mixed precision: f32 weights and optimizer,
+matmuls under torch.autocast in bf16 (what anneal does on a GPU)."""
 
 import argparse, json, math, random, time
 
@@ -86,8 +90,13 @@ def main():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--data", required=True)
+    p.add_argument("--vocab", type=int, default=258, help="embedding rows (>= 258)")
+    p.add_argument("--skip", type=int, default=1, help="steps left out of tokens/s (warm-up)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype")
     a = p.parse_args()
-    a.vocab = 258
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     random.seed(0)
@@ -98,33 +107,44 @@ def main():
         if para:
             stream += list(para) + [257, 256]
     windows = [stream[i:i + a.ctx + 1] for i in range(0, len(stream) - a.ctx - 1, a.ctx)]
-    model = Model(a)
+    model = Model(a).to(dev)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     losses, start, tokens = [], None, 0
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
     for step in range(a.steps):
         lr = a.lr * (step + 1) / a.warmup if step < a.warmup else \
             0.1 * a.lr + 0.45 * a.lr * (1 + math.cos(math.pi * (step - a.warmup) / max(1, a.steps - a.warmup)))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = torch.tensor([random.choice(windows) for _ in range(a.batch)])
+        batch = torch.tensor([random.choice(windows) for _ in range(a.batch)]).to(dev)
         x, y = batch[:, :-1], batch[:, 1:]
-        loss = F.cross_entropy(model(x).reshape(-1, a.vocab), y.reshape(-1))
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, a.vocab), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(round(loss.item(), 4))
-        if step == 0:
+        losses.append(round(loss.item(), 4))  # .item() waits for the GPU
+        if step == a.skip - 1:
+            sync()
             start = time.perf_counter()
-        else:
+        elif step >= a.skip:
             tokens += x.numel()
+    sync()
     elapsed = time.perf_counter() - start
-    print(json.dumps({"params": params, "tokens_per_sec": tokens / elapsed, "losses": losses,
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    out = {"params": params, "tokens_per_sec": tokens / elapsed, "losses": losses,
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev),
+           "dtype": a.dtype}
+    if cuda:
+        out["gpu"] = torch.cuda.get_device_name(dev)
+        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ pub use layers::{Attention, Block, Linear, Mlp, RmsNorm};
 pub use ops::{apply_rope, attention, causal_mask, repeat_kv, rope_tables};
 pub use weights::{Weights, init_params, param_names};
 
-use candle_core::{D, Device, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 
 /// The transformer: embedding, blocks, final norm and language-model head.
 #[derive(Debug, Clone)]
@@ -67,6 +67,53 @@ impl Transformer {
             lm_head,
             cos,
             sin,
+        })
+    }
+
+    /// The same model computing in `dtype` (bf16 for GPU training): every dense weight and the
+    /// RoPE tables cast, quantized weights as they are. The casts are ordinary tensor ops, so
+    /// gradients flow back through them to the f32 weights this was made from (the master
+    /// weights the optimizer updates). With `dtype` already the model's, a cheap clone.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let norm =
+            |n: &RmsNorm| -> Result<RmsNorm> { Ok(RmsNorm::new(n.weight.to_dtype(dtype)?, n.eps)) };
+        let linear = |l: &Linear| -> Result<Linear> {
+            Ok(match l {
+                Linear::Dense(w) => Linear::Dense(w.to_dtype(dtype)?),
+                Linear::Quantized(_) => l.clone(),
+            })
+        };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let (a, m) = (&b.attn, &b.mlp);
+                Ok(Block {
+                    attn_norm: norm(&b.attn_norm)?,
+                    attn: Attention {
+                        q: linear(&a.q)?,
+                        k: linear(&a.k)?,
+                        v: linear(&a.v)?,
+                        o: linear(&a.o)?,
+                        ..a.clone()
+                    },
+                    ffn_norm: norm(&b.ffn_norm)?,
+                    mlp: Mlp {
+                        gate: linear(&m.gate)?,
+                        up: linear(&m.up)?,
+                        down: linear(&m.down)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: self.config.clone(),
+            embedding: self.embedding.to_dtype(dtype)?,
+            blocks,
+            norm: norm(&self.norm)?,
+            lm_head: linear(&self.lm_head)?,
+            cos: self.cos.to_dtype(dtype)?,
+            sin: self.sin.to_dtype(dtype)?,
         })
     }
 

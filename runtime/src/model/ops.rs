@@ -148,6 +148,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     let v = repeat_kv(v, n_rep)?;
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?;
+    // bf16/f16 scores are normalised in f32 (as fused attention kernels do); the mask is f32.
+    let low_precision = matches!(scores.dtype(), DType::BF16 | DType::F16);
+    let scores = if low_precision {
+        scores.to_dtype(DType::F32)?
+    } else {
+        scores
+    };
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
@@ -156,6 +163,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
         candle_nn::ops::softmax(&scores, D::Minus1)?
     } else {
         candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+    };
+    let probs = if low_precision {
+        probs.to_dtype(v.dtype())?
+    } else {
+        probs
     };
     probs.matmul(&v.contiguous()?)
 }

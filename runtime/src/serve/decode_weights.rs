@@ -59,8 +59,12 @@ pub struct DecodeWeights {
 }
 
 impl DecodeWeights {
-    /// Builds the padded forms (none when padding cannot help, e.g. dense weights).
+    /// Builds the padded forms (none when padding cannot help, e.g. dense weights, or on a GPU,
+    /// whose quantized kernels have no such constraint).
     pub fn new(model: &Transformer) -> Result<Self> {
+        if !model.embedding.device().is_cpu() {
+            return Ok(Self::none());
+        }
         let blocks = model
             .blocks
             .iter()

@@ -12,7 +12,7 @@ use super::scheduler::Scheduler;
 use super::text_stream::TextStream;
 use crate::model::{KvCache, Transformer};
 use crate::tokenizer::Tokenizer;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -176,10 +176,11 @@ impl Engine {
         metrics: Arc<Metrics>,
         queued: Arc<AtomicUsize>,
     ) -> Self {
+        // Caches live where the model does (the GPU when serving on one).
         let pool = KvPool::new(
             &model.transformer.config,
             model.transformer.config.max_seq_len,
-            &Device::Cpu,
+            model.transformer.embedding.device(),
         );
         let padded = DecodeWeights::new(&model.transformer).unwrap_or_else(|e| {
             tracing::warn!("decode weights stay unpadded: {e}");
@@ -238,7 +239,8 @@ impl Engine {
         }
         let result = (|| -> candle_core::Result<(KvCache, Vec<f32>)> {
             let mut cache = self.pool.take()?;
-            let tokens = Tensor::new(req.prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let device = self.model.transformer.embedding.device();
+            let tokens = Tensor::new(req.prompt.as_slice(), device)?.unsqueeze(0)?;
             let logits = self
                 .model
                 .transformer
@@ -254,6 +256,7 @@ impl Engine {
         let (cache, logits) = match result {
             Ok(r) => r,
             Err(e) => {
+                crate::error::exit_on_device_fault(&e);
                 let _ = req
                     .events
                     .send(Event::Error(format!("prefill failed: {e}")));
@@ -335,6 +338,7 @@ impl Engine {
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
+                crate::error::exit_on_device_fault(&e);
                 for s in running {
                     let _ = s
                         .req

@@ -49,21 +49,30 @@ pub struct LoadedModel {
     pub stop_ids: Vec<u32>,
 }
 
-/// Loads `path`: a model directory written by `anneal-runtime train`, or a GGUF file (llama
-/// family).
+/// Loads `path` onto `device`: a model directory written by `anneal-runtime train`, or a GGUF
+/// file (llama family).
 pub fn load(
     path: &Path,
     policy: Q41Policy,
     max_seq_len: Option<usize>,
+    device: &Device,
 ) -> Result<LoadedModel, LoadError> {
-    if path.is_dir() {
-        return load_model_dir(path, max_seq_len);
-    }
-    load_gguf(path, policy, max_seq_len)
+    let loaded = if path.is_dir() {
+        load_model_dir(path, max_seq_len, device)?
+    } else {
+        load_gguf(path, policy, max_seq_len, device)?
+    };
+    // A GPU copies weights on the loading thread's stream; the engine runs on another thread.
+    device.synchronize()?;
+    Ok(loaded)
 }
 
-fn load_model_dir(path: &Path, max_seq_len: Option<usize>) -> Result<LoadedModel, LoadError> {
-    let loaded = crate::checkpoint::model_dir::load(path, &Device::Cpu)?;
+fn load_model_dir(
+    path: &Path,
+    max_seq_len: Option<usize>,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
+    let loaded = crate::checkpoint::model_dir::load(path, device)?;
     let mut transformer = loaded.model;
     if let Some(m) = max_seq_len {
         // The RoPE tables cover the trained length; a smaller limit only bounds the caches.
@@ -95,15 +104,14 @@ fn load_gguf(
     path: &Path,
     policy: Q41Policy,
     max_seq_len: Option<usize>,
+    device: &Device,
 ) -> Result<LoadedModel, LoadError> {
     let file = GgufFile::open(path)?;
     let mut config = model_config(&file.header)?;
     if let Some(m) = max_seq_len {
         config.max_seq_len = config.max_seq_len.min(m);
     }
-    let device = Device::Cpu;
-    let transformer =
-        Transformer::new(&config, &GgufWeights::new(&file, &device, policy), &device)?;
+    let transformer = Transformer::new(&config, &GgufWeights::new(&file, device, policy), device)?;
     let tokenizer = GgufTokenizer::from_header(&file.header)?;
     let name = |id: Option<u32>| {
         id.and_then(|i| tokenizer.token_to_piece(i))

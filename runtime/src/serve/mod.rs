@@ -66,6 +66,9 @@ pub struct Args {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Device: auto, cpu or cuda:N (weights, KV caches and the batched decode all live there).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Runs `anneal-runtime serve` until SIGTERM or Ctrl-C, then drains.
@@ -153,7 +156,8 @@ pub async fn serve_on(
 
 fn load(args: &Args, state: &AppState) -> Result<()> {
     let started = std::time::Instant::now();
-    let model = loaded_model::load(&args.model, args.q4_1, Some(args.max_seq_len))?;
+    let device = crate::device::parse_device(&args.device)?;
+    let model = loaded_model::load(&args.model, args.q4_1, Some(args.max_seq_len), &device)?;
     tracing::info!(model = %model.id, secs = started.elapsed().as_secs_f64(), "loaded");
     let limits = Limits {
         max_tokens: model

@@ -15,7 +15,7 @@ use crate::error::RuntimeError;
 use anneal_crds::contract;
 use config::TrainConfig;
 use progress::{Reporter, StepReport};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trainer::Trainer;
 
@@ -23,7 +23,11 @@ use trainer::Trainer;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Training configuration (YAML or JSON), mirroring the TrainingJob spec.
-    #[arg(long, required_unless_present = "job_spec", conflicts_with = "job_spec")]
+    #[arg(
+        long,
+        required_unless_present = "job_spec",
+        conflicts_with = "job_spec"
+    )]
     pub config: Option<PathBuf>,
     /// A TrainingJob's spec (JSON or YAML), as the operator mounts it into worker pods.
     #[arg(long)]
@@ -184,6 +188,16 @@ pub fn train(
             reporter.event(&serde_json::json!({
                 "event": "checkpoint", "step": t.step, "path": path.display().to_string(),
             }));
+            if let Some(k8s) = &reporter_k8s {
+                k8s.checkpoint(anneal_crds::trainingjob::CheckpointRecord {
+                    step: t.step,
+                    attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                    uri: format!("file://{}", path.display()),
+                    time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::now(),
+                    )),
+                });
+            }
         }
     }
     let (spec, spec_dir) = &t.tokenizer_spec;
@@ -191,5 +205,31 @@ pub fn train(
     reporter.event(&serde_json::json!({
         "event": "done", "step": t.step, "model": { "path": output.display().to_string(), "sha256": sha256 },
     }));
+    let artifact = anneal_crds::trainingjob::ModelArtifact {
+        uri: t.config.output.path.clone(),
+        sha256,
+        gguf_uri: None,
+    };
+    write_termination_message(
+        Path::new(contract::TERMINATION_LOG),
+        &serde_json::json!({ "artifact": artifact }),
+    );
     Ok(())
+}
+
+/// Tells the operator what was produced: the termination message of the worker container,
+/// which it copies into `status.artifact`. Only where the file exists (in a pod); a failure to
+/// write it is a warning, the model itself is safely written.
+fn write_termination_message(path: &Path, message: &serde_json::Value) {
+    if !path.exists() {
+        return;
+    }
+    let text = message.to_string();
+    if text.len() > contract::TERMINATION_MESSAGE_MAX_BYTES {
+        eprintln!("anneal-runtime: warning: termination message over 4 KB, not written");
+        return;
+    }
+    if let Err(e) = std::fs::write(path, text) {
+        eprintln!("anneal-runtime: warning: {}: {e}", path.display());
+    }
 }

@@ -69,6 +69,9 @@ pub struct Trainer {
     pub step: u64,
     /// Trainer RNG.
     pub rng: Rng,
+    /// What the forward and backward passes compute in: f32, or bf16 on a copy of the model
+    /// cast from the f32 master weights each step (gradients come back f32 through the casts).
+    pub compute_dtype: DType,
     device: Device,
     pad: u32,
 }
@@ -158,7 +161,7 @@ impl Trainer {
             .collect();
         let optimizer = AdamW::new(trainable, h)?;
 
-        let examples = data::load(&config.dataset.uri)?;
+        let examples = data::load_as(&config.dataset.uri, config.dataset.format)?;
         let train = data::split(examples, &config.dataset.split, Split::Train);
         let samples = data::tokenize(
             &train,
@@ -172,6 +175,7 @@ impl Trainer {
         let loader = Loader::new(samples, h.seed, Cursor::default());
         let pad = tokenizer.eos_id().unwrap_or(0);
         let rng = Rng::new(h.seed, 0x7EA1);
+        let compute_dtype = crate::device::training_dtype(h.precision, &device);
         Ok(Self {
             config,
             model_config,
@@ -183,6 +187,7 @@ impl Trainer {
             tokenizer_spec,
             step: 0,
             rng,
+            compute_dtype,
             device,
             pad,
         })
@@ -194,6 +199,13 @@ impl Trainer {
         let lr = optim::learning_rate(h, self.step);
         let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
         let (mut loss_sum, mut counted, mut tokens) = (0f64, 0usize, 0usize);
+        let cast;
+        let model = if self.compute_dtype == self.model.embedding.dtype() {
+            &self.model
+        } else {
+            cast = self.model.to_dtype(self.compute_dtype)?;
+            &cast
+        };
         for _ in 0..h.gradient_accumulation {
             let samples = self.loader.next_samples(h.batch_size);
             tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
@@ -201,7 +213,10 @@ impl Trainer {
             if batch.n_tokens == 0 {
                 continue;
             }
-            let logits = self.model.forward(&batch.inputs, 0, None)?;
+            // The loss is computed in f32 whatever the compute dtype (a no-op in f32).
+            let logits = model
+                .forward(&batch.inputs, 0, None)?
+                .to_dtype(DType::F32)?;
             let loss = masked_nll_sum(&logits, &batch.targets, &batch.mask)?;
             loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             counted += batch.n_tokens;

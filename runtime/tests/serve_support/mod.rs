@@ -43,6 +43,7 @@ pub fn args(model: PathBuf) -> Args {
         drain_delay_secs: 0,
         q4_1: Q41Policy::Q8_0,
         threads: None,
+        device: "cpu".into(),
     }
 }
 
