@@ -107,10 +107,7 @@ mod tests {
     use anneal_crds::TrainingJob;
 
     fn example() -> TrainingJob {
-        serde_yaml::from_str(include_str!(
-            "../../../manifests/examples/trainingjob.yaml"
-        ))
-        .unwrap()
+        serde_yaml::from_str(include_str!("../../../manifests/examples/trainingjob.yaml")).unwrap()
     }
 
     #[test]
@@ -120,7 +117,12 @@ mod tests {
         config.validate().unwrap();
         let arch = config.model.architecture.as_ref().unwrap();
         assert_eq!(
-            (arch.hidden_size, arch.n_layers, arch.n_heads, arch.n_kv_heads),
+            (
+                arch.hidden_size,
+                arch.n_layers,
+                arch.n_heads,
+                arch.n_kv_heads
+            ),
             (128, 4, 4, 2)
         );
         assert_eq!((arch.intermediate_size, arch.max_seq_len), (384, 64));
@@ -129,8 +131,14 @@ mod tests {
         assert_eq!(config.dataset.uri, "builtin:arith");
         assert_eq!(config.stage, Stage::Sft);
         let h = &config.hyperparameters;
-        assert_eq!((h.steps, h.batch_size, h.warmup_steps, h.seed), (600, 32, 30, 7));
-        assert_eq!((h.learning_rate, h.weight_decay, h.grad_clip), (0.003, 0.01, 1.0));
+        assert_eq!(
+            (h.steps, h.batch_size, h.warmup_steps, h.seed),
+            (600, 32, 30, 7)
+        );
+        assert_eq!(
+            (h.learning_rate, h.weight_decay, h.grad_clip),
+            (0.003, 0.01, 1.0)
+        );
         assert_eq!(config.checkpoint.every_steps, 50);
         assert_eq!(config.checkpoint.keep, 3);
         assert_eq!(config.output.path, "pvc://anneal-models/arith");
@@ -147,7 +155,11 @@ mod tests {
         let config = from_file(&path).unwrap();
         assert_eq!(config, from_spec(&job.spec).unwrap());
 
-        std::fs::write(&path, r#"{"model": {"architecture": {"hiddenSize": "wide"}}}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"model": {"architecture": {"hiddenSize": "wide"}}}"#,
+        )
+        .unwrap();
         let err = from_file(&path).unwrap_err();
         assert!(err.contains("model.architecture.hiddenSize"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
