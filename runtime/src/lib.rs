@@ -18,4 +18,5 @@ pub mod train;
 
 // Serving.
 pub mod gguf;
+pub mod kernels;
 pub mod serve;

@@ -10,15 +10,17 @@ use std::borrow::Cow;
 /// What to do with Q4_1 weights at load time.
 ///
 /// candle has no SIMD kernel for Q4_1 (its dot product is scalar), while Q8_0 has AVX2 and
-/// AVX-512 VNNI kernels. Q4_1 values are `d * q + m` with 4-bit `q`; re-quantizing them to Q8_0
-/// (per 32 values, `amax / 127` steps) adds at most half a Q8_0 step of error, about 1/17 of
-/// the original Q4_1 step, for twice the weight memory.
+/// AVX-512 VNNI kernels. The serving engine's own CPU kernels ([`crate::kernels`]) take Q4_1
+/// as stored, so `Keep` is exact and fast there. Q4_1 values are `d * q + m` with 4-bit `q`;
+/// re-quantizing them to Q8_0 (per 32 values, `amax / 127` steps) adds at most half a Q8_0
+/// step of error, about 1/17 of the original Q4_1 step, for twice the weight memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Q41Policy {
-    /// Keep Q4_1 as stored (scalar kernel: slow, exact).
-    Keep,
-    /// Re-quantize Q4_1 to Q8_0 (SIMD kernels; the default).
+    /// Keep Q4_1 as stored (exact; anneal's SIMD kernels on the CPU, candle's elsewhere;
+    /// the default).
     #[default]
+    Keep,
+    /// Re-quantize Q4_1 to Q8_0 (candle's SIMD kernels).
     Q8_0,
     /// Dequantize Q4_1 to dense f32 (exact; 4.5x the memory; dense GEMM kernels).
     F32,

@@ -3,9 +3,14 @@
 //! stream the new text out, drop finished and cancelled sequences.
 //!
 //! A request is cancelled when its event receiver is gone (the HTTP client disconnected).
+//!
+//! On the CPU with a quantized model the engine runs [`CpuModel`]: then the prompts admitted
+//! in an iteration and the decode step of the running sequences are one forward pass, so the
+//! weights are read once for all of them.
 
+use super::cpu_model::{CpuModel, Scratch, Segment};
 use super::decode_weights::DecodeWeights;
-use super::kv_pool::KvPool;
+use super::kv_pool::{KvPool, SeqCache};
 use super::metrics::Metrics;
 use super::sampling::{Sampler, SamplingParams};
 use super::scheduler::Scheduler;
@@ -152,7 +157,7 @@ pub fn start(model: EngineModel, config: EngineConfig, metrics: Arc<Metrics>) ->
 
 struct Sequence {
     req: GenRequest,
-    cache: KvCache,
+    cache: SeqCache,
     sampler: Sampler,
     generated: Vec<u32>,
     text: TextStream,
@@ -162,6 +167,10 @@ struct Sequence {
 struct Engine {
     model: EngineModel,
     padded: DecodeWeights,
+    /// The CPU-kernel layout of the model, when it has one (see the module documentation).
+    cpu: Option<CpuModel>,
+    scratch: Scratch,
+    logits: Vec<f32>,
     pool: KvPool,
     scheduler: Scheduler<GenRequest>,
     running: Vec<Sequence>,
@@ -176,19 +185,37 @@ impl Engine {
         metrics: Arc<Metrics>,
         queued: Arc<AtomicUsize>,
     ) -> Self {
+        let cpu = if std::env::var("ANNEAL_CPU_KERNELS").as_deref() == Ok("0") {
+            None
+        } else {
+            CpuModel::new(&model.transformer)
+        };
+        tracing::info!(
+            cpu_kernels = cpu.is_some(),
+            isa = ?crate::kernels::qmatmul::detect(),
+            "engine path"
+        );
         // Caches live where the model does (the GPU when serving on one).
         let pool = KvPool::new(
             &model.transformer.config,
             model.transformer.config.max_seq_len,
             model.transformer.embedding.device(),
+            cpu.is_some(),
         );
-        let padded = DecodeWeights::new(&model.transformer).unwrap_or_else(|e| {
-            tracing::warn!("decode weights stay unpadded: {e}");
+        let padded = if cpu.is_some() {
             DecodeWeights::none()
-        });
+        } else {
+            DecodeWeights::new(&model.transformer).unwrap_or_else(|e| {
+                tracing::warn!("decode weights stay unpadded: {e}");
+                DecodeWeights::none()
+            })
+        };
         Self {
             model,
             padded,
+            cpu,
+            scratch: Scratch::default(),
+            logits: Vec::new(),
             pool,
             scheduler: Scheduler::new(config.max_batch),
             running: Vec::new(),
@@ -208,13 +235,22 @@ impl Engine {
             while let Ok(r) = rx.try_recv() {
                 self.scheduler.push(r.priority, r);
             }
-            while let Some(req) = self.scheduler.admit(self.running.len()) {
+            let mut new = Vec::new();
+            while let Some(req) = self.scheduler.admit(self.running.len() + new.len()) {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
-                self.admit(req);
+                if self.cpu.is_some() {
+                    new.push(req);
+                } else {
+                    self.admit(req);
+                }
             }
             self.metrics.queue_depth.set(self.scheduler.len() as i64);
             self.drop_cancelled();
-            if !self.running.is_empty() {
+            if self.cpu.is_some() {
+                if !self.running.is_empty() || !new.is_empty() {
+                    self.cpu_step(new);
+                }
+            } else if !self.running.is_empty() {
                 self.decode_step();
             }
             self.metrics.kv_cache_bytes.set(self.pool.bytes() as i64);
@@ -237,14 +273,14 @@ impl Engine {
         if req.events.is_closed() {
             return;
         }
-        let result = (|| -> candle_core::Result<(KvCache, Vec<f32>)> {
+        let result = (|| -> candle_core::Result<(SeqCache, Vec<f32>)> {
             let mut cache = self.pool.take()?;
             let device = self.model.transformer.embedding.device();
             let tokens = Tensor::new(req.prompt.as_slice(), device)?.unsqueeze(0)?;
             let logits = self
                 .model
                 .transformer
-                .forward_last(&tokens, 0, Some(&mut cache));
+                .forward_last(&tokens, 0, Some(cache.candle()?));
             match logits.and_then(|l| l.squeeze(0)?.to_vec1::<f32>()) {
                 Ok(l) => Ok((cache, l)),
                 Err(e) => {
@@ -263,8 +299,13 @@ impl Engine {
                 return;
             }
         };
+        self.start_sequence(req, cache, &logits);
+    }
+
+    /// Samples a prefilled sequence's first token and starts it.
+    fn start_sequence(&mut self, req: GenRequest, cache: SeqCache, logits: &[f32]) {
         let mut sampler = Sampler::new(req.sampling.clone());
-        let first = sampler.sample(&logits);
+        let first = sampler.sample(logits);
         self.metrics
             .ttft
             .observe(req.arrived.elapsed().as_secs_f64());
@@ -329,11 +370,16 @@ impl Engine {
             .map(|s| s.req.prompt.len() + s.generated.len() - 1)
             .collect();
         let logits = {
-            let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|s| &mut s.cache).collect();
-            self.model
-                .transformer
-                .forward_decode_batch(&tokens, &positions, &mut caches, &self.padded)
-                .and_then(|l| l.to_vec2::<f32>())
+            let caches = running
+                .iter_mut()
+                .map(|s| s.cache.candle())
+                .collect::<candle_core::Result<Vec<&mut KvCache>>>();
+            caches.and_then(|mut caches| {
+                self.model
+                    .transformer
+                    .forward_decode_batch(&tokens, &positions, &mut caches, &self.padded)
+                    .and_then(|l| l.to_vec2::<f32>())
+            })
         };
         let logits = match logits {
             Ok(l) => l,
@@ -357,5 +403,88 @@ impl Engine {
                 self.pool.give_back(seq.cache);
             }
         }
+    }
+
+    /// One forward pass of the CPU kernels: the prompts of `new` (prefill) and one token of
+    /// every running sequence (decode), then sampling.
+    fn cpu_step(&mut self, new: Vec<GenRequest>) {
+        let mut fresh = Vec::new();
+        for req in new {
+            if req.events.is_closed() {
+                continue;
+            }
+            match self.pool.take() {
+                Ok(cache) => fresh.push((req, cache)),
+                Err(e) => {
+                    let _ = req
+                        .events
+                        .send(Event::Error(format!("prefill failed: {e}")));
+                }
+            }
+        }
+        let mut running = std::mem::take(&mut self.running);
+        self.metrics.batch_size.set(running.len() as i64);
+        let expected = running.len() + fresh.len();
+        let result = {
+            let mut segments = Vec::with_capacity(expected);
+            for s in running.iter_mut() {
+                let start = s.req.prompt.len() + s.generated.len() - 1;
+                if let SeqCache::Cpu(cache) = &mut s.cache {
+                    let tokens = std::slice::from_ref(&s.last);
+                    segments.push(Segment {
+                        tokens,
+                        start,
+                        cache,
+                    });
+                }
+            }
+            for (req, cache) in fresh.iter_mut() {
+                if let SeqCache::Cpu(cache) = cache {
+                    let tokens = req.prompt.as_slice();
+                    segments.push(Segment {
+                        tokens,
+                        start: 0,
+                        cache,
+                    });
+                }
+            }
+            match &self.cpu {
+                Some(cpu) if segments.len() == expected => {
+                    cpu.forward(&mut segments, &mut self.scratch, &mut self.logits)
+                }
+                _ => Err("a sequence without a CPU-kernel cache".to_string()),
+            }
+        };
+        if let Err(e) = result {
+            for s in running {
+                let _ = s
+                    .req
+                    .events
+                    .send(Event::Error(format!("decode failed: {e}")));
+                self.pool.give_back(s.cache);
+            }
+            for (req, cache) in fresh {
+                let _ = req
+                    .events
+                    .send(Event::Error(format!("prefill failed: {e}")));
+                self.pool.give_back(cache);
+            }
+            return;
+        }
+        let logits = std::mem::take(&mut self.logits);
+        let vocab = logits.len() / (running.len() + fresh.len());
+        let mut rows = logits.chunks_exact(vocab);
+        for (mut seq, row) in running.into_iter().zip(rows.by_ref()) {
+            let token = seq.sampler.sample(row);
+            if self.accept(&mut seq, token) {
+                self.running.push(seq);
+            } else {
+                self.pool.give_back(seq.cache);
+            }
+        }
+        for ((req, cache), row) in fresh.into_iter().zip(rows) {
+            self.start_sequence(req, cache, row);
+        }
+        self.logits = logits;
     }
 }

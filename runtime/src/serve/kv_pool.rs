@@ -2,22 +2,44 @@
 //! cache goes back to the pool, and positions beyond a sequence's length are never read, so a
 //! reused cache needs no clearing.
 
+use super::cpu_model::CpuKv;
 use crate::model::{KvCache, ModelConfig};
 use candle_core::{DType, Device, Result};
+
+/// One sequence's cache: candle tensors for the candle model, plain buffers for the CPU
+/// kernels ([`super::cpu_model`]).
+pub enum SeqCache {
+    /// For [`crate::model::Transformer`]'s forward passes.
+    Candle(KvCache),
+    /// For [`super::cpu_model::CpuModel`].
+    Cpu(CpuKv),
+}
+
+impl SeqCache {
+    /// The candle cache (an error for a CPU-kernel cache).
+    pub fn candle(&mut self) -> Result<&mut KvCache> {
+        match self {
+            Self::Candle(c) => Ok(c),
+            Self::Cpu(_) => candle_core::bail!("a CPU-kernel cache given to the candle model"),
+        }
+    }
+}
 
 /// A pool of caches of one capacity.
 pub struct KvPool {
     config: ModelConfig,
     capacity: usize,
     device: Device,
-    free: Vec<KvCache>,
+    cpu_kernels: bool,
+    free: Vec<SeqCache>,
     allocated: usize,
     bytes_each: usize,
 }
 
 impl KvPool {
-    /// A pool of caches holding `capacity` positions each.
-    pub fn new(config: &ModelConfig, capacity: usize, device: &Device) -> Self {
+    /// A pool of caches holding `capacity` positions each, for the CPU kernels when
+    /// `cpu_kernels`, else candle caches on `device`.
+    pub fn new(config: &ModelConfig, capacity: usize, device: &Device, cpu_kernels: bool) -> Self {
         let c = config;
         // keys and values, every layer, f32
         let bytes_each = 2 * c.n_layers * c.n_kv_heads * capacity * c.head_dim() * 4;
@@ -25,6 +47,7 @@ impl KvPool {
             config: c.clone(),
             capacity,
             device: device.clone(),
+            cpu_kernels,
             free: Vec::new(),
             allocated: 0,
             bytes_each,
@@ -32,17 +55,27 @@ impl KvPool {
     }
 
     /// A cache for a new sequence.
-    pub fn take(&mut self) -> Result<KvCache> {
+    pub fn take(&mut self) -> Result<SeqCache> {
         if let Some(c) = self.free.pop() {
             return Ok(c);
         }
-        let c = KvCache::new(&self.config, 1, self.capacity, DType::F32, &self.device)?;
+        let c = if self.cpu_kernels {
+            SeqCache::Cpu(CpuKv::new(&self.config, self.capacity))
+        } else {
+            SeqCache::Candle(KvCache::new(
+                &self.config,
+                1,
+                self.capacity,
+                DType::F32,
+                &self.device,
+            )?)
+        };
         self.allocated += 1;
         Ok(c)
     }
 
     /// Returns a finished sequence's cache.
-    pub fn give_back(&mut self, cache: KvCache) {
+    pub fn give_back(&mut self, cache: SeqCache) {
         self.free.push(cache);
     }
 

@@ -7,6 +7,7 @@
 
 pub mod batch_forward;
 pub mod chat_template;
+pub mod cpu_model;
 pub mod decode_weights;
 pub mod engine;
 pub mod http;
@@ -60,8 +61,9 @@ pub struct Args {
     /// Seconds between SIGTERM (readiness fails at once) and closing the listener.
     #[arg(long, default_value_t = 0)]
     pub drain_delay_secs: u64,
-    /// What to do with Q4_1 weights (candle has no SIMD Q4_1 kernel).
-    #[arg(long, value_enum, default_value_t = Q41Policy::Q8_0)]
+    /// What to do with Q4_1 weights. `keep` (exact) runs them through anneal's own SIMD
+    /// kernels on the CPU (candle has no SIMD Q4_1 kernel).
+    #[arg(long, value_enum, default_value_t = Q41Policy::Keep)]
     pub q4_1: Q41Policy,
     /// Compute threads (default: all cores).
     #[arg(long)]

@@ -41,7 +41,7 @@ pub fn args(model: PathBuf) -> Args {
         max_body_bytes: 64 * 1024,
         request_timeout_secs: 120,
         drain_delay_secs: 0,
-        q4_1: Q41Policy::Q8_0,
+        q4_1: Q41Policy::Keep,
         threads: None,
         device: "cpu".into(),
     }

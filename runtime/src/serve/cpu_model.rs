@@ -1,0 +1,365 @@
+//! The CPU inference path of the shared [`Transformer`]: the same weights (GGUF Q4_1/Q8_0
+//! blocks as stored, in the [`crate::kernels`] layout), the same architecture, computed on
+//! plain buffers by our own kernels instead of a chain of candle ops.
+//!
+//! One [`CpuModel::forward`] runs any mix of sequences: a prompt (prefill) is a segment of
+//! many tokens, a decode step is a segment of one token per sequence, and all rows go through
+//! each weight matrix together. Each sequence's keys and values live in its own preallocated
+//! [`CpuKv`]. This is a layout of the model's own weights for our kernels (like a repacked
+//! GEMM operand), not a second model definition: it is built from a `Transformer`, and the
+//! engine uses it only when every projection is quantized and on the CPU.
+
+use crate::kernels::attention::attend;
+use crate::kernels::ops::{add_assign, rms_norm, rope, silu_mul};
+use crate::kernels::pool::{self, Pool};
+use crate::kernels::qmatmul::{QActs, QMatrix, matmul};
+use crate::model::{Linear, ModelConfig, Transformer};
+use candle_core::quantized::{GgmlDType, QMatMul};
+use std::cell::RefCell;
+
+/// Keys and values of one sequence, every layer, preallocated to `capacity` positions.
+/// Layout: (layer, keys|values, kv head, position, head_dim).
+pub struct CpuKv {
+    data: Vec<f32>,
+    capacity: usize,
+    head_span: usize,
+    kv_heads: usize,
+}
+
+impl CpuKv {
+    /// A cache of `capacity` positions for `config` (zeroed lazily by the allocator).
+    pub fn new(config: &ModelConfig, capacity: usize) -> Self {
+        let head_span = capacity * config.head_dim();
+        Self {
+            data: vec![0.0; config.n_layers * 2 * config.n_kv_heads * head_span],
+            capacity,
+            head_span,
+            kv_heads: config.n_kv_heads,
+        }
+    }
+
+    /// Positions it holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    fn offset(&self, layer: usize, value: bool, head: usize) -> usize {
+        ((layer * 2 + value as usize) * self.kv_heads + head) * self.head_span
+    }
+
+    fn head(&self, layer: usize, value: bool, head: usize) -> &[f32] {
+        let o = self.offset(layer, value, head);
+        &self.data[o..o + self.head_span]
+    }
+
+    fn head_mut(&mut self, layer: usize, value: bool, head: usize) -> &mut [f32] {
+        let o = self.offset(layer, value, head);
+        &mut self.data[o..o + self.head_span]
+    }
+}
+
+/// The tokens one sequence contributes to a forward pass.
+pub struct Segment<'a> {
+    /// New tokens, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Position of the first of them.
+    pub start: usize,
+    /// The sequence's cache; positions before `start` are already filled.
+    pub cache: &'a mut CpuKv,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    /// q, k and v stacked: one product per layer for the three.
+    qkv: QMatrix,
+    o: QMatrix,
+    /// gate and up stacked.
+    gate_up: QMatrix,
+    down: QMatrix,
+}
+
+enum Embedding {
+    /// Rows of the (tied) output matrix.
+    Tied,
+    /// A dense table, (vocab, hidden).
+    Dense(Vec<f32>),
+}
+
+/// Reused buffers of a forward pass.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    acts: QActs,
+}
+
+/// The model in the kernels' layout; see the module documentation.
+pub struct CpuModel {
+    config: ModelConfig,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: QMatrix,
+    embedding: Embedding,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// The GGUF blocks of a quantized CPU projection, with their type name.
+fn blocks(linear: &Linear) -> Option<(&'static str, Vec<u8>, usize, usize)> {
+    let Linear::Quantized(QMatMul::QTensor(q)) = linear else {
+        return None;
+    };
+    if !q.device().is_cpu() {
+        return None;
+    }
+    let ty = match q.dtype() {
+        GgmlDType::Q4_1 => "q4_1",
+        GgmlDType::Q8_0 => "q8_0",
+        _ => return None,
+    };
+    let (n, k) = q.shape().dims2().ok()?;
+    Some((ty, q.data().ok()?.into_owned(), n, k))
+}
+
+/// One matrix from projections of the same input, stacked by rows.
+fn stacked(parts: &[&Linear]) -> Option<QMatrix> {
+    let parts = parts
+        .iter()
+        .map(|l| blocks(l))
+        .collect::<Option<Vec<_>>>()?;
+    let (ty, k) = (parts[0].0, parts[0].3);
+    if parts.iter().any(|p| p.0 != ty || p.3 != k) {
+        return None;
+    }
+    let slices: Vec<(&[u8], usize)> = parts.iter().map(|p| (p.1.as_slice(), p.2)).collect();
+    QMatrix::from_ggml(ty, &slices, k).ok()
+}
+
+fn dense(t: &candle_core::Tensor) -> Option<Vec<f32>> {
+    if !t.device().is_cpu() {
+        return None;
+    }
+    t.flatten_all().ok()?.to_vec1::<f32>().ok()
+}
+
+impl CpuModel {
+    /// The CPU layout of `model`, when every projection is Q4_1 or Q8_0 on the CPU; `None`
+    /// otherwise (the engine then runs the candle model).
+    pub fn new(model: &Transformer) -> Option<Self> {
+        let config = model.config.clone();
+        let layers = model
+            .blocks
+            .iter()
+            .map(|b| {
+                let (a, m) = (&b.attn, &b.mlp);
+                Some(Layer {
+                    attn_norm: dense(&b.attn_norm.weight)?,
+                    ffn_norm: dense(&b.ffn_norm.weight)?,
+                    qkv: stacked(&[&a.q, &a.k, &a.v])?,
+                    o: stacked(&[&a.o])?,
+                    gate_up: stacked(&[&m.gate, &m.up])?,
+                    down: stacked(&[&m.down])?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let lm_head = stacked(&[&model.lm_head])?;
+        let embedding = if config.tie_embeddings {
+            Embedding::Tied
+        } else {
+            Embedding::Dense(dense(&model.embedding)?)
+        };
+        Some(Self {
+            layers,
+            norm: dense(&model.norm.weight)?,
+            lm_head,
+            embedding,
+            cos: dense(&model.cos)?,
+            sin: dense(&model.sin)?,
+            config,
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Logits (segments, vocab) of the last token of every segment, written into `logits`;
+    /// every segment's new keys and values are written into its cache.
+    pub fn forward(
+        &self,
+        segments: &mut [Segment<'_>],
+        scratch: &mut Scratch,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), String> {
+        let pool = pool::global();
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let (nh, kvh) = (c.n_heads, c.n_kv_heads);
+        let qkv_w = (nh + 2 * kvh) * hd;
+        // Row index -> (segment, position).
+        let mut rows = Vec::new();
+        for (s, seg) in segments.iter().enumerate() {
+            let end = seg.start + seg.tokens.len();
+            if seg.tokens.is_empty() || end > seg.cache.capacity() || end > c.max_seq_len {
+                return Err(format!(
+                    "segment of {} tokens at {} does not fit (capacity {}, max_seq_len {})",
+                    seg.tokens.len(),
+                    seg.start,
+                    seg.cache.capacity(),
+                    c.max_seq_len
+                ));
+            }
+            if let Some(t) = seg.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(format!("token {t} is outside the vocabulary"));
+            }
+            rows.extend((seg.start..end).map(|p| (s, p)));
+        }
+        let r = rows.len();
+        let s = scratch;
+        s.x.resize(r * h, 0.0);
+        for (row, seg) in
+            s.x.chunks_exact_mut(h)
+                .zip(segments.iter().flat_map(|g| g.tokens))
+        {
+            match &self.embedding {
+                Embedding::Tied => self.lm_head.dequantize_row(*seg as usize, row),
+                Embedding::Dense(e) => {
+                    row.copy_from_slice(&e[*seg as usize * h..(*seg as usize + 1) * h])
+                }
+            }
+        }
+        let eps = c.rms_norm_eps as f32;
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention.
+            s.h.resize(r * h, 0.0);
+            rms_norm(&s.x, &layer.attn_norm, eps, &mut s.h);
+            s.acts.quantize(&s.h, h);
+            s.qkv.resize(r * qkv_w, 0.0);
+            matmul(&layer.qkv, &s.acts, &mut s.qkv, pool);
+            let half = hd / 2;
+            for (row, &(seg, pos)) in s.qkv.chunks_exact_mut(qkv_w).zip(&rows) {
+                let (cos, sin) = (
+                    &self.cos[pos * half..(pos + 1) * half],
+                    &self.sin[pos * half..(pos + 1) * half],
+                );
+                let (qk, v) = row.split_at_mut((nh + kvh) * hd);
+                for head in qk.chunks_exact_mut(hd) {
+                    rope(head, cos, sin);
+                }
+                let cache = &mut *segments[seg].cache;
+                let k = &qk[nh * hd..];
+                for g in 0..kvh {
+                    let at = pos * hd..(pos + 1) * hd;
+                    cache.head_mut(l, false, g)[at.clone()]
+                        .copy_from_slice(&k[g * hd..(g + 1) * hd]);
+                    cache.head_mut(l, true, g)[at].copy_from_slice(&v[g * hd..(g + 1) * hd]);
+                }
+            }
+            s.attn.resize(r * nh * hd, 0.0);
+            self.attention(l, segments, &rows, &s.qkv, &mut s.attn, pool);
+            s.acts.quantize(&s.attn, nh * hd);
+            s.proj.resize(r * h, 0.0);
+            matmul(&layer.o, &s.acts, &mut s.proj, pool);
+            add_assign(&mut s.x, &s.proj);
+            // Feed-forward.
+            rms_norm(&s.x, &layer.ffn_norm, eps, &mut s.h);
+            s.acts.quantize(&s.h, h);
+            let inter = c.intermediate_size;
+            s.gate_up.resize(r * 2 * inter, 0.0);
+            matmul(&layer.gate_up, &s.acts, &mut s.gate_up, pool);
+            s.act.resize(r * inter, 0.0);
+            silu_mul(&s.gate_up, inter, &mut s.act);
+            s.acts.quantize(&s.act, inter);
+            matmul(&layer.down, &s.acts, &mut s.proj, pool);
+            add_assign(&mut s.x, &s.proj);
+        }
+        // The head, on the last row of each segment only.
+        let mut last = Vec::with_capacity(segments.len() * h);
+        let mut end = 0;
+        for seg in segments.iter() {
+            end += seg.tokens.len();
+            last.extend_from_slice(&s.x[(end - 1) * h..end * h]);
+        }
+        s.h.resize(last.len(), 0.0);
+        rms_norm(&last, &self.norm, eps, &mut s.h);
+        s.acts.quantize(&s.h, h);
+        logits.resize(segments.len() * self.lm_head.rows(), 0.0);
+        matmul(&self.lm_head, &s.acts, logits, pool);
+        Ok(())
+    }
+
+    /// Attention of every row (already in the caches), in parallel over (segment, KV head,
+    /// block of query rows).
+    fn attention(
+        &self,
+        layer: usize,
+        segments: &[Segment<'_>],
+        rows: &[(usize, usize)],
+        qkv: &[f32],
+        out: &mut [f32],
+        pool: &Pool,
+    ) {
+        let c = &self.config;
+        let (hd, nh, kvh) = (c.head_dim(), c.n_heads, c.n_kv_heads);
+        let rep = nh / kvh;
+        let qkv_w = (nh + 2 * kvh) * hd;
+        const BLOCK_ROWS: usize = 16;
+        // Tasks: (first row, rows, kv head); rows of a block belong to one segment.
+        let mut tasks = Vec::new();
+        let mut first = 0;
+        for seg in segments {
+            let n = seg.tokens.len();
+            for b in (0..n).step_by(BLOCK_ROWS) {
+                for g in 0..kvh {
+                    tasks.push((first + b, BLOCK_ROWS.min(n - b), g));
+                }
+            }
+            first += n;
+        }
+        struct Out(*mut f32);
+        // SAFETY: tasks write disjoint (row, head group) ranges of one live buffer.
+        unsafe impl Sync for Out {}
+        let out_ptr = Out(out.as_mut_ptr());
+        let out_len = out.len();
+        thread_local! {
+            static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        pool.run(tasks.len(), |t| {
+            let (row0, n, g) = tasks[t];
+            let out_ptr = &out_ptr;
+            SCORES.with_borrow_mut(|scores| {
+                for row in row0..row0 + n {
+                    let (seg, pos) = rows[row];
+                    let cache = &*segments[seg].cache;
+                    let q = &qkv[row * qkv_w + g * rep * hd..row * qkv_w + (g + 1) * rep * hd];
+                    let at = row * nh * hd + g * rep * hd;
+                    assert!(at + rep * hd <= out_len);
+                    // SAFETY: in bounds (checked); no other task writes this row's heads of
+                    // group g.
+                    let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(at), rep * hd) };
+                    attend(
+                        q,
+                        cache.head(layer, false, g),
+                        cache.head(layer, true, g),
+                        pos + 1,
+                        hd,
+                        scores,
+                        o,
+                    );
+                }
+            });
+        });
+    }
+}
