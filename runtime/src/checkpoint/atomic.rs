@@ -48,6 +48,49 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     f.sync_all().map_err(|e| io(path, e))
 }
 
+/// Writes the file `dest` whole or not at all: `write` fills a temporary sibling, which is
+/// fsynced and renamed over `dest`, then the directory is fsynced.
+pub fn write_file_atomic(
+    dest: &Path,
+    write: impl FnOnce(&mut File) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+        write(&mut f)?;
+        f.sync_all().map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, dest).map_err(|e| io(dest, e))?;
+        sync_path(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Adds the file `name` of the committed directory `dir` to its manifest (replacing the
+/// manifest atomically), so that [`verify_dir`] checks it too. Returns the file's sha256.
+pub fn add_to_manifest(dir: &Path, name: &str) -> Result<String, CheckpointError> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    let mut manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| CheckpointError::Corrupt(format!("{}: {e}", path.display())))?;
+    let sha256 = sha256_file(&dir.join(name))?;
+    manifest.files.insert(name.to_string(), sha256.clone());
+    let json =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Format(e.to_string()))?;
+    write_file_atomic(&path, |f| f.write_all(&json).map_err(|e| io(&path, e)))?;
+    Ok(sha256)
+}
+
 fn sync_path(path: &Path) -> Result<(), CheckpointError> {
     File::open(path)
         .and_then(|f| f.sync_all())

@@ -18,6 +18,7 @@
 
 pub mod atomic;
 pub mod fence;
+pub mod gguf_export;
 pub mod model_dir;
 
 use std::path::{Path, PathBuf};

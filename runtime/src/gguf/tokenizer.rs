@@ -30,6 +30,8 @@ fn meta_err(key: &str, detail: impl Into<String>) -> GgufError {
 fn strings<'a>(h: &'a Header, key: &str) -> Result<&'a [String]> {
     match h.get(key)?.as_array() {
         Some(Array::String(v)) => Ok(v),
+        // candle's GGUF writer types an empty array as u32 (a byte-level export has no merges).
+        Some(a) if a.is_empty() => Ok(&[]),
         _ => Err(meta_err(key, "is not an array of strings")),
     }
 }
@@ -157,6 +159,21 @@ impl Tokenizer for GgufTokenizer {
     }
 }
 
+/// GPT-2's byte-to-character table: the character a byte-level vocabulary writes for byte `b`
+/// (the inverse of [`byte_level_bytes`]).
+pub fn byte_level_char(b: u8) -> char {
+    if is_printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|&x| !is_printable(x)).count() as u32;
+    char::from_u32(0x100 + rank).unwrap_or(char::REPLACEMENT_CHARACTER)
+}
+
+/// Bytes that GPT-2's table maps to themselves.
+fn is_printable(b: u8) -> bool {
+    matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff)
+}
+
 /// Inverts GPT-2's byte-to-character table: the bytes a byte-level token stands for.
 fn byte_level_bytes(token: &str) -> Option<Vec<u8>> {
     token
@@ -168,7 +185,7 @@ fn byte_level_bytes(token: &str) -> Option<Vec<u8>> {
                 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff => Some(c as u8),
                 // ...the others to 256 + their rank among the unprintable bytes.
                 0x100..=0x143 => (0u8..=255)
-                    .filter(|b| !matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff))
+                    .filter(|&b| !is_printable(b))
                     .nth((c - 0x100) as usize),
                 _ => None,
             }
