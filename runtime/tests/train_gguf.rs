@@ -12,6 +12,7 @@ use anneal_runtime::model::{ModelConfig, init_params};
 use anneal_runtime::serve::loaded_model::{self, LoadError, LoadedModel};
 use anneal_runtime::tokenizer::{HfTokenizer, Tokenizer, TokenizerSpec};
 use anneal_runtime::train::config::GgufQuantization;
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -258,7 +259,8 @@ fn huggingface_tokenizer_is_carried_into_gguf() {
     let config = ModelConfig {
         // Padded past the tokenizer: the export fills the rest with unused tokens.
         vocab_size: n_tokens + 4,
-        hidden_size: 64,
+        // 48 is not a multiple of the block size: those matrices stay F32 beside Q8_0 ones.
+        hidden_size: 48,
         n_layers: 1,
         n_heads: 4,
         n_kv_heads: 2,
@@ -282,6 +284,13 @@ fn huggingface_tokenizer_is_carried_into_gguf() {
     let dir = s.path("model");
     model_dir::save(&dir, &config, &tensors, &spec, &s.0).unwrap();
     let q8 = gguf_export::export(&dir, GgufQuantization::Q8_0).unwrap();
+
+    let file = anneal_runtime::gguf::GgufFile::open(&q8.path).unwrap();
+    let dtype = |name: &str| file.header.tensor(name).map(|t| t.dtype);
+    assert_eq!(dtype("blk.0.attn_q.weight"), Some(GgmlDType::F32));
+    assert_eq!(dtype("blk.0.ffn_down.weight"), Some(GgmlDType::Q8_0));
+    assert_eq!(dtype("blk.0.attn_norm.weight"), Some(GgmlDType::F32));
+    assert_eq!(dtype("output.weight"), None);
 
     let reference = load(&dir).unwrap();
     let gguf = load(&q8.path).unwrap();

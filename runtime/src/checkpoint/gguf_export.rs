@@ -361,3 +361,61 @@ fn read_config(dir: &Path) -> Result<ModelConfig, CheckpointError> {
 fn corrupt(path: &Path, e: &dyn std::fmt::Display) -> CheckpointError {
     CheckpointError::Corrupt(format!("{}: {e}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn byte_vocabulary_is_one_token_per_byte_in_byte_order() {
+        let v = byte_vocabulary();
+        assert_eq!(v.tokens.len(), 258);
+        assert_eq!(v.tokens[b'A' as usize], "A");
+        assert_eq!(v.tokens[b' ' as usize], "Ġ");
+        assert_eq!(v.tokens[b'\n' as usize], "Ċ");
+        let distinct: std::collections::HashSet<_> = v.tokens.iter().collect();
+        assert_eq!(distinct.len(), 258);
+        assert_eq!((v.bos, v.eos), (Some(256), Some(257)));
+        assert_eq!(&v.types[256..], &[TOKEN_CONTROL, TOKEN_CONTROL]);
+    }
+
+    #[test]
+    fn only_pre_tokenizers_the_loader_has_are_exported() {
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": true});
+        assert_eq!(pre_tokenizer(&byte_level), Some("gpt2"));
+        let smollm = json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]});
+        assert_eq!(pre_tokenizer(&smollm), Some("smollm"));
+        let prefix = json!({"type": "ByteLevel", "add_prefix_space": true});
+        assert_eq!(pre_tokenizer(&prefix), None);
+        assert_eq!(pre_tokenizer(&json!({"type": "Metaspace"})), None);
+        assert_eq!(pre_tokenizer(&Json::Null), None);
+    }
+
+    #[test]
+    fn unsupported_tokenizer_json_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("anneal-gguf-export-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        let byte_level = json!({"type": "ByteLevel"});
+        let cases = [
+            (json!({"model": {"type": "WordPiece"}}), "model type"),
+            (
+                json!({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace"}}),
+                "pre-tokenizer",
+            ),
+            (
+                json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 2}, "merges": []},
+                       "pre_tokenizer": byte_level}),
+                "no token has id 1",
+            ),
+        ];
+        for (file, want) in cases {
+            std::fs::write(&path, file.to_string()).unwrap();
+            let err = hf_vocabulary(&path).err().expect("refused").to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
