@@ -3,6 +3,7 @@
 //! directory's, the Q8_0 file completes prompts as the directory does, and a truncated file is
 //! refused. A Hugging Face tokenizer is carried into the GGUF metadata too.
 
+mod serve_support;
 mod train_support;
 
 use anneal_runtime::checkpoint::{atomic, gguf_export, model_dir};
@@ -101,6 +102,36 @@ fn compare_logits(a: &LoadedModel, b: &LoadedModel) -> (f32, usize) {
     (max_diff, agree)
 }
 
+/// Greedy `/v1/completions` of [`PROMPTS`] from a server started on `model`.
+fn serve_completions(model: &Path) -> Vec<String> {
+    let mut args = serve_support::args(model.to_path_buf());
+    args.max_seq_len = 16;
+    args.threads = Some(2);
+    let addr = serve_support::start(args, None);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    PROMPTS
+        .iter()
+        .map(|p| {
+            let body = serde_json::json!({"prompt": p, "temperature": 0, "max_tokens": 4});
+            let body = body.to_string().into_bytes();
+            let r = rt
+                .block_on(serve_support::request(
+                    addr,
+                    "POST",
+                    "/v1/completions",
+                    Some(&body),
+                    &[],
+                ))
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
 /// `b` encodes and decodes `texts` as `a` does, with the same BOS and EOS.
 fn assert_same_tokenizer(a: &dyn Tokenizer, b: &dyn Tokenizer, texts: &[&str]) {
     assert_eq!(a.bos_id(), b.bos_id());
@@ -188,6 +219,19 @@ fn trained_model_exports_to_gguf_that_serve_loads() {
         PROMPTS[0],
         complete(&gguf4, PROMPTS[0])
     );
+
+    // The server itself (its engine and kernels, not only its loader) answers alike.
+    let served: Vec<Vec<String>> = [&dir, &q8.path, &q4.path]
+        .iter()
+        .map(|m| serve_completions(m))
+        .collect();
+    eprintln!(
+        "served: directory {:?}, q8_0 {:?}, q4_0 {:?}",
+        served[0], served[1], served[2]
+    );
+    assert_eq!(served[0], want);
+    assert_eq!(served[1], want);
+    assert!(served[2].iter().all(|t| !t.is_empty()));
 
     // A truncated file is refused with an error naming the problem.
     let bytes = std::fs::read(&q8.path).unwrap();
