@@ -34,8 +34,10 @@ const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 const TOKEN_UNUSED: i32 = 5;
 
-/// Names of the byte-level tokenizer's BOS and EOS in the GGUF vocabulary: multi-character
-/// names cannot come out of a vocabulary without merges, and these rarely occur in text.
+/// Names of the byte-level tokenizer's BOS and EOS in the GGUF vocabulary. As control tokens
+/// they are skipped when decoding, like ids 256 and 257 in the byte-level tokenizer; unlike it,
+/// the GGUF tokenizer reads these names in input text as the tokens themselves (and streams a
+/// generated one as its name), so they are names that hardly occur in text.
 const BYTE_BOS: &str = "<|begin_of_text|>";
 const BYTE_EOS: &str = "<|end_of_text|>";
 
