@@ -42,6 +42,7 @@ hyperparameters:
   logEvery: 100
 output:
   path: OUTPUT
+  gguf: Q8_0
 "#;
 
 const PROMPTS: [&str; 6] = ["1+2=", "3+4=", "9+9=", "0+7=", "5+8=", "6+0="];
@@ -160,8 +161,11 @@ fn trained_model_exports_to_gguf_that_serve_loads() {
     );
     assert_ok(&run(&["train", "--config", cfg.to_str().unwrap()], &[]));
     let reference = load(&dir).unwrap();
+    // `output.gguf: Q8_0`: train exported it already, into the manifest.
+    let exported_by_train = atomic::verify_dir(&dir).unwrap().files["model-q8_0.gguf"].clone();
 
     let q8 = gguf_export::export(&dir, GgufQuantization::Q8_0).unwrap();
+    assert_eq!(q8.sha256, exported_by_train, "the export is deterministic");
     let q4 = gguf_export::export(&dir, GgufQuantization::Q4_0).unwrap();
     assert_eq!(q8.path, dir.join("model-q8_0.gguf"));
     assert_eq!(q4.path, dir.join("model-q4_0.gguf"));

@@ -202,13 +202,24 @@ pub fn train(
     }
     let (spec, spec_dir) = &t.tokenizer_spec;
     let sha256 = model_dir::save(&output, &t.model_config, &t.tensors()?, spec, spec_dir)?;
+    let gguf = match t.config.output.gguf {
+        Some(q) => Some(crate::checkpoint::gguf_export::export(&output, q)?),
+        None => None,
+    };
     reporter.event(&serde_json::json!({
         "event": "done", "step": t.step, "model": { "path": output.display().to_string(), "sha256": sha256 },
+        "gguf": gguf.as_ref().map(|g| serde_json::json!({"path": g.path.display().to_string(), "sha256": g.sha256})),
     }));
     let artifact = anneal_crds::trainingjob::ModelArtifact {
         uri: t.config.output.path.clone(),
         sha256,
-        gguf_uri: None,
+        gguf_uri: t.config.output.gguf.map(|q| {
+            format!(
+                "{}/{}",
+                t.config.output.path.trim_end_matches('/'),
+                crate::checkpoint::gguf_export::file_name(q)
+            )
+        }),
     };
     write_termination_message(
         Path::new(contract::TERMINATION_LOG),
