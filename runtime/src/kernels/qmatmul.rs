@@ -185,41 +185,72 @@ pub struct QActs {
 }
 
 impl QActs {
-    /// Quantizes `x` (rows, k), reusing this buffer.
-    pub fn quantize(&mut self, x: &[f32], k: usize) {
+    /// Quantizes `x` (rows, k), reusing this buffer; many rows are split over `pool`.
+    pub fn quantize(&mut self, x: &[f32], k: usize, pool: &Pool) {
         assert!(k.is_multiple_of(BLOCK) && x.len().is_multiple_of(k));
         let rows = x.len() / k;
-        let kb = k / BLOCK;
-        let kbp = kb.next_multiple_of(8);
+        let kbp = (k / BLOCK).next_multiple_of(8);
         self.rows = rows;
         self.k = k;
         self.kbp = kbp;
         self.qs.resize(rows * k, 0);
+        // Padding blocks must stay zero: the offset terms run over them.
         self.d.clear();
         self.d.resize(rows * kbp, 0.0);
         self.s.clear();
         self.s.resize(rows * kbp, 0.0);
-        for (r, row) in x.chunks_exact(k).enumerate() {
-            for (b, blk) in row.chunks_exact(BLOCK).enumerate() {
-                let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let codes = &mut self.qs[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
-                let mut sum = 0i32;
-                for (c, v) in codes.iter_mut().zip(blk) {
-                    let q = (v * id).round_ties_even() as i32;
-                    *c = q as i8;
-                    sum += q;
-                }
-                self.d[r * kbp + b] = d;
-                self.s[r * kbp + b] = d * sum as f32;
-            }
+        const ROWS_PER_TASK: usize = 16;
+        if rows < 2 * ROWS_PER_TASK {
+            quantize_rows(x, &mut self.qs, &mut self.d, &mut self.s, k);
+            return;
         }
+        let parts: Vec<_> = x
+            .chunks(ROWS_PER_TASK * k)
+            .zip(self.qs.chunks_mut(ROWS_PER_TASK * k))
+            .zip(self.d.chunks_mut(ROWS_PER_TASK * kbp))
+            .zip(self.s.chunks_mut(ROWS_PER_TASK * kbp))
+            .map(|(((x, q), d), s)| std::sync::Mutex::new((x, q, d, s)))
+            .collect();
+        pool.run(parts.len(), |i| {
+            let mut part = parts[i].lock().unwrap_or_else(|p| p.into_inner());
+            let (x, q, d, s) = &mut *part;
+            quantize_rows(x, q, d, s, k);
+        });
     }
 
     /// Rows held.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+}
+
+/// Quantizes whole rows of `x` (width `k`) into codes, scales and scaled code sums.
+fn quantize_rows(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], k: usize) {
+    let kbp = (k / BLOCK).next_multiple_of(8);
+    for (r, row) in x.chunks_exact(k).enumerate() {
+        for (b, blk) in row.chunks_exact(BLOCK).enumerate() {
+            // Fixed-width lanes so that the compiler vectorizes the max and the sum.
+            let mut mx = [0f32; 8];
+            for c in blk.chunks_exact(8) {
+                for l in 0..8 {
+                    mx[l] = mx[l].max(c[l].abs());
+                }
+            }
+            let amax = mx.iter().fold(0f32, |a, &v| a.max(v));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let codes = &mut qs[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
+            let mut sum = [0i32; 8];
+            for (c, v) in codes.chunks_exact_mut(8).zip(blk.chunks_exact(8)) {
+                for l in 0..8 {
+                    let q = (v[l] * inv).round_ties_even() as i32;
+                    c[l] = q as i8;
+                    sum[l] += q;
+                }
+            }
+            d[r * kbp + b] = scale;
+            s[r * kbp + b] = scale * sum.iter().sum::<i32>() as f32;
+        }
     }
 }
 
@@ -563,8 +594,8 @@ mod tests {
         )
         .unwrap();
         let mut a = QActs::default();
-        a.quantize(&values(rows * k, rows as u64 + 7), k);
         let pool = Pool::new(2, Duration::from_micros(20));
+        a.quantize(&values(rows * k, rows as u64 + 7), k, &pool);
         let reference: Vec<f32> = (0..rows)
             .flat_map(|r| (0..n).map(move |j| (r, j)))
             .map(|(r, j)| dot_scalar(&w, j, &a, r))
@@ -636,7 +667,7 @@ mod tests {
     fn activation_codes_round_trip() {
         let x = values(3 * 64, 3);
         let mut a = QActs::default();
-        a.quantize(&x, 64);
+        a.quantize(&x, 64, &Pool::new(1, Duration::ZERO));
         for (i, v) in x.iter().enumerate() {
             let (r, b) = (i / 64, (i % 64) / 32);
             let back = a.d[r * a.kbp + b] * a.qs[i] as f32;

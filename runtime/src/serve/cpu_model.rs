@@ -9,7 +9,7 @@
 //! GEMM operand), not a second model definition: it is built from a `Transformer`, and the
 //! engine uses it only when every projection is quantized and on the CPU.
 
-use crate::kernels::attention::attend;
+use crate::kernels::attention::{KEY_TILE, attend, key_index};
 use crate::kernels::ops::{add_assign, rms_norm, rope, silu_mul};
 use crate::kernels::pool::{self, Pool};
 use crate::kernels::qmatmul::{QActs, QMatrix, matmul};
@@ -18,7 +18,8 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use std::cell::RefCell;
 
 /// Keys and values of one sequence, every layer, preallocated to `capacity` positions.
-/// Layout: (layer, keys|values, kv head, position, head_dim).
+/// Layout: (layer, keys|values, kv head, then for keys the transposed tiles of
+/// [`crate::kernels::attention::key_index`], for values (position, head_dim)).
 pub struct CpuKv {
     data: Vec<f32>,
     capacity: usize,
@@ -29,7 +30,8 @@ pub struct CpuKv {
 impl CpuKv {
     /// A cache of `capacity` positions for `config` (zeroed lazily by the allocator).
     pub fn new(config: &ModelConfig, capacity: usize) -> Self {
-        let head_span = capacity * config.head_dim();
+        // Keys are stored in transposed tiles of KEY_TILE positions (see `key_index`).
+        let head_span = capacity.next_multiple_of(KEY_TILE) * config.head_dim();
         Self {
             data: vec![0.0; config.n_layers * 2 * config.n_kv_heads * head_span],
             capacity,
@@ -245,7 +247,7 @@ impl CpuModel {
             // Attention.
             s.h.resize(r * h, 0.0);
             rms_norm(&s.x, &layer.attn_norm, eps, &mut s.h);
-            s.acts.quantize(&s.h, h);
+            s.acts.quantize(&s.h, h, pool);
             s.qkv.resize(r * qkv_w, 0.0);
             matmul(&layer.qkv, &s.acts, &mut s.qkv, pool);
             let half = hd / 2;
@@ -261,27 +263,29 @@ impl CpuModel {
                 let cache = &mut *segments[seg].cache;
                 let k = &qk[nh * hd..];
                 for g in 0..kvh {
+                    let keys = cache.head_mut(l, false, g);
+                    for (d, &x) in k[g * hd..(g + 1) * hd].iter().enumerate() {
+                        keys[key_index(pos, d, hd)] = x;
+                    }
                     let at = pos * hd..(pos + 1) * hd;
-                    cache.head_mut(l, false, g)[at.clone()]
-                        .copy_from_slice(&k[g * hd..(g + 1) * hd]);
                     cache.head_mut(l, true, g)[at].copy_from_slice(&v[g * hd..(g + 1) * hd]);
                 }
             }
             s.attn.resize(r * nh * hd, 0.0);
             self.attention(l, segments, &rows, &s.qkv, &mut s.attn, pool);
-            s.acts.quantize(&s.attn, nh * hd);
+            s.acts.quantize(&s.attn, nh * hd, pool);
             s.proj.resize(r * h, 0.0);
             matmul(&layer.o, &s.acts, &mut s.proj, pool);
             add_assign(&mut s.x, &s.proj);
             // Feed-forward.
             rms_norm(&s.x, &layer.ffn_norm, eps, &mut s.h);
-            s.acts.quantize(&s.h, h);
+            s.acts.quantize(&s.h, h, pool);
             let inter = c.intermediate_size;
             s.gate_up.resize(r * 2 * inter, 0.0);
             matmul(&layer.gate_up, &s.acts, &mut s.gate_up, pool);
             s.act.resize(r * inter, 0.0);
             silu_mul(&s.gate_up, inter, &mut s.act);
-            s.acts.quantize(&s.act, inter);
+            s.acts.quantize(&s.act, inter, pool);
             matmul(&layer.down, &s.acts, &mut s.proj, pool);
             add_assign(&mut s.x, &s.proj);
         }
@@ -294,7 +298,7 @@ impl CpuModel {
         }
         s.h.resize(last.len(), 0.0);
         rms_norm(&last, &self.norm, eps, &mut s.h);
-        s.acts.quantize(&s.h, h);
+        s.acts.quantize(&s.h, h, pool);
         logits.resize(segments.len() * self.lm_head.rows(), 0.0);
         matmul(&self.lm_head, &s.acts, logits, pool);
         Ok(())
