@@ -18,6 +18,8 @@ use crate::labels::{ATTEMPT, WORKER, trainingjob_labels};
 pub const CHECKPOINT_MOUNT: &str = "/checkpoints";
 /// Where the training configuration is mounted in a worker.
 pub const CONFIG_MOUNT: &str = "/etc/anneal";
+/// Port of the worker's Prometheus `/metrics`.
+pub const METRICS_PORT: u16 = 9090;
 /// File name of the configuration in the ConfigMap.
 pub const CONFIG_FILE: &str = "trainingjob.json";
 /// Name of the worker container.
@@ -214,6 +216,8 @@ pub fn worker_pod(
         {"name": "ANNEAL_WORKER", "value": worker.to_string()},
         {"name": "ANNEAL_WORKERS", "value": spec.workers.to_string()},
         {"name": "ANNEAL_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        // Prometheus `/metrics` of the run (loss, tokens/s, ...), for a PodMonitor to scrape.
+        {"name": "ANNEAL_METRICS_ADDR", "value": format!("0.0.0.0:{METRICS_PORT}")},
     ]);
 
     let pod = json!({
@@ -236,6 +240,7 @@ pub fn worker_pod(
                 "image": spec.image.clone().unwrap_or_else(|| config.runtime_image.clone()),
                 "args": ["train", "--job-spec", format!("{CONFIG_MOUNT}/{CONFIG_FILE}"), "--device", "auto"],
                 "env": env,
+                "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
                 "resources": {"limits": limits, "requests": requests},
                 "terminationMessagePath": contract::TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",

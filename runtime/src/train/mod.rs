@@ -4,9 +4,11 @@
 pub mod config;
 pub mod job_spec;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 pub mod progress;
 pub mod status;
+pub mod tensorboard;
 pub mod trainer;
 
 use crate::checkpoint::{CheckpointDir, CheckpointError, model_dir};
@@ -41,6 +43,21 @@ pub struct Args {
     /// Device: auto, cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Serve Prometheus `/metrics` of the run on this address (e.g. `0.0.0.0:9090`).
+    #[arg(long, env = "ANNEAL_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Write a TensorBoard event file of the logged steps into this directory.
+    #[arg(long, env = "ANNEAL_TENSORBOARD_DIR")]
+    pub tensorboard_dir: Option<PathBuf>,
+}
+
+/// Where a run's figures go besides stdout.
+#[derive(Default)]
+pub struct Observers {
+    /// Prometheus metrics, when served.
+    pub metrics: Option<std::sync::Arc<metrics::TrainMetrics>>,
+    /// TensorBoard event directory.
+    pub tensorboard_dir: Option<PathBuf>,
 }
 
 /// Why training stopped.
@@ -114,7 +131,17 @@ pub fn run(args: Args) -> crate::error::Result<()> {
     crate::device::keep_freed_memory();
     crate::device::serial_elementwise();
     let device = crate::device::parse_device(&args.device)?;
-    train(config, args.attempt, device).map_err(RuntimeError::from)
+    let mut observers = Observers {
+        tensorboard_dir: args.tensorboard_dir,
+        ..Observers::default()
+    };
+    if let Some(addr) = args.metrics_addr {
+        let m = std::sync::Arc::new(metrics::TrainMetrics::default());
+        metrics::serve(addr, m.clone())
+            .map_err(|e| RuntimeError::User(format!("--metrics-addr {addr}: {e}")))?;
+        observers.metrics = Some(m);
+    }
+    train(config, args.attempt, device, &observers).map_err(RuntimeError::from)
 }
 
 /// Trains to the configured number of steps and writes the model directory.
@@ -122,6 +149,7 @@ pub fn train(
     config: TrainConfig,
     attempt: u64,
     device: candle_core::Device,
+    observers: &Observers,
 ) -> Result<(), TrainError> {
     let reporter = Reporter::default();
     let ckpt_dir = match &config.checkpoint.dir {
@@ -153,6 +181,12 @@ pub fn train(
         }
         _ => None,
     };
+    let mut events = match &observers.tensorboard_dir {
+        Some(dir) => Some(tensorboard::EventWriter::create(dir).map_err(|e| {
+            TrainError::Config(format!("--tensorboard-dir {}: {e}", dir.display()))
+        })?),
+        None => None,
+    };
     let (mut window_start, mut window_tokens) = (Instant::now(), 0usize);
     while t.step < h.steps {
         let stats = t.train_step()?;
@@ -170,6 +204,29 @@ pub fn train(
                 epoch: t.loader.cursor.epoch,
             };
             reporter.step(&report);
+            if let Some(m) = &observers.metrics {
+                m.step(&metrics::StepFigures {
+                    step: report.step,
+                    total_steps: report.total_steps,
+                    loss: report.loss,
+                    lr: report.lr,
+                    grad_norm: report.grad_norm,
+                    tokens_per_sec: report.tokens_per_sec,
+                    tokens: window_tokens as u64,
+                });
+            }
+            if let Some(w) = &mut events {
+                let scalars = [
+                    ("train/loss", report.loss),
+                    ("train/learning_rate", report.lr),
+                    ("train/grad_norm", report.grad_norm),
+                    ("train/tokens_per_second", report.tokens_per_sec),
+                ];
+                if let Err(e) = w.scalars(report.step, &scalars) {
+                    reporter.warn(&format!("tensorboard: {e}"));
+                    events = None;
+                }
+            }
             if let Some(k8s) = &reporter_k8s {
                 let mut p =
                     anneal_crds::trainingjob::TrainingProgress::at(report.step, report.total_steps);
@@ -188,6 +245,9 @@ pub fn train(
             reporter.event(&serde_json::json!({
                 "event": "checkpoint", "step": t.step, "path": path.display().to_string(),
             }));
+            if let Some(m) = &observers.metrics {
+                m.checkpoint();
+            }
             if let Some(k8s) = &reporter_k8s {
                 k8s.checkpoint(anneal_crds::trainingjob::CheckpointRecord {
                     step: t.step,
