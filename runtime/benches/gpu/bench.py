@@ -72,9 +72,10 @@ def train_flops_per_token(c, vocab):
     return 6 * (p["total"] - p["embedding"]) + 12 * c["layers"] * c["hidden"] * c["ctx"]
 
 
-def anneal_train(a, c, work, device):
+def anneal_train(a, c, work, device, precision="auto"):
     """Trains config c with anneal; returns per-step losses and tokens/s after SKIP steps."""
-    cfg = os.path.join(work, f"train-{c['name']}.yaml")
+    name = f"{c['name']}-{precision}"
+    cfg = os.path.join(work, f"train-{name}.yaml")
     vocab = f", vocabSize: {c['vocab']}" if c["vocab"] else ""
     with open(cfg, "w") as f:
         f.write(f"""model:
@@ -82,13 +83,13 @@ def anneal_train(a, c, work, device):
 dataset: {{uri: "file://{work}/corpus.txt"}}
 stage: pretrain
 hyperparameters: {{steps: {c['steps']}, batchSize: {c['batch']}, seqLen: {c['ctx']}, learningRate: {c['lr']}, warmupSteps: {c['warmup']},
-                  threads: {a.threads}, logEvery: 1, seed: 0}}
-output: {{path: "{work}/model-{c['name']}"}}
+                  threads: {a.threads}, logEvery: 1, seed: 0, precision: {precision}}}
+output: {{path: "{work}/model-{name}"}}
 """)
     t0 = time.time()
     p = subprocess.run([a.bin, "train", "--config", cfg, "--device", device],
                        capture_output=True, text=True, timeout=a.step_timeout)
-    with open(os.path.join(a.out, f"anneal-train-{c['name']}.log"), "w") as f:
+    with open(os.path.join(a.out, f"anneal-train-{name}.log"), "w") as f:
         f.write(p.stdout + p.stderr)
     if p.returncode != 0:
         raise RuntimeError(f"anneal train exited {p.returncode}: {p.stderr.strip()[-800:]}")
@@ -97,7 +98,7 @@ output: {{path: "{work}/model-{c['name']}"}}
     # Harmonic mean: every step processes the same number of tokens.
     tps = len(timed) / sum(1 / s["tokens_per_sec"] for s in timed)
     return {"losses": [s["loss"] for s in steps], "tokens_per_sec": tps,
-            "wall_s": round(time.time() - t0, 1), "model_dir": f"{work}/model-{c['name']}"}
+            "wall_s": round(time.time() - t0, 1), "model_dir": f"{work}/model-{name}"}
 
 
 def torch_train(a, c, work, device):
@@ -260,6 +261,8 @@ def main():
     ap.add_argument("--mem-tbps", type=float, default=H200_TBPS)
     ap.add_argument("--loss-tol", type=float, default=0.02,
                     help="largest |gpu - cpu| / max(1, cpu) over the checked steps")
+    ap.add_argument("--loss-tol-f32", type=float, default=0.002,
+                    help="the same for the device's f32 run")
     ap.add_argument("--step-timeout", type=int, default=300)
     ap.add_argument("--budget", type=int, default=420,
                     help="seconds after which the remaining sections are skipped")
@@ -302,6 +305,13 @@ def main():
         worst, ok = compare_losses(chk["losses"], ref["check_losses"], a.loss_tol)
         res["loss_check"] = {"worst_rel": worst, "ok": ok, "tol": a.loss_tol}
         log(f"loss curve vs CPU: worst relative difference {worst:.4f} ({'ok' if ok else 'FAIL'})")
+        # The same run in f32 on the device: only summation order differs from the CPU, so this
+        # checks the device's kernels much more tightly than the bf16 run can.
+        f32 = anneal_train(a, CHECK, work, a.device, "fp32")
+        worst, ok = compare_losses(f32["losses"], ref["check_losses"], a.loss_tol_f32)
+        res["loss_check_fp32"] = {"worst_rel": worst, "ok": ok, "tol": a.loss_tol_f32,
+                                  "losses": f32["losses"]}
+        log(f"fp32 loss curve vs CPU: worst relative difference {worst:.5f} ({'ok' if ok else 'FAIL'})")
 
     # 2. Training throughput, anneal and PyTorch.
     c = QUICK if a.quick else BIG
@@ -380,8 +390,13 @@ def table(a, res, ref):
     lc = res.get("loss_check")
     lines += ["", "| correctness | result |", "| --- | --- |"]
     if lc:
-        lines.append(f"| loss of the first {len(ref['check_losses'])} steps vs CPU f32 | worst relative "
+        what = "bf16" if gpu else "f32"
+        lines.append(f"| loss of the first {len(ref['check_losses'])} steps ({what}) vs CPU f32 | worst relative "
                      f"difference {lc['worst_rel']:.4f} (tolerance {lc['tol']}): {'PASS' if lc['ok'] else 'FAIL'} |")
+    lf = res.get("loss_check_fp32")
+    if lf:
+        lines.append(f"| the same with precision fp32 on the device | worst relative difference "
+                     f"{lf['worst_rel']:.5f} (tolerance {lf['tol']}): {'PASS' if lf['ok'] else 'FAIL'} |")
     else:
         lines.append("| loss curve vs CPU | no reference file |")
     gc = res.get("greedy_check")
