@@ -415,6 +415,16 @@ mod x86 {
                     let low = _mm256_set1_epi8(0x0F);
                     let (wq, aq) = (w.qs.as_ptr(), a.qs.as_ptr());
                     let (wd, ad) = (w.d.as_ptr(), a.d.as_ptr());
+                    if r0 == 0 {
+                        // The next tile's weights: streamed from memory once per product,
+                        // so their loads would otherwise wait on DRAM latency.
+                        prefetch(wq.wrapping_add((j + NR) * rb), NR * rb);
+                        prefetch(wd.wrapping_add((j + NR) * kbp).cast(), NR * kbp * 4);
+                        prefetch(
+                            w.m.as_ptr().wrapping_add((j + NR) * kbp).cast(),
+                            NR * kbp * 4,
+                        );
+                    }
                     for b in 0..kb {
                         let mut wv = [_mm256_setzero_si256(); NR];
                         let mut bw = [_mm256_setzero_ps(); NR];
@@ -464,6 +474,15 @@ mod x86 {
                 }
             }
         };
+    }
+
+    /// Prefetches `len` bytes from `p` into the caches (a hint: no access, no fault).
+    #[inline(always)]
+    fn prefetch(p: *const u8, len: usize) {
+        for off in (0..len).step_by(64) {
+            // SAFETY: prefetching has no memory effects, even for addresses past the buffer.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
+        }
     }
 
     #[inline(always)]
