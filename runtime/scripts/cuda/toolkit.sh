@@ -4,15 +4,16 @@
 #   - nvcc 13.0 and the CUDA 13.0 headers/runtime from PyPI wheels, in a venv (candle-kernels
 #     compiles its PTX with it); 13.0 matches driver 580 on the GPU machines lent to this project;
 #   - link stubs (stubs/): libcuda.so.1, libnvrtc.so.13, libcurand.so.10, libcublas.so.13,
-#     libcublasLt.so.13 defining, as empty functions, every symbol cudarc's rlib leaves undefined,
-#     so that the binary links here. The binary loads the real libraries at run time; the stubs are
-#     for the linker only and never ship (they live outside the clone and the binary does not
-#     record their path).
+#     libcublasLt.so.13, each defining every cu*/nvrtc*/curand*/cublas* symbol that the rlibs of
+#     the build leave undefined (as a function returning a failure status), so that the binary
+#     links here. The binary loads the real libraries at run time (it records their SONAMEs, no
+#     path); the stubs are for the linker only and never ship (they live outside the clone).
 #
 #   source runtime/scripts/cuda/toolkit.sh            # env only (PATH, CUDA_ROOT, ...); installs if missing
 #   runtime/scripts/cuda/toolkit.sh stubs RLIB...     # (re)generate the stubs from rlibs (build.sh does)
 #
-# Idempotent: a finished step leaves a marker and is skipped next time. Python >= 3.9 with venv.
+# Idempotent: the install leaves a marker, and stubs are regenerated only when the symbol set (or
+# this generator) changes. Needs python3 with venv, nm and cc.
 # Prints progress on stderr only.
 
 _anneal_cuda_main() {
@@ -33,7 +34,7 @@ _anneal_cuda_main() {
 
     # The wheels unpack into site-packages/nvidia/cu13 (bin/, include/, lib/, nvvm/).
     local root
-    root="$(ls -d "$cache"/venv/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -n1)"
+    root="$(ls -d "$cache"/venv/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -n1 || true)"
     if [[ -z "$root" || ! -x "$root/bin/nvcc" ]]; then
         echo "toolkit.sh: no nvcc under $cache/venv; remove $marker and retry" >&2
         return 1
