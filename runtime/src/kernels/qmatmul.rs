@@ -8,25 +8,30 @@
 //! product with an activation block (codes `a`, scale `da`, `sa = da * sum(a)`) is then
 //! `d * da * dot(q, a) + m * sa`, and `dot(u8, i8)` is one AVX-512/AVX VNNI instruction.
 //!
-//! The SIMD kernels compute a tile of 4 weight rows by up to 4 activation rows, so each weight
-//! block is loaded (and, for Q4_1, unpacked) once per 4 activation rows: the batched decode
-//! step reads the weights once for the whole batch. A scalar reference computes the same sums.
+//! The weights are repacked at load so that one 32-byte vector holds 4 consecutive codes of
+//! each of 8 rows: a VNNI instruction against 4 activation codes broadcast to every lane
+//! advances the dot products of 8 output rows at once, and after the 8 steps of a block each
+//! lane holds its row's block sum, ready to be scaled with no horizontal sums (the layout of
+//! llama.cpp's repacked CPU kernels). A tile is 8 weight rows by up to 4 activation rows; the
+//! next tile's weights are prefetched while one is computed. A scalar reference computes the
+//! same sums.
 
 use super::pool::Pool;
 
 /// How weight codes are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// 4-bit codes, 16 bytes per block of 32 (ggml order: byte `t` holds values `t` and `t + 16`).
+    /// 4-bit codes: per group of 8 rows and block, 4 vectors of 32 bytes whose low nibbles
+    /// are steps 0-3 and high nibbles steps 4-7.
     Q4,
-    /// 8-bit unsigned codes, 32 bytes per block.
+    /// 8-bit unsigned codes: 8 vectors of 32 bytes per group and block.
     Q8,
 }
 
 /// Values per block.
 pub const BLOCK: usize = 32;
-/// Weight rows per SIMD tile.
-const NR: usize = 4;
+/// Weight rows per group (one output lane each).
+const NR: usize = 8;
 /// Largest number of activation rows per SIMD tile.
 const MR: usize = 4;
 
@@ -37,13 +42,13 @@ pub struct QMatrix {
     n: usize,
     k: usize,
     kb: usize,
-    /// Stride of `d` and `m`: blocks per row rounded up to 8 (zero padding), so the offset
-    /// terms can be summed 8 blocks at a time.
-    kbp: usize,
-    row_bytes: usize,
-    /// Codes, `n` rounded up to [`NR`] rows (zero rows at the end).
+    /// Bytes of one group's block: 8 rows x 32 codes.
+    group_bytes: usize,
+    /// Codes by (group, block), `n` rounded up to [`NR`] rows (zero rows at the end).
     qs: Vec<u8>,
+    /// Scales by (group, block, row in group).
     d: Vec<f32>,
+    /// Offsets, laid out like `d`.
     m: Vec<f32>,
 }
 
@@ -89,25 +94,24 @@ impl QMatrix {
             )));
         }
         let kb = k / BLOCK;
-        let kbp = kb.next_multiple_of(8);
         let n: usize = parts.iter().map(|p| p.1).sum();
-        let n_pad = n.next_multiple_of(NR);
-        let row_bytes = match format {
-            Format::Q4 => kb * 16,
-            Format::Q8 => k,
+        let groups = n.div_ceil(NR);
+        let group_bytes = match format {
+            Format::Q4 => NR * BLOCK / 2,
+            Format::Q8 => NR * BLOCK,
         };
         let mut w = Self {
             format,
             n,
             k,
             kb,
-            kbp,
-            row_bytes,
-            qs: vec![0; n_pad * row_bytes],
-            d: vec![0.0; n_pad * kbp],
-            m: vec![0.0; n_pad * kbp],
+            group_bytes,
+            qs: vec![0; groups * kb * group_bytes],
+            d: vec![0.0; groups * kb * NR],
+            m: vec![0.0; groups * kb * NR],
         };
         let mut row = 0;
+        let mut codes = [0u8; BLOCK];
         for &(bytes, rows) in parts {
             if bytes.len() != rows * kb * block_bytes {
                 return Err(FormatError(format!(
@@ -118,20 +122,27 @@ impl QMatrix {
             for (i, blk) in bytes.chunks_exact(block_bytes).enumerate() {
                 let (r, b) = (row + i / kb, i % kb);
                 let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-                let codes = &mut w.qs[r * row_bytes..(r + 1) * row_bytes];
-                match format {
+                let m = match format {
                     Format::Q4 => {
-                        w.d[r * kbp + b] = d;
-                        w.m[r * kbp + b] = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]));
-                        codes[b * 16..(b + 1) * 16].copy_from_slice(&blk[4..20]);
+                        for t in 0..16 {
+                            codes[t] = blk[4 + t] & 0x0F;
+                            codes[t + 16] = blk[4 + t] >> 4;
+                        }
+                        f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]))
                     }
                     Format::Q8 => {
-                        w.d[r * kbp + b] = d;
-                        w.m[r * kbp + b] = -128.0 * d;
-                        for (c, &q) in codes[b * 32..(b + 1) * 32].iter_mut().zip(&blk[2..34]) {
+                        for (c, &q) in codes.iter_mut().zip(&blk[2..34]) {
                             *c = (q as i8 as i16 + 128) as u8;
                         }
+                        -128.0 * d
                     }
+                };
+                let at = w.scale_index(r, b);
+                w.d[at] = d;
+                w.m[at] = m;
+                for (t, &c) in codes.iter().enumerate() {
+                    let (idx, high) = w.code_index(r, b, t);
+                    w.qs[idx] |= if high { c << 4 } else { c };
                 }
             }
             row += rows;
@@ -149,22 +160,37 @@ impl QMatrix {
         self.k
     }
 
+    fn scale_index(&self, j: usize, b: usize) -> usize {
+        ((j / NR) * self.kb + b) * NR + j % NR
+    }
+
+    /// The byte holding value `t` of block `b` of row `j`, and whether it is the high nibble.
+    fn code_index(&self, j: usize, b: usize, t: usize) -> (usize, bool) {
+        let base = ((j / NR) * self.kb + b) * self.group_bytes;
+        let (step, lane_byte) = (t / 4, 4 * (j % NR) + t % 4);
+        match self.format {
+            Format::Q4 => (base + (step % 4) * 32 + lane_byte, step >= 4),
+            Format::Q8 => (base + step * 32 + lane_byte, false),
+        }
+    }
+
     /// The code of value `t` of block `b` of row `j`.
     fn code(&self, j: usize, b: usize, t: usize) -> u8 {
-        let row = &self.qs[j * self.row_bytes..];
-        match self.format {
-            Format::Q4 => {
-                let byte = row[b * 16 + t % 16];
-                if t < 16 { byte & 0x0F } else { byte >> 4 }
-            }
-            Format::Q8 => row[b * 32 + t],
+        let (idx, high) = self.code_index(j, b, t);
+        if high {
+            self.qs[idx] >> 4
+        } else if self.format == Format::Q4 {
+            self.qs[idx] & 0x0F
+        } else {
+            self.qs[idx]
         }
     }
 
     /// Row `j` as f32 values (an embedding lookup from a tied output matrix).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         for (b, chunk) in out[..self.k].chunks_exact_mut(BLOCK).enumerate() {
-            let (d, m) = (self.d[j * self.kbp + b], self.m[j * self.kbp + b]);
+            let at = self.scale_index(j, b);
+            let (d, m) = (self.d[at], self.m[at]);
             for (t, o) in chunk.iter_mut().enumerate() {
                 *o = d * self.code(j, b, t) as f32 + m;
             }
@@ -330,42 +356,42 @@ unsafe impl Sync for OutPtr {}
 pub fn matmul_with(w: &QMatrix, a: &QActs, out: &mut [f32], pool: &Pool, isa: Isa) {
     assert_eq!(w.k, a.k, "matmul: widths differ");
     assert_eq!(out.len(), a.rows * w.n, "matmul: output size");
-    let tiles = w.n.div_ceil(NR);
-    let tasks = tiles.min(pool.threads() * 8).max(1);
-    let per = tiles.div_ceil(tasks);
-    let tasks = tiles.div_ceil(per);
+    let groups = w.n.div_ceil(NR);
+    let tasks = groups.min(pool.threads() * 8).max(1);
+    let per = groups.div_ceil(tasks);
+    let tasks = groups.div_ceil(per);
     let ptr = OutPtr(out.as_mut_ptr());
     pool.run(tasks, |t| {
         // The whole wrapper (Sync), not its raw pointer field, is captured.
         let out = &ptr;
-        let (t0, t1) = (t * per, ((t + 1) * per).min(tiles));
-        for tile in t0..t1 {
-            // SAFETY: the tile's columns are written by this task alone, inside `out`.
-            unsafe { run_tile(w, a, tile * NR, out.0, isa) };
+        let (g0, g1) = (t * per, ((t + 1) * per).min(groups));
+        for g in g0..g1 {
+            // SAFETY: the group's columns are written by this task alone, inside `out`.
+            unsafe { run_group(w, a, g, out.0, isa) };
         }
     });
 }
 
-/// Computes columns `j..j + NR` (those below `n`) of every output row.
+/// Computes columns `8g..8g + 8` (those below `n`) of every output row.
 ///
 /// # Safety
-/// `out` points to a live (a.rows, w.n) buffer; `j + NR` is within the padded rows of `w`.
-unsafe fn run_tile(w: &QMatrix, a: &QActs, j: usize, out: *mut f32, isa: Isa) {
+/// `out` points to a live (a.rows, w.n) buffer; `g` is a group of `w`.
+unsafe fn run_group(w: &QMatrix, a: &QActs, g: usize, out: *mut f32, isa: Isa) {
     let mut r = 0;
     while r < a.rows {
         let mr = (a.rows - r).min(MR);
         #[cfg(target_arch = "x86_64")]
         if isa != Isa::Scalar {
             // SAFETY: the ISA was detected on this CPU; bounds as documented above.
-            unsafe { x86::tile(isa, w, a, j, r, mr, out) };
+            unsafe { x86::tile(isa, w, a, g, r, mr, out) };
             r += mr;
             continue;
         }
         let _ = isa;
         for c in r..r + mr {
-            for i in j..(j + NR).min(w.n) {
-                // SAFETY: (c, i) is inside the (a.rows, w.n) buffer.
-                unsafe { *out.add(c * w.n + i) = dot_scalar(w, i, a, c) };
+            for j in g * NR..(g * NR + NR).min(w.n) {
+                // SAFETY: (c, j) is inside the (a.rows, w.n) buffer.
+                unsafe { *out.add(c * w.n + j) = dot_scalar(w, j, a, c) };
             }
         }
         r += mr;
@@ -382,8 +408,8 @@ pub fn dot_scalar(w: &QMatrix, j: usize, a: &QActs, r: usize) -> f32 {
             .enumerate()
             .map(|(t, &q)| w.code(j, b, t) as i32 * q as i32)
             .sum();
-        acc += w.d[j * w.kbp + b] * a.d[r * a.kbp + b] * dot as f32
-            + w.m[j * w.kbp + b] * a.s[r * a.kbp + b];
+        let at = w.scale_index(j, b);
+        acc += w.d[at] * a.d[r * a.kbp + b] * dot as f32 + w.m[at] * a.s[r * a.kbp + b];
     }
     acc
 }
@@ -392,83 +418,84 @@ pub fn dot_scalar(w: &QMatrix, j: usize, a: &QActs, r: usize) -> f32 {
 mod x86 {
     //! The SIMD tiles. One macro writes the tile for each instruction set so that the dot
     //! product instruction is inlined into a function compiled for that set.
-    use super::{Format, Isa, NR, QActs, QMatrix};
+    use super::{BLOCK, Format, Isa, NR, QActs, QMatrix};
     use std::arch::x86_64::*;
 
     macro_rules! tile_fn {
-        ($name:ident, $feat:literal, |$acc:ident, $w:ident, $a:ident| q4: $dot4:expr, q8: $dot8:expr) => {
+        ($name:ident, $feat:literal, $offset_q8:expr,
+         |$acc:ident, $w:ident, $a:ident| q4: $dot4:expr, q8: $dot8:expr) => {
             /// # Safety
-            /// The CPU has the features named; see `run_tile`.
+            /// The CPU has the features named; see `run_group`.
             #[target_feature(enable = $feat)]
             unsafe fn $name<const M: usize, const Q4: bool>(
                 w: &QMatrix,
                 a: &QActs,
-                j: usize,
+                g: usize,
                 r0: usize,
                 out: *mut f32,
             ) {
-                // SAFETY: every pointer below stays inside the matrices: rows j..j + NR exist
-                // (padded), rows r0..r0 + M of `a` exist, blocks < kb, offsets < kbp.
+                // SAFETY: every pointer below stays inside the matrices: group g and its
+                // blocks exist, rows r0..r0 + M of `a` exist, blocks < kb.
                 unsafe {
-                    let (kb, kbp, k, rb) = (w.kb, w.kbp, w.k, w.row_bytes);
-                    let mut acc = [[_mm256_setzero_ps(); M]; NR];
+                    let (kb, k, gb) = (w.kb, w.k, w.group_bytes);
+                    let mut acc = [_mm256_setzero_ps(); M];
                     let low = _mm256_set1_epi8(0x0F);
-                    let (wq, aq) = (w.qs.as_ptr(), a.qs.as_ptr());
-                    let (wd, ad) = (w.d.as_ptr(), a.d.as_ptr());
+                    let wq = w.qs.as_ptr().add(g * kb * gb);
+                    let (wd, wm) = (w.d.as_ptr().add(g * kb * NR), w.m.as_ptr().add(g * kb * NR));
+                    let (aq, ad, as_) = (a.qs.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
                     if r0 == 0 {
-                        // The next tile's weights: streamed from memory once per product,
+                        // The next group's weights: streamed from memory once per product,
                         // so their loads would otherwise wait on DRAM latency.
-                        prefetch(wq.wrapping_add((j + NR) * rb), NR * rb);
-                        prefetch(wd.wrapping_add((j + NR) * kbp).cast(), NR * kbp * 4);
-                        prefetch(
-                            w.m.as_ptr().wrapping_add((j + NR) * kbp).cast(),
-                            NR * kbp * 4,
-                        );
+                        prefetch(wq.wrapping_add(kb * gb), kb * gb);
+                        prefetch(wd.wrapping_add(kb * NR).cast(), kb * NR * 4);
+                        prefetch(wm.wrapping_add(kb * NR).cast(), kb * NR * 4);
                     }
                     for b in 0..kb {
-                        let mut wv = [_mm256_setzero_si256(); NR];
-                        let mut bw = [_mm256_setzero_ps(); NR];
-                        for i in 0..NR {
-                            let row = wq.add((j + i) * rb);
-                            wv[i] = if Q4 {
-                                let x = _mm_loadu_si128(row.add(b * 16) as *const __m128i);
-                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), low)
-                            } else {
-                                _mm256_loadu_si256(row.add(b * 32) as *const __m256i)
-                            };
-                            bw[i] = _mm256_set1_ps(*wd.add((j + i) * kbp + b));
+                        let base = wq.add(b * gb);
+                        let mut ws = [_mm256_setzero_si256(); 8];
+                        if Q4 {
+                            for t in 0..4 {
+                                let v = _mm256_loadu_si256(base.add(32 * t) as *const __m256i);
+                                ws[t] = _mm256_and_si256(v, low);
+                                ws[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                            }
+                        } else {
+                            for (t, x) in ws.iter_mut().enumerate() {
+                                *x = _mm256_loadu_si256(base.add(32 * t) as *const __m256i);
+                            }
                         }
+                        let d8 = _mm256_loadu_ps(wd.add(b * NR));
+                        let m8 = _mm256_loadu_ps(wm.add(b * NR));
                         for c in 0..M {
-                            let av =
-                                _mm256_loadu_si256(aq.add((r0 + c) * k + b * 32) as *const __m256i);
-                            let ba = _mm256_set1_ps(*ad.add((r0 + c) * kbp + b));
-                            for i in 0..NR {
-                                let ($acc, $w, $a) = (_mm256_setzero_si256(), wv[i], av);
-                                let dot = if Q4 { $dot4 } else { $dot8 };
-                                acc[i][c] = _mm256_fmadd_ps(
-                                    _mm256_cvtepi32_ps(dot),
-                                    _mm256_mul_ps(bw[i], ba),
-                                    acc[i][c],
+                            let ap = aq.add((r0 + c) * k + b * BLOCK) as *const i32;
+                            // Two chains of integer sums (one is latency-bound).
+                            let mut sums = [_mm256_setzero_si256(); 2];
+                            for s in 0..8 {
+                                let ($acc, $w, $a) = (
+                                    sums[s % 2],
+                                    ws[s],
+                                    _mm256_set1_epi32(ap.add(s).read_unaligned()),
                                 );
+                                sums[s % 2] = if Q4 { $dot4 } else { $dot8 };
+                            }
+                            let dot = _mm256_cvtepi32_ps(_mm256_add_epi32(sums[0], sums[1]));
+                            let at = (r0 + c) * a.kbp + b;
+                            let scale = _mm256_mul_ps(d8, _mm256_set1_ps(*ad.add(at)));
+                            acc[c] = _mm256_fmadd_ps(dot, scale, acc[c]);
+                            if Q4 || $offset_q8 {
+                                acc[c] = _mm256_fmadd_ps(m8, _mm256_set1_ps(*as_.add(at)), acc[c]);
                             }
                         }
                     }
-                    // Offsets: m * sa summed over blocks, 8 blocks at a time (zero padded).
-                    let (wm, as_) = (w.m.as_ptr(), a.s.as_ptr());
-                    for ch in (0..kbp).step_by(8) {
-                        for i in 0..NR {
-                            let mv = _mm256_loadu_ps(wm.add((j + i) * kbp + ch));
-                            for c in 0..M {
-                                let sv = _mm256_loadu_ps(as_.add((r0 + c) * kbp + ch));
-                                acc[i][c] = _mm256_fmadd_ps(mv, sv, acc[i][c]);
-                            }
-                        }
-                    }
-                    for i in 0..NR {
-                        if j + i < w.n {
-                            for c in 0..M {
-                                *out.add((r0 + c) * w.n + j + i) = hsum(acc[i][c]);
-                            }
+                    let lanes = (w.n - g * NR).min(NR);
+                    for (c, v) in acc.iter().enumerate() {
+                        let dst = out.add((r0 + c) * w.n + g * NR);
+                        if lanes == NR {
+                            _mm256_storeu_ps(dst, *v);
+                        } else {
+                            let mut tmp = [0f32; NR];
+                            _mm256_storeu_ps(tmp.as_mut_ptr(), *v);
+                            std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, lanes);
                         }
                     }
                 }
@@ -485,32 +512,21 @@ mod x86 {
         }
     }
 
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        // SAFETY: AVX is implied by every caller's features.
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            _mm_cvtss_f32(s)
-        }
-    }
-
-    tile_fn!(tile_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni",
+    tile_fn!(tile_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", true,
         |z, w, a| q4: _mm256_dpbusd_epi32(z, w, a), q8: _mm256_dpbusd_epi32(z, w, a));
-    tile_fn!(tile_avxvnni, "avx2,fma,avxvnni",
+    tile_fn!(tile_avxvnni, "avx2,fma,avxvnni", true,
         |z, w, a| q4: _mm256_dpbusd_avx_epi32(z, w, a), q8: _mm256_dpbusd_avx_epi32(z, w, a));
-    // AVX2: u8 x i8 pairs summed to i16 (4-bit codes: |15 * 127 * 2| fits), then to i32; 8-bit
-    // codes would overflow i16, so they are widened first.
-    tile_fn!(tile_avx2, "avx2,fma",
-        |z, w, a| q4: _mm256_add_epi32(z, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))),
-        q8: _mm256_add_epi32(
-            _mm256_madd_epi16(
-                _mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)),
-                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a))),
-            _mm256_madd_epi16(
-                _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1)),
-                _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1)))));
+    // AVX2: u8 x i8 pairs summed to i16, then to i32. 4-bit codes fit (|15 * 127 * 2|); 8-bit
+    // codes would overflow i16, so they go back to signed values (q = code - 128) and use
+    // |q| x sign(a, q); the sums are then of q itself, so the -128 offset is not added.
+    tile_fn!(tile_avx2, "avx2,fma", false,
+    |z, w, a| q4: _mm256_add_epi32(z, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))),
+    q8: {
+        let q = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+        _mm256_add_epi32(z, _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(a, q)),
+            _mm256_set1_epi16(1)))
+    });
 
     type TileFn = unsafe fn(&QMatrix, &QActs, usize, usize, *mut f32);
 
@@ -529,15 +545,15 @@ mod x86 {
         };
     }
 
-    /// Runs one tile of `m` (1..=4) activation rows with `isa`'s kernel.
+    /// Runs one tile of `m` (1..=4) activation rows against group `g` with `isa`'s kernel.
     ///
     /// # Safety
-    /// `isa` is supported by this CPU (not `Scalar`); see `run_tile` for the bounds.
+    /// `isa` is supported by this CPU (not `Scalar`); see `run_group` for the bounds.
     pub(super) unsafe fn tile(
         isa: Isa,
         w: &QMatrix,
         a: &QActs,
-        j: usize,
+        g: usize,
         r0: usize,
         m: usize,
         out: *mut f32,
@@ -549,7 +565,7 @@ mod x86 {
             Isa::Avx2 | Isa::Scalar => pick!(tile_avx2, q4, m),
         };
         // SAFETY: forwarded from the caller.
-        unsafe { f(w, a, j, r0, out) }
+        unsafe { f(w, a, g, r0, out) }
     }
 }
 
