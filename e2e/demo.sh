@@ -57,24 +57,21 @@ kubectl get anneal -n anneal-demo
 kubectl get pods -n anneal-demo -o wide
 echo "(the worker pod runs on a kwok-simulated H100 node; the EvalGate and ModelServer controllers are not built yet)"
 
-say "the runtime, for real on this CPU: train builtin:arith"
-cat >"$work/train.yaml" <<YAML
-model:
-  architecture: {hiddenSize: 64, nLayers: 2, nHeads: 4, nKvHeads: 2, intermediateSize: 256, maxSeqLen: 16}
-dataset: {uri: "builtin:arith"}
-stage: sft
-hyperparameters: {steps: 1000, batchSize: 64, learningRate: 0.01, warmupSteps: 50, weightDecay: 0.0, threads: 2, logEvery: 200}
-checkpoint: {everySteps: 250, keep: 2, dir: "$work/checkpoints"}
-output: {path: "$work/model"}
-YAML
-rm -rf "$work/model" "$work/checkpoints"
-"$bin/anneal-runtime" train --config "$work/train.yaml"
+say "the runtime, for real on this CPU: the TrainingJob's own spec, as the worker pod reads it"
+# What the operator mounted into the worker (ConfigMap arith-config, /etc/anneal/trainingjob.json),
+# trained here on the CPU: pvc://anneal-models/... is read under ANNEAL_PVC_ROOT as in the pod.
+kubectl get configmap arith-config -n anneal-demo -o jsonpath='{.data.trainingjob\.json}' >"$work/trainingjob.json"
+rm -rf "$work/pvc" "$work/checkpoints"
+mkdir -p "$work/pvc/anneal-models" "$work/checkpoints"
+ANNEAL_PVC_ROOT="$work/pvc" ANNEAL_CHECKPOINT_DIR="$work/checkpoints" \
+  "$bin/anneal-runtime" train --job-spec "$work/trainingjob.json" --device auto
+model="$work/pvc/anneal-models/arith"
 
 say "evaluate it on the held-out test split (what an EvalGate reads)"
-"$bin/anneal-runtime" eval --model "$work/model" --data builtin:arith | tee "$work/eval.json"
+"$bin/anneal-runtime" eval --model "$model" --data builtin:arith | tee "$work/eval.json"
 
 say "serve it and ask over the OpenAI-compatible API"
-"$bin/anneal-runtime" serve --model "$work/model" --listen 127.0.0.1:18080 --max-seq-len 16 >"$work/serve.log" 2>&1 &
+"$bin/anneal-runtime" serve --model "$model" --listen 127.0.0.1:18080 --max-seq-len 64 >"$work/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 1 120); do
   curl -sf localhost:18080/readyz >/dev/null && break
