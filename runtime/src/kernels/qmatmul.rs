@@ -225,16 +225,17 @@ impl QActs {
         self.d.resize(rows * kbp, 0.0);
         self.s.clear();
         self.s.resize(rows * kbp, 0.0);
-        const ROWS_PER_TASK: usize = 16;
-        if rows < 2 * ROWS_PER_TASK {
+        // Serial work here would leave the other threads spinning: a batch of rows is split.
+        if rows < 2 || pool.threads() == 1 {
             quantize_rows(x, &mut self.qs, &mut self.d, &mut self.s, k);
             return;
         }
+        let per = rows.div_ceil(2 * pool.threads()).clamp(1, 16);
         let parts: Vec<_> = x
-            .chunks(ROWS_PER_TASK * k)
-            .zip(self.qs.chunks_mut(ROWS_PER_TASK * k))
-            .zip(self.d.chunks_mut(ROWS_PER_TASK * kbp))
-            .zip(self.s.chunks_mut(ROWS_PER_TASK * kbp))
+            .chunks(per * k)
+            .zip(self.qs.chunks_mut(per * k))
+            .zip(self.d.chunks_mut(per * kbp))
+            .zip(self.s.chunks_mut(per * kbp))
             .map(|(((x, q), d), s)| std::sync::Mutex::new((x, q, d, s)))
             .collect();
         pool.run(parts.len(), |i| {

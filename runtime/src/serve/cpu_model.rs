@@ -155,6 +155,33 @@ fn dense(t: &candle_core::Tensor) -> Option<Vec<f32>> {
     t.flatten_all().ok()?.to_vec1::<f32>().ok()
 }
 
+/// Applies `f` to blocks of rows of `x` (width `wx`) and `y` (width `wy`) on the pool, so that
+/// the other threads do not spin while one works through a batch.
+fn parallel_rows(
+    pool: &Pool,
+    x: &[f32],
+    wx: usize,
+    y: &mut [f32],
+    wy: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) {
+    let rows = x.len() / wx;
+    if rows < 2 || pool.threads() == 1 {
+        return f(x, y);
+    }
+    let per = rows.div_ceil(2 * pool.threads());
+    let parts: Vec<_> = x
+        .chunks(per * wx)
+        .zip(y.chunks_mut(per * wy))
+        .map(std::sync::Mutex::new)
+        .collect();
+    pool.run(parts.len(), |i| {
+        let mut part = parts[i].lock().unwrap_or_else(|p| p.into_inner());
+        let (x, y) = &mut *part;
+        f(x, y);
+    });
+}
+
 impl CpuModel {
     /// The CPU layout of `model`, when every projection is Q4_1 or Q8_0 on the CPU; `None`
     /// otherwise (the engine then runs the candle model).
@@ -284,7 +311,9 @@ impl CpuModel {
             s.gate_up.resize(r * 2 * inter, 0.0);
             matmul(&layer.gate_up, &s.acts, &mut s.gate_up, pool);
             s.act.resize(r * inter, 0.0);
-            silu_mul(&s.gate_up, inter, &mut s.act);
+            parallel_rows(pool, &s.gate_up, 2 * inter, &mut s.act, inter, |x, y| {
+                silu_mul(x, inter, y)
+            });
             s.acts.quantize(&s.act, inter, pool);
             matmul(&layer.down, &s.acts, &mut s.proj, pool);
             add_assign(&mut s.x, &s.proj);
