@@ -18,7 +18,8 @@ pub fn resolve_path(uri: &str) -> Result<Option<PathBuf>, DataError> {
         return Ok(Some(PathBuf::from(rest)));
     }
     if let Some(rest) = uri.strip_prefix("pvc://") {
-        let root = std::env::var(PVC_ROOT_ENV).unwrap_or_else(|_| anneal_crds::contract::PVC_ROOT.into());
+        let root =
+            std::env::var(PVC_ROOT_ENV).unwrap_or_else(|_| anneal_crds::contract::PVC_ROOT.into());
         if rest.is_empty() || rest.split('/').any(|c| c == "..") {
             return Err(DataError::Scheme(uri.into()));
         }

@@ -71,10 +71,7 @@ impl From<EvalError> for RuntimeError {
     fn from(e: EvalError) -> Self {
         let msg = e.to_string();
         match e {
-            EvalError::Tensor(_) if crate::train::is_device_error(&msg) => {
-                RuntimeError::Device(msg)
-            }
-            EvalError::Tensor(_) => RuntimeError::Internal(msg),
+            EvalError::Tensor(e) => crate::error::from_tensor_error(&e),
             EvalError::Model(CheckpointError::Io { source, .. })
                 if source.kind() != std::io::ErrorKind::NotFound =>
             {

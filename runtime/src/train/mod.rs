@@ -99,16 +99,11 @@ impl From<TrainError> for RuntimeError {
             | TrainError::Diverged { .. } => RuntimeError::User(msg),
             // A stale attempt must not be retried: the newer attempt owns the job now.
             TrainError::Checkpoint(CheckpointError::Fenced { .. }) => RuntimeError::User(msg),
-            TrainError::Tensor(_) if is_device_error(&msg) => RuntimeError::Device(msg),
+            // CUDA faults fail over (75); out of GPU memory is the job's size (65); else 1.
+            TrainError::Tensor(e) => crate::error::from_tensor_error(&e),
             _ => RuntimeError::Internal(msg),
         }
     }
-}
-
-/// Whether a tensor error came from the accelerator (the operator fails over on those).
-pub fn is_device_error(msg: &str) -> bool {
-    let m = msg.to_ascii_lowercase();
-    m.contains("cuda") || m.contains("cublas") || m.contains("driver")
 }
 
 /// Runs `anneal-runtime train`.
