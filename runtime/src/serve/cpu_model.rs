@@ -224,6 +224,24 @@ impl CpuModel {
         &self.config
     }
 
+    /// Whether `tokens` at positions from `start` fit a cache of `capacity` positions and the
+    /// vocabulary (what [`Self::forward`] refuses).
+    pub fn check(&self, tokens: &[u32], start: usize, capacity: usize) -> Result<(), String> {
+        let c = &self.config;
+        let end = start + tokens.len();
+        if tokens.is_empty() || end > capacity || end > c.max_seq_len {
+            return Err(format!(
+                "segment of {} tokens at {start} does not fit (capacity {capacity}, max_seq_len {})",
+                tokens.len(),
+                c.max_seq_len
+            ));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(format!("token {t} is outside the vocabulary"));
+        }
+        Ok(())
+    }
+
     /// Logits (segments, vocab) of the last token of every segment, written into `logits`;
     /// every segment's new keys and values are written into its cache.
     pub fn forward(
@@ -240,19 +258,8 @@ impl CpuModel {
         // Row index -> (segment, position).
         let mut rows = Vec::new();
         for (s, seg) in segments.iter().enumerate() {
+            self.check(seg.tokens, seg.start, seg.cache.capacity())?;
             let end = seg.start + seg.tokens.len();
-            if seg.tokens.is_empty() || end > seg.cache.capacity() || end > c.max_seq_len {
-                return Err(format!(
-                    "segment of {} tokens at {} does not fit (capacity {}, max_seq_len {})",
-                    seg.tokens.len(),
-                    seg.start,
-                    seg.cache.capacity(),
-                    c.max_seq_len
-                ));
-            }
-            if let Some(t) = seg.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(format!("token {t} is outside the vocabulary"));
-            }
             rows.extend((seg.start..end).map(|p| (s, p)));
         }
         let r = rows.len();

@@ -413,6 +413,17 @@ impl Engine {
             if req.events.is_closed() {
                 continue;
             }
+            // A prompt the model refuses fails alone, not the whole batch.
+            let fits = self
+                .cpu
+                .as_ref()
+                .map(|cpu| cpu.check(&req.prompt, 0, self.pool.capacity()));
+            if let Some(Err(e)) = fits {
+                let _ = req
+                    .events
+                    .send(Event::Error(format!("prefill failed: {e}")));
+                continue;
+            }
             match self.pool.take() {
                 Ok(cache) => fresh.push((req, cache)),
                 Err(e) => {
