@@ -1,9 +1,9 @@
 //! The layers of the transformer. Fields are public so that other forward paths (a batched
 //! decode) can be written from the same weights.
 
-use super::{KvCache, ModelConfig, Weights, apply_rope, attention};
+use super::{KvCache, ModelConfig, Weights, apply_rope, attention, kernels};
 use candle_core::quantized::QMatMul;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 
 /// A linear map without bias: a dense weight (trainable when it is a variable) or a quantized
 /// one. Both compute `x @ W^T` with `W` of shape (out, in).
@@ -19,6 +19,9 @@ impl Linear {
     /// Applies the map to the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Dense(w) if kernels::applies(x) && w.dtype() == DType::F32 => {
+                kernels::linear(x, w)
+            }
             Self::Dense(w) => {
                 let dims = x.dims();
                 let in_dim = dims[dims.len() - 1];
@@ -51,6 +54,9 @@ impl RmsNorm {
 
     /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if kernels::applies(x) {
+            return kernels::rms_norm(x, &self.weight, self.eps as f32);
+        }
         if x.track_op() || self.weight.track_op() {
             candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)
         } else {
@@ -101,7 +107,9 @@ impl Attention {
     }
 
     /// Attention over `x` whose first token sits at `start_pos`, through the cache of layer
-    /// `cache.1` when one is given.
+    /// `cache.1` when one is given. `mask` is the causal mask `causal_mask(t, start_pos)`
+    /// (none for a single token); a training step on the CPU applies causality in its fused
+    /// kernel instead.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -111,6 +119,26 @@ impl Attention {
         start_pos: usize,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
+        if cache.is_none()
+            && kernels::applies(x)
+            && let (Linear::Dense(q), Linear::Dense(k), Linear::Dense(v)) =
+                (&self.q, &self.k, &self.v)
+        {
+            {
+                // One product with the stacked weights instead of three; the kernel takes the
+                // heads out of its rows as they are.
+                let qkv = Linear::Dense(Tensor::cat(&[q, k, v], 0)?).forward(x)?;
+                let y = kernels::causal_self_attention(
+                    &qkv,
+                    cos,
+                    sin,
+                    self.n_heads,
+                    self.n_kv_heads,
+                    self.head_dim,
+                )?;
+                return self.o.forward(&y);
+            }
+        }
         let (q, k, v) = self.qkv(x, cos, sin)?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, start_pos, &k, &v)?,
@@ -134,6 +162,13 @@ pub struct Mlp {
 impl Mlp {
     /// Applies the feed-forward to the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if kernels::applies(x)
+            && let (Linear::Dense(g), Linear::Dense(u)) = (&self.gate, &self.up)
+        {
+            // One product with the stacked gate and up weights, then the fused SwiGLU.
+            let gate_up = Linear::Dense(Tensor::cat(&[g, u], 0)?).forward(x)?;
+            return self.down.forward(&kernels::swiglu(&gate_up)?);
+        }
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         self.down.forward(&(gate * self.up.forward(x)?)?)
     }

@@ -9,6 +9,7 @@
 
 mod cache;
 mod config;
+pub mod kernels;
 mod layers;
 mod ops;
 mod weights;

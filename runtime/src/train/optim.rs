@@ -2,8 +2,13 @@
 //! learning-rate schedule, and global-norm gradient clipping.
 
 use super::config::Hyperparameters;
-use candle_core::{Result, Tensor, Var};
+use crate::model::kernels;
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::HashMap;
+
+/// Elements per parallel task of the in-place update and of the gradient norm's partial sums.
+const CHUNK: usize = 1 << 14;
 
 /// One trainable parameter and its AdamW moments.
 #[derive(Debug)]
@@ -72,6 +77,45 @@ impl AdamW {
         let bias1 = 1.0 - b1.powi(t);
         let bias2 = 1.0 - b2.powi(t);
         for (p, g) in self.params.iter_mut().zip(grads) {
+            let theta = p.var.as_tensor();
+            if [theta, &p.m, &p.v, g]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+            {
+                // In place, one pass per buffer: the composite version below allocates ten
+                // temporaries of the parameter's size.
+                let (scale, lr) = (scale as f32, lr as f32);
+                p.m.inplace_op2(
+                    g,
+                    &Moment {
+                        beta: b1 as f32,
+                        scale,
+                        square: false,
+                    },
+                )?;
+                p.v.inplace_op2(
+                    g,
+                    &Moment {
+                        beta: b2 as f32,
+                        scale,
+                        square: true,
+                    },
+                )?;
+                let decay = if p.decay {
+                    self.weight_decay as f32
+                } else {
+                    0.0
+                };
+                let update = Update {
+                    lr,
+                    decay: 1.0 - lr * decay,
+                    bias1: bias1 as f32,
+                    bias2: bias2 as f32,
+                    eps: self.eps as f32,
+                };
+                theta.inplace_op3(&p.m, &p.v, &update)?;
+                continue;
+            }
             let g = (g * scale)?;
             p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
             p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -122,6 +166,107 @@ impl AdamW {
     }
 }
 
+/// `m = beta * m + (1 - beta) * (scale * g)` (or of its square), in place on `m`.
+struct Moment {
+    beta: f32,
+    scale: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "anneal-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ms: &mut CpuStorage,
+        ml: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        let g = kernels::slice(gs, gl, self.name())?;
+        let m = slice_mut(ms, ml, self.name())?;
+        if m.len() != g.len() {
+            candle_core::bail!(
+                "{}: {} moments for {} gradients",
+                self.name(),
+                m.len(),
+                g.len()
+            );
+        }
+        let (a, b) = (self.beta, 1.0 - self.beta);
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                if self.square {
+                    m.iter_mut().zip(g).for_each(|(m, g)| {
+                        let g = g * self.scale;
+                        *m = a * *m + b * (g * g);
+                    });
+                } else {
+                    m.iter_mut()
+                        .zip(g)
+                        .for_each(|(m, g)| *m = a * *m + b * (g * self.scale));
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `theta = decay * theta - lr * (m / bias1) / (sqrt(v / bias2) + eps)`, in place on `theta`.
+struct Update {
+    lr: f32,
+    decay: f32,
+    bias1: f32,
+    bias2: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "anneal-adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ts: &mut CpuStorage,
+        tl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        let m = kernels::slice(ms, ml, self.name())?;
+        let v = kernels::slice(vs, vl, self.name())?;
+        let theta = slice_mut(ts, tl, self.name())?;
+        if theta.len() != m.len() || theta.len() != v.len() {
+            candle_core::bail!("{}: moments do not match the parameter", self.name());
+        }
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(theta, (m, v))| {
+                for ((theta, m), v) in theta.iter_mut().zip(m).zip(v) {
+                    let update = (m / self.bias1) / ((v / self.bias2).sqrt() + self.eps);
+                    *theta = *theta * self.decay - self.lr * update;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// The f32 values of a contiguous CPU storage, mutably.
+fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: f32 only");
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous");
+    };
+    Ok(&mut v[start..end])
+}
+
 /// Learning rate at `step` (0-based): linear warm-up to the peak, then the schedule's decay:
 /// cosine to the minimum, linear to zero at the last step, or none.
 pub fn learning_rate(h: &Hyperparameters, step: u64) -> f64 {
@@ -145,6 +290,16 @@ pub fn learning_rate(h: &Hyperparameters, step: u64) -> f64 {
 pub fn global_norm(grads: &[Tensor], scale: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
+        if g.device().is_cpu() && g.dtype() == DType::F32 {
+            // Fixed-size partial sums added in order: the same result for any thread count.
+            let partials: Vec<f64> = kernels::with_slice(g, "grad-norm", |x| {
+                x.par_chunks(CHUNK)
+                    .map(|c| f64::from(c.iter().map(|v| v * v).sum::<f32>()))
+                    .collect()
+            })?;
+            total += partials.iter().sum::<f64>();
+            continue;
+        }
         total += g
             .sqr()?
             .sum_all()?
@@ -167,6 +322,55 @@ pub fn clip_factor(norm: f64, clip: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The in-place f32 update matches the composite one (run here in f64) to 1e-6.
+    #[test]
+    fn in_place_update_matches_composite() -> Result<()> {
+        let h = Hyperparameters {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let dev = candle_core::Device::Cpu;
+        let make = |dtype| -> Result<AdamW> {
+            let w = Tensor::arange(0f32, 12.0, &dev)?
+                .reshape((3, 4))?
+                .to_dtype(dtype)?;
+            let s = Tensor::ones(4, DType::F32, &dev)?.to_dtype(dtype)?;
+            let vars = vec![
+                ("w".into(), Var::from_tensor(&w)?),
+                ("s".into(), Var::from_tensor(&s)?),
+            ];
+            AdamW::new(vars, &h)
+        };
+        let (mut fused, mut composite) = (make(DType::F32)?, make(DType::F64)?);
+        for step in 0..3 {
+            let grads = |dtype| -> Result<Vec<Tensor>> {
+                fused
+                    .params
+                    .iter()
+                    .map(|p| {
+                        let n = p.var.elem_count() as f32;
+                        (Tensor::arange(0f32, n, &dev)? * (0.3 - step as f64 * 0.2))?
+                            .reshape(p.var.shape())?
+                            .to_dtype(dtype)
+                    })
+                    .collect()
+            };
+            let (gf, gc) = (grads(DType::F32)?, grads(DType::F64)?);
+            fused.step(&gf, 0.5, 0.01)?;
+            composite.step(&gc, 0.5, 0.01)?;
+        }
+        for (a, b) in fused.params.iter().zip(&composite.params) {
+            let b = b.var.as_tensor().to_dtype(DType::F32)?;
+            let d = (a.var.as_tensor() - b)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-6, "{} differs by {d}", a.name);
+        }
+        Ok(())
+    }
 
     #[test]
     fn schedule_warms_up_then_decays() {
