@@ -43,12 +43,15 @@ fn softmax_into(row: &[f32], out: &mut [f32]) -> f32 {
     max + sum.ln()
 }
 
+/// The loss op's inputs as slices: logits, targets, mask, and the vocabulary size.
+type Inputs<'a> = (&'a [f32], &'a [u32], &'a [f32], usize);
+
 fn inputs<'a>(
     name: &str,
     (ls, ll): (&'a CpuStorage, &Layout),
     (ts, tl): (&'a CpuStorage, &Layout),
     (ms, ml): (&'a CpuStorage, &Layout),
-) -> Result<(&'a [f32], &'a [u32], &'a [f32], usize)> {
+) -> Result<Inputs<'a>> {
     let logits = kernels::slice(ls, ll, name)?;
     let mask = kernels::slice(ms, ml, name)?;
     let (CpuStorage::U32(targets), Some((t0, t1))) = (ts, tl.contiguous_offsets()) else {
