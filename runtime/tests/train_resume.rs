@@ -105,6 +105,13 @@ fn sigkill_and_resume_is_bitwise_exact_and_corrupt_checkpoints_are_skipped() {
 fn stale_attempt_is_fenced() {
     let s = Scratch::new("fence");
     let (cfg, weights) = config(&s, "f");
+    // Long enough that the run cannot finish between its first checkpoint and the claim below
+    // (with STEPS it raced and once finished first on a loaded machine).
+    let long = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("steps: {STEPS}"), &format!("steps: {FENCE_STEPS}"));
+    assert!(long.contains(&format!("steps: {FENCE_STEPS}")));
+    std::fs::write(&cfg, long).unwrap();
     let ckpt = s.path("f-ckpt");
     // A newer attempt has claimed the directory: an older one refuses to start.
     std::fs::create_dir_all(&ckpt).unwrap();
@@ -153,5 +160,8 @@ fn stale_attempt_is_fenced() {
     let mut on_disk: Vec<u64> = dir.list().unwrap().into_iter().map(|(s, _)| s).collect();
     on_disk.reverse();
     assert_eq!(on_disk, reported[reported.len().saturating_sub(3)..]);
-    assert!(reported.len() < (STEPS / 10) as usize);
+    assert!(reported.len() < (FENCE_STEPS / 10) as usize);
 }
+
+/// Steps of the fenced run.
+const FENCE_STEPS: u64 = 5000;
