@@ -14,6 +14,12 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
 
+# The cache outlives clones: every change of the workspace leaves its test executables (~450 MB
+# each, ~20 of them) behind, and the disk filled up on 29 Nov. Executables not touched for a day
+# are stale (cargo relinks one if it is still wanted); dependencies are kept.
+find "$CARGO_TARGET_DIR/debug/deps" -maxdepth 1 -type f -executable ! -name '*.so' -mmin +1440 \
+  -delete 2>/dev/null || true
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
