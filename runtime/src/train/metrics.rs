@@ -1,6 +1,7 @@
 //! `train --metrics-addr ADDR`: Prometheus `/metrics` of a training run (step, loss, learning
 //! rate, gradient norm, tokens/s, tokens and checkpoints so far), served from a background thread.
 
+use super::progress::StepReport;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
@@ -79,27 +80,9 @@ impl Default for TrainMetrics {
     }
 }
 
-/// One logged step, as the metrics see it.
-pub struct StepFigures {
-    /// Step just done.
-    pub step: u64,
-    /// Steps of the run.
-    pub total_steps: u64,
-    /// Loss.
-    pub loss: f64,
-    /// Learning rate.
-    pub lr: f64,
-    /// Gradient norm.
-    pub grad_norm: f64,
-    /// Tokens per second.
-    pub tokens_per_sec: f64,
-    /// Tokens since the previous logged step.
-    pub tokens: u64,
-}
-
 impl TrainMetrics {
-    /// Records a logged step.
-    pub fn step(&self, f: &StepFigures) {
+    /// Records a logged step and the tokens trained since the previous one.
+    pub fn step(&self, f: &StepReport, tokens: u64) {
         self.step.set(i64::try_from(f.step).unwrap_or(i64::MAX));
         self.total_steps
             .set(i64::try_from(f.total_steps).unwrap_or(i64::MAX));
@@ -107,7 +90,7 @@ impl TrainMetrics {
         self.learning_rate.set(f.lr);
         self.grad_norm.set(f.grad_norm);
         self.tokens_per_second.set(f.tokens_per_sec);
-        self.tokens.inc_by(f.tokens);
+        self.tokens.inc_by(tokens);
     }
 
     /// Records a checkpoint.
@@ -167,15 +150,17 @@ mod tests {
     #[test]
     fn serves_the_last_logged_step() {
         let metrics = Arc::new(TrainMetrics::default());
-        metrics.step(&StepFigures {
+        let report = StepReport {
+            event: "step",
             step: 20,
             total_steps: 100,
             loss: 1.25,
             lr: 0.001,
             grad_norm: 0.5,
             tokens_per_sec: 1000.0,
-            tokens: 4096,
-        });
+            epoch: 0,
+        };
+        metrics.step(&report, 4096);
         metrics.checkpoint();
         let addr = serve("127.0.0.1:0".parse().unwrap(), metrics).unwrap();
         let mut stream = std::net::TcpStream::connect(addr).unwrap();

@@ -200,15 +200,7 @@ pub fn train(
             };
             reporter.step(&report);
             if let Some(m) = &observers.metrics {
-                m.step(&metrics::StepFigures {
-                    step: report.step,
-                    total_steps: report.total_steps,
-                    loss: report.loss,
-                    lr: report.lr,
-                    grad_norm: report.grad_norm,
-                    tokens_per_sec: report.tokens_per_sec,
-                    tokens: window_tokens as u64,
-                });
+                m.step(&report, window_tokens as u64);
             }
             if let Some(w) = &mut events {
                 let scalars = [
