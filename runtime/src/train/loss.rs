@@ -43,6 +43,39 @@ fn softmax_into(row: &[f32], out: &mut [f32]) -> f32 {
     max + sum.ln()
 }
 
+/// The masked NLL sum of `logits` (rows of `vocab`) and, in place of the logits, its
+/// gradient `mask * (softmax - onehot(target))`, in one pass per row (rows that do not count
+/// get a zero gradient). The per-task sums are added in task order (f64), as in the op.
+pub(crate) fn nll_sum_and_grad(
+    logits: &mut [f32],
+    targets: &[u32],
+    mask: &[f32],
+    vocab: usize,
+) -> f64 {
+    assert!(vocab > 0 && logits.len() == targets.len() * vocab && mask.len() == targets.len());
+    let partials: Vec<f64> = logits
+        .par_chunks_mut(ROWS * vocab)
+        .zip(targets.par_chunks(ROWS).zip(mask.par_chunks(ROWS)))
+        .map(|(logits, (targets, mask))| {
+            let mut p = vec![0f32; vocab];
+            let mut sum = 0f64;
+            for ((row, &t), &m) in logits.chunks_exact_mut(vocab).zip(targets).zip(mask) {
+                if m == 0.0 {
+                    row.fill(0.0);
+                    continue;
+                }
+                let lse = softmax_into(row, &mut p);
+                sum += f64::from(m * (lse - row[t as usize]));
+                row.copy_from_slice(&p);
+                row[t as usize] -= 1.0;
+                row.iter_mut().for_each(|x| *x *= m);
+            }
+            sum
+        })
+        .collect();
+    partials.iter().sum::<f64>()
+}
+
 /// The loss op's inputs as slices: logits, targets, mask, and the vocabulary size.
 type Inputs<'a> = (&'a [f32], &'a [u32], &'a [f32], usize);
 

@@ -2,6 +2,7 @@
 //! resuming exactly from the newest valid checkpoint, then writes the model directory.
 
 pub mod config;
+pub mod fused;
 pub mod job_spec;
 pub mod loss;
 pub mod metrics;

@@ -2,6 +2,7 @@
 
 use super::TrainError;
 use super::config::{Stage, TrainConfig};
+use super::fused::{self, FusedStep};
 use super::loss::masked_nll_sum;
 use super::optim::{self, AdamW};
 use crate::checkpoint::{CheckpointDir, CheckpointError, atomic, model_dir};
@@ -72,6 +73,8 @@ pub struct Trainer {
     /// What the forward and backward passes compute in: f32, or bf16 on a copy of the model
     /// cast from the f32 master weights each step (gradients come back f32 through the casts).
     pub compute_dtype: DType,
+    /// The hand-written CPU f32 step's buffers, when it serves this model.
+    fused: Option<FusedStep>,
     device: Device,
     pad: u32,
 }
@@ -176,6 +179,12 @@ impl Trainer {
         let pad = tokenizer.eos_id().unwrap_or(0);
         let rng = Rng::new(h.seed, 0x7EA1);
         let compute_dtype = crate::device::training_dtype(h.precision, &device);
+        let fused = if compute_dtype == DType::F32 && fused::applies(&model) {
+            let names = optimizer.params.iter().map(|p| p.name.clone()).collect();
+            Some(FusedStep::new(&model, names)?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             model_config,
@@ -188,6 +197,7 @@ impl Trainer {
             step: 0,
             rng,
             compute_dtype,
+            fused,
             device,
             pad,
         })
@@ -197,44 +207,64 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
         let h = &self.config.hyperparameters;
         let lr = optim::learning_rate(h, self.step);
-        let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
         let (mut loss_sum, mut counted, mut tokens) = (0f64, 0usize, 0usize);
-        let cast;
-        let model = if self.compute_dtype == self.model.embedding.dtype() {
-            &self.model
-        } else {
-            cast = self.model.to_dtype(self.compute_dtype)?;
-            &cast
-        };
-        for _ in 0..h.gradient_accumulation {
-            let samples = self.loader.next_samples(h.batch_size);
-            tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
-            let batch = Batch::new(&samples, self.pad, &self.device)?;
-            if batch.n_tokens == 0 {
-                continue;
+        let grads = if let Some(step) = self.fused.as_mut() {
+            for _ in 0..h.gradient_accumulation {
+                let samples = self.loader.next_samples(h.batch_size);
+                tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
+                let batch = Batch::new(&samples, self.pad, &self.device)?;
+                if batch.n_tokens == 0 {
+                    continue;
+                }
+                loss_sum += step.accumulate(&self.model, &batch)?;
+                counted += batch.n_tokens;
             }
-            // The loss is computed in f32 whatever the compute dtype (a no-op in f32).
-            let logits = model
-                .forward(&batch.inputs, 0, None)?
-                .to_dtype(DType::F32)?;
-            let loss = masked_nll_sum(&logits, &batch.targets, &batch.mask)?;
-            loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-            counted += batch.n_tokens;
-            let store = loss.backward()?;
-            for (acc, p) in grads.iter_mut().zip(&self.optimizer.params) {
-                if let Some(g) = store.get(p.var.as_tensor()) {
-                    *acc = Some(match acc.take() {
-                        None => g.clone(),
-                        Some(a) => (a + g)?,
-                    });
+            let names: Vec<_> = self
+                .optimizer
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+                .collect();
+            step.take_grads(&names)?
+        } else {
+            let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
+            let cast;
+            let model = if self.compute_dtype == self.model.embedding.dtype() {
+                &self.model
+            } else {
+                cast = self.model.to_dtype(self.compute_dtype)?;
+                &cast
+            };
+            for _ in 0..h.gradient_accumulation {
+                let samples = self.loader.next_samples(h.batch_size);
+                tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
+                let batch = Batch::new(&samples, self.pad, &self.device)?;
+                if batch.n_tokens == 0 {
+                    continue;
+                }
+                // The loss is computed in f32 whatever the compute dtype (a no-op in f32).
+                let logits = model
+                    .forward(&batch.inputs, 0, None)?
+                    .to_dtype(DType::F32)?;
+                let loss = masked_nll_sum(&logits, &batch.targets, &batch.mask)?;
+                loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                counted += batch.n_tokens;
+                let store = loss.backward()?;
+                for (acc, p) in grads.iter_mut().zip(&self.optimizer.params) {
+                    if let Some(g) = store.get(p.var.as_tensor()) {
+                        *acc = Some(match acc.take() {
+                            None => g.clone(),
+                            Some(a) => (a + g)?,
+                        });
+                    }
                 }
             }
-        }
-        let grads = grads
-            .into_iter()
-            .zip(&self.optimizer.params)
-            .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            grads
+                .into_iter()
+                .zip(&self.optimizer.params)
+                .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
         let scale = 1.0 / counted.max(1) as f64;
         let grad_norm = optim::global_norm(&grads, scale)?;
         if !grad_norm.is_finite() {

@@ -46,8 +46,8 @@ struct CausalAttention {
 }
 
 /// Sizes of one call, checked against the input.
-#[derive(Clone, Copy)]
-struct Geometry {
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geometry {
     b: usize,
     t: usize,
     /// Width of an input row.
@@ -58,8 +58,27 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of `b` sequences of `t` positions with `nh` query heads, `nkv` KV heads of
+    /// width `d`.
+    pub(crate) fn new(b: usize, t: usize, nh: usize, nkv: usize, d: usize) -> Result<Self> {
+        if nkv == 0 || !nh.is_multiple_of(nkv) || !d.is_multiple_of(2) {
+            candle_core::bail!(
+                "{}: {nh} heads, {nkv} KV heads of width {d}",
+                CausalAttention::NAME
+            );
+        }
+        Ok(Self {
+            b,
+            t,
+            w: (nh + 2 * nkv) * d,
+            nh,
+            nkv,
+            d,
+        })
+    }
+
     /// Output row width.
-    fn out_w(&self) -> usize {
+    pub(crate) fn out_w(&self) -> usize {
         self.nh * self.d
     }
     fn q_col(&self, h: usize) -> usize {
@@ -82,7 +101,7 @@ impl CausalAttention {
     fn geometry(&self, shape: &Shape) -> Result<Geometry> {
         let (b, t, w) = shape.dims3()?;
         let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        if nkv == 0 || nh % nkv != 0 || d % 2 != 0 || w != (nh + 2 * nkv) * d {
+        if nkv == 0 || !nh.is_multiple_of(nkv) || !d.is_multiple_of(2) || w != (nh + 2 * nkv) * d {
             candle_core::bail!("{}: bad shape {shape:?}", Self::NAME);
         }
         if self.cos.dims() != [t, d / 2] || self.sin.dims() != [t, d / 2] {
@@ -115,38 +134,7 @@ impl CustomOp1 for CausalAttention {
         let x = slice(s, l, Self::NAME)?;
         let g = self.geometry(l.shape())?;
         let mut out = vec![0f32; g.b * g.t * g.out_w()];
-        let shared = SharedOut::new(&mut out);
-        self.with_tables(|cos, sin| {
-            (0..g.b * g.nh).into_par_iter().for_each(|task| {
-                let (bi, h) = (task / g.nh, task % g.nh);
-                let x = &x[bi * g.t * g.w..(bi + 1) * g.t * g.w];
-                let kv = h / g.rep();
-                let scale = 1.0 / (g.d as f32).sqrt();
-                let mut q = vec![0f32; g.t * g.d];
-                let mut k = vec![0f32; g.t * g.d];
-                rope_rows(x, g, g.q_col(h), cos, sin, scale, &mut q);
-                rope_rows(x, g, g.k_col(kv), cos, sin, 1.0, &mut k);
-                let mut p = vec![0f32; g.t * g.t];
-                probabilities(&q, &k, g, &mut p);
-                let v = Mat::rows(&x[g.v_col(kv)..], g.t, g.d, g.w);
-                let mut o = vec![0f32; g.t * g.d];
-                for (r0, n) in blocks(g.t) {
-                    let p_blk = Mat::rows(&p[r0 * g.t..], n, r0 + n, g.t);
-                    matmul(
-                        &mut o[r0 * g.d..],
-                        g.d,
-                        false,
-                        p_blk,
-                        v.sub(0, r0 + n, 0, g.d),
-                        1.0,
-                    );
-                }
-                // SAFETY: task (bi, h) alone writes head h's columns of batch bi's rows.
-                unsafe {
-                    shared.write_rows(bi * g.t * g.out_w() + h * g.d, g.out_w(), &o, g.d);
-                }
-            });
-        })?;
+        self.with_tables(|cos, sin| forward(x, g, cos, sin, &mut out))?;
         let shape = Shape::from((g.b, g.t, g.out_w()));
         Ok((CpuStorage::F32(out), shape))
     }
@@ -179,91 +167,145 @@ impl CustomOp2 for CausalAttentionBwd {
             candle_core::bail!("{}: gradient shape {:?}", self.name(), gl.shape());
         }
         let mut dx = vec![0f32; x.len()];
-        let shared = SharedOut::new(&mut dx);
-        self.0.with_tables(|cos, sin| {
-            (0..g.b * g.nkv).into_par_iter().for_each(|task| {
-                let (bi, kv) = (task / g.nkv, task % g.nkv);
-                let (t, d) = (g.t, g.d);
-                let x = &x[bi * t * g.w..(bi + 1) * t * g.w];
-                let dy = &dy[bi * t * g.out_w()..(bi + 1) * t * g.out_w()];
-                let scale = 1.0 / (d as f32).sqrt();
-                let mut k = vec![0f32; t * d];
-                rope_rows(x, g, g.k_col(kv), cos, sin, 1.0, &mut k);
-                let v = Mat::rows(&x[g.v_col(kv)..], t, d, g.w);
-                let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
-                let (mut q, mut dq) = (vec![0f32; t * d], vec![0f32; t * d]);
-                let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
-                let base = bi * t * g.w;
-                for h in kv * g.rep()..(kv + 1) * g.rep() {
-                    rope_rows(x, g, g.q_col(h), cos, sin, scale, &mut q);
-                    probabilities(&q, &k, g, &mut p);
-                    let dout = Mat::rows(&dy[h * d..], t, d, g.out_w());
-                    // dP = dO V^T on and below the diagonal.
-                    for (r0, n) in blocks(t) {
-                        matmul(
-                            &mut ds[r0 * t..],
-                            t,
-                            false,
-                            dout.sub(r0, n, 0, d),
-                            v.sub(0, r0 + n, 0, d).t(),
-                            1.0,
-                        );
-                    }
-                    // dS = P * (dP - rowsum(P * dP)).
-                    for i in 0..t {
-                        let (pr, dr) = (&p[i * t..i * t + i + 1], &mut ds[i * t..i * t + i + 1]);
-                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        for (dv_, pv) in dr.iter_mut().zip(pr) {
-                            *dv_ = pv * (*dv_ - dot);
-                        }
-                        let end = ((i / BLOCK) + 1) * BLOCK;
-                        ds[i * t + i + 1..i * t + end.min(t)].fill(0.0);
-                    }
-                    let (pm, dsm) = (Mat::rows(&p, t, t, t), Mat::rows(&ds, t, t, t));
-                    for (r0, n) in blocks(t) {
-                        // Rows r0.. of dV and dK gather from query rows r0.. only.
-                        let rest = t - r0;
-                        matmul(
-                            &mut dv[r0 * d..],
-                            d,
-                            true,
-                            pm.sub(r0, rest, r0, n).t(),
-                            dout.sub(r0, rest, 0, d),
-                            1.0,
-                        );
-                        matmul(
-                            &mut dk[r0 * d..],
-                            d,
-                            true,
-                            dsm.sub(r0, rest, r0, n).t(),
-                            Mat::rows(&q[r0 * d..], rest, d, d),
-                            1.0,
-                        );
-                        // dQ rows r0.. from keys 0..r0 + n; q was scaled, so is its gradient.
-                        matmul(
-                            &mut dq[r0 * d..],
-                            d,
-                            false,
-                            dsm.sub(r0, n, 0, r0 + n),
-                            Mat::rows(&k, r0 + n, d, d),
-                            scale,
-                        );
-                    }
-                    unrope_rows(&mut dq, g, cos, sin);
-                    // SAFETY: task (bi, kv) alone writes the q columns of its heads, and its
-                    // own k and v columns, of batch bi's rows.
-                    unsafe { shared.write_rows(base + g.q_col(h), g.w, &dq, d) };
-                }
-                unrope_rows(&mut dk, g, cos, sin);
-                // SAFETY: as above.
-                unsafe {
-                    shared.write_rows(base + g.k_col(kv), g.w, &dk, d);
-                    shared.write_rows(base + g.v_col(kv), g.w, &dv, d);
-                }
-            });
-        })?;
+        self.0
+            .with_tables(|cos, sin| backward(x, dy, g, cos, sin, &mut dx))?;
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
+}
+
+/// The attention output of `x` (g.b * g.t rows of g.in_w()) into `out` (rows of g.out_w()),
+/// RoPE from `cos`/`sin` (at least g.t rows of g.d / 2). Every value of `out` is written.
+pub(crate) fn forward(x: &[f32], g: Geometry, cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), g.b * g.t * g.w);
+    assert_eq!(out.len(), g.b * g.t * g.out_w());
+    assert!(cos.len() >= g.t * g.d / 2 && sin.len() >= g.t * g.d / 2);
+    let shared = SharedOut::new(out);
+    (0..g.b * g.nh).into_par_iter().for_each(|task| {
+        let (bi, h) = (task / g.nh, task % g.nh);
+        let x = &x[bi * g.t * g.w..(bi + 1) * g.t * g.w];
+        let kv = h / g.rep();
+        let scale = 1.0 / (g.d as f32).sqrt();
+        let mut q = vec![0f32; g.t * g.d];
+        let mut k = vec![0f32; g.t * g.d];
+        rope_rows(x, g, g.q_col(h), cos, sin, scale, &mut q);
+        rope_rows(x, g, g.k_col(kv), cos, sin, 1.0, &mut k);
+        let mut p = vec![0f32; g.t * g.t];
+        probabilities(&q, &k, g, &mut p);
+        let v = Mat::rows(&x[g.v_col(kv)..], g.t, g.d, g.w);
+        let mut o = vec![0f32; g.t * g.d];
+        for (r0, n) in blocks(g.t) {
+            let p_blk = Mat::rows(&p[r0 * g.t..], n, r0 + n, g.t);
+            matmul(
+                &mut o[r0 * g.d..],
+                g.d,
+                false,
+                p_blk,
+                v.sub(0, r0 + n, 0, g.d),
+                1.0,
+            );
+        }
+        // SAFETY: task (bi, h) alone writes head h's columns of batch bi's rows.
+        unsafe {
+            shared.write_rows(bi * g.t * g.out_w() + h * g.d, g.out_w(), &o, g.d);
+        }
+    });
+}
+
+/// The gradient with respect to `x` (rows of g.in_w()) of the attention output, from the
+/// output gradient `dy` (rows of g.out_w()), into `dx`. Every value of `dx` is written.
+pub(crate) fn backward(
+    x: &[f32],
+    dy: &[f32],
+    g: Geometry,
+    cos: &[f32],
+    sin: &[f32],
+    dx: &mut [f32],
+) {
+    assert_eq!(x.len(), g.b * g.t * g.w);
+    assert_eq!(dx.len(), x.len());
+    assert_eq!(dy.len(), g.b * g.t * g.out_w());
+    assert!(cos.len() >= g.t * g.d / 2 && sin.len() >= g.t * g.d / 2);
+    let shared = SharedOut::new(dx);
+    (0..g.b * g.nkv).into_par_iter().for_each(|task| {
+        let (bi, kv) = (task / g.nkv, task % g.nkv);
+        let (t, d) = (g.t, g.d);
+        let x = &x[bi * t * g.w..(bi + 1) * t * g.w];
+        let dy = &dy[bi * t * g.out_w()..(bi + 1) * t * g.out_w()];
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut k = vec![0f32; t * d];
+        rope_rows(x, g, g.k_col(kv), cos, sin, 1.0, &mut k);
+        let v = Mat::rows(&x[g.v_col(kv)..], t, d, g.w);
+        let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
+        let (mut q, mut dq) = (vec![0f32; t * d], vec![0f32; t * d]);
+        let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
+        let base = bi * t * g.w;
+        for h in kv * g.rep()..(kv + 1) * g.rep() {
+            rope_rows(x, g, g.q_col(h), cos, sin, scale, &mut q);
+            probabilities(&q, &k, g, &mut p);
+            let dout = Mat::rows(&dy[h * d..], t, d, g.out_w());
+            // dP = dO V^T on and below the diagonal.
+            for (r0, n) in blocks(t) {
+                matmul(
+                    &mut ds[r0 * t..],
+                    t,
+                    false,
+                    dout.sub(r0, n, 0, d),
+                    v.sub(0, r0 + n, 0, d).t(),
+                    1.0,
+                );
+            }
+            // dS = P * (dP - rowsum(P * dP)).
+            for i in 0..t {
+                let (pr, dr) = (&p[i * t..i * t + i + 1], &mut ds[i * t..i * t + i + 1]);
+                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                for (dv_, pv) in dr.iter_mut().zip(pr) {
+                    *dv_ = pv * (*dv_ - dot);
+                }
+                let end = ((i / BLOCK) + 1) * BLOCK;
+                ds[i * t + i + 1..i * t + end.min(t)].fill(0.0);
+            }
+            let (pm, dsm) = (Mat::rows(&p, t, t, t), Mat::rows(&ds, t, t, t));
+            for (r0, n) in blocks(t) {
+                // Rows r0.. of dV and dK gather from query rows r0.. only.
+                let rest = t - r0;
+                matmul(
+                    &mut dv[r0 * d..],
+                    d,
+                    true,
+                    pm.sub(r0, rest, r0, n).t(),
+                    dout.sub(r0, rest, 0, d),
+                    1.0,
+                );
+                matmul(
+                    &mut dk[r0 * d..],
+                    d,
+                    true,
+                    dsm.sub(r0, rest, r0, n).t(),
+                    Mat::rows(&q[r0 * d..], rest, d, d),
+                    1.0,
+                );
+                // dQ rows r0.. from keys 0..r0 + n; q was scaled, so is its gradient.
+                matmul(
+                    &mut dq[r0 * d..],
+                    d,
+                    false,
+                    dsm.sub(r0, n, 0, r0 + n),
+                    Mat::rows(&k, r0 + n, d, d),
+                    scale,
+                );
+            }
+            unrope_rows(&mut dq, g, cos, sin);
+            // SAFETY: task (bi, kv) alone writes the q columns of its heads, and its
+            // own k and v columns, of batch bi's rows.
+            unsafe { shared.write_rows(base + g.q_col(h), g.w, &dq, d) };
+        }
+        unrope_rows(&mut dk, g, cos, sin);
+        // SAFETY: as above.
+        unsafe {
+            shared.write_rows(base + g.k_col(kv), g.w, &dk, d);
+            shared.write_rows(base + g.v_col(kv), g.w, &dv, d);
+        }
+    });
 }
 
 /// Row blocks `(start, len)` covering `0..t`.

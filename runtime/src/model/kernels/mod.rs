@@ -11,10 +11,10 @@
 //! on which thread computes them, and every reduction across tasks sums fixed-size partials in
 //! a fixed order, so a run is bitwise reproducible for any thread count.
 
-mod attention;
+pub(crate) mod attention;
 mod linear;
-mod norm;
-mod swiglu;
+pub(crate) mod norm;
+pub(crate) mod swiglu;
 
 pub use attention::causal_self_attention;
 pub use linear::linear;

@@ -19,11 +19,71 @@ struct RmsNorm {
     eps: f32,
 }
 
-impl RmsNorm {
-    /// 1 / RMS of a row.
-    fn inv_rms(&self, row: &[f32]) -> f32 {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
-        1.0 / (ms + self.eps).sqrt()
+/// 1 / sqrt(mean(row^2) + eps).
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// `out = x / rms(x) * w`, row by row (rows of `w.len()`).
+pub(crate) fn forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    assert!(n > 0 && x.len().is_multiple_of(n) && out.len() == x.len());
+    out.par_chunks_mut(ROWS * n)
+        .zip(x.par_chunks(ROWS * n))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                let r = inv_rms(x, eps);
+                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                    *o = x * r * w;
+                }
+            }
+        });
+}
+
+/// The gradients of [`forward`] from the output gradient `g`: into `dx` (added to it when
+/// `acc_dx`) and `dw` (likewise with `acc_dw`). The scale's gradient sums fixed blocks of
+/// rows, then the blocks in order, so it does not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    g: &[f32],
+    dx: &mut [f32],
+    acc_dx: bool,
+    dw: &mut [f32],
+    acc_dw: bool,
+) {
+    let n = w.len();
+    assert!(n > 0 && x.len().is_multiple_of(n) && g.len() == x.len() && dx.len() == x.len());
+    assert_eq!(dw.len(), n);
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(ROWS * n)
+        .zip(x.par_chunks(ROWS * n).zip(g.par_chunks(ROWS * n)))
+        .map(|(dx, (x, g))| {
+            let mut dw = vec![0f32; n];
+            let rows = dx.chunks_exact_mut(n).zip(x.chunks_exact(n));
+            for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
+                let r = inv_rms(x, eps);
+                let c: f32 = g.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
+                let k = r * r * r * c / n as f32;
+                for i in 0..n {
+                    let d = r * g[i] * w[i] - x[i] * k;
+                    dx[i] = if acc_dx { dx[i] + d } else { d };
+                    dw[i] += g[i] * x[i] * r;
+                }
+            }
+            dw
+        })
+        .collect();
+    if !acc_dw {
+        dw.fill(0.0);
+    }
+    for p in &partials {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
     }
 }
 
@@ -45,16 +105,7 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("{}: scale of {n} for {:?}", self.name(), xl.shape());
         }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(ROWS * n)
-            .zip(x.par_chunks(ROWS * n))
-            .for_each(|(out, x)| {
-                for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                    let r = self.inv_rms(x);
-                    for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                        *o = x * r * w;
-                    }
-                }
-            });
+        forward(x, w, self.eps, &mut out);
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -70,31 +121,8 @@ impl CustomOp2 for RmsNorm {
             with_slice(w, self.name(), |w| {
                 with_slice(grad, self.name(), |g| {
                     let mut dx = vec![0f32; x.len()];
-                    let partials: Vec<Vec<f32>> = dx
-                        .par_chunks_mut(ROWS * n)
-                        .zip(x.par_chunks(ROWS * n).zip(g.par_chunks(ROWS * n)))
-                        .map(|(dx, (x, g))| {
-                            let mut dw = vec![0f32; n];
-                            let rows = dx.chunks_exact_mut(n).zip(x.chunks_exact(n));
-                            for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
-                                let r = self.inv_rms(x);
-                                let c: f32 =
-                                    g.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
-                                let k = r * r * r * c / n as f32;
-                                for i in 0..n {
-                                    dx[i] = r * g[i] * w[i] - x[i] * k;
-                                    dw[i] += g[i] * x[i] * r;
-                                }
-                            }
-                            dw
-                        })
-                        .collect();
                     let mut dw = vec![0f32; n];
-                    for p in &partials {
-                        for (a, b) in dw.iter_mut().zip(p) {
-                            *a += b;
-                        }
-                    }
+                    backward(x, w, self.eps, g, &mut dx, false, &mut dw, false);
                     (dx, dw)
                 })
             })

@@ -19,6 +19,44 @@ fn sigmoid(a: f32) -> f32 {
     1.0 / (1.0 + (-a).exp())
 }
 
+/// `out = silu(a) * b` for rows `[a | b]` of `x` (each 2n wide); `out` rows are n wide.
+pub(crate) fn forward(x: &[f32], n: usize, out: &mut [f32]) {
+    assert!(n > 0 && x.len().is_multiple_of(2 * n) && out.len() * 2 == x.len());
+    out.par_chunks_mut(ROWS * n)
+        .zip(x.par_chunks(ROWS * 2 * n))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(2 * n)) {
+                let (a, b) = x.split_at(n);
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    *o = a * sigmoid(*a) * b;
+                }
+            }
+        });
+}
+
+/// The gradient of [`forward`] with respect to `x`, from the output gradient `g`, into `dx`
+/// (every value written).
+pub(crate) fn backward(x: &[f32], g: &[f32], n: usize, dx: &mut [f32]) {
+    assert!(
+        n > 0 && x.len().is_multiple_of(2 * n) && g.len() * 2 == x.len() && dx.len() == x.len()
+    );
+    dx.par_chunks_mut(ROWS * 2 * n)
+        .zip(x.par_chunks(ROWS * 2 * n).zip(g.par_chunks(ROWS * n)))
+        .for_each(|(dx, (x, g))| {
+            let rows = dx.chunks_exact_mut(2 * n).zip(x.chunks_exact(2 * n));
+            for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
+                let (a, b) = x.split_at(n);
+                let (da, db) = dx.split_at_mut(n);
+                for i in 0..n {
+                    let s = sigmoid(a[i]);
+                    let silu = a[i] * s;
+                    da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                    db[i] = g[i] * silu;
+                }
+            }
+        });
+}
+
 /// Row width (half the input's last dimension) and the output shape.
 fn geometry(l: &Layout, name: &str) -> Result<(usize, Shape)> {
     let dims = l.shape().dims();
@@ -42,16 +80,7 @@ impl CustomOp1 for SwiGlu {
         let x = slice(s, l, self.name())?;
         let (n, shape) = geometry(l, self.name())?;
         let mut out = vec![0f32; x.len() / 2];
-        out.par_chunks_mut(ROWS * n)
-            .zip(x.par_chunks(ROWS * 2 * n))
-            .for_each(|(out, x)| {
-                for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(2 * n)) {
-                    let (a, b) = x.split_at(n);
-                    for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                        *o = a * sigmoid(*a) * b;
-                    }
-                }
-            });
+        forward(x, n, &mut out);
         Ok((CpuStorage::F32(out), shape))
     }
 
@@ -81,21 +110,7 @@ impl CustomOp2 for SwiGluBwd {
             candle_core::bail!("{}: gradient shape {:?}", self.name(), gl.shape());
         }
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(ROWS * 2 * n)
-            .zip(x.par_chunks(ROWS * 2 * n).zip(g.par_chunks(ROWS * n)))
-            .for_each(|(dx, (x, g))| {
-                let rows = dx.chunks_exact_mut(2 * n).zip(x.chunks_exact(2 * n));
-                for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
-                    let (a, b) = x.split_at(n);
-                    let (da, db) = dx.split_at_mut(n);
-                    for i in 0..n {
-                        let s = sigmoid(a[i]);
-                        let silu = a[i] * s;
-                        da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                        db[i] = g[i] * silu;
-                    }
-                }
-            });
+        backward(x, g, n, &mut dx);
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
