@@ -9,11 +9,14 @@
 //!
 //! Determinism: work is split over rayon's pool by rows or heads whose results do not depend
 //! on which thread computes them, and every reduction across tasks sums fixed-size partials in
-//! a fixed order, so a run is bitwise reproducible for any thread count.
+//! a fixed order, so a run is bitwise reproducible for any thread count. The matrix products
+//! ([`sgemm`]) also give the same bits on every vector width, so a job can move between
+//! AVX-512 and AVX2 nodes.
 
 pub(crate) mod attention;
 mod linear;
 pub(crate) mod norm;
+pub mod sgemm;
 pub(crate) mod swiglu;
 
 pub use attention::causal_self_attention;
@@ -49,11 +52,15 @@ pub(crate) fn with_slice<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -
     Ok(f(slice(cpu, layout, op)?))
 }
 
-/// A strided view of a row-major-or-not f32 matrix inside a slice.
+/// A strided view of a row-major-or-not f32 matrix inside a slice (public for the [`sgemm`]
+/// benchmark).
 #[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
+pub struct Mat<'a> {
+    /// The values; element (r, c) is `data[r * rs + c * cs]`.
     pub data: &'a [f32],
+    /// Number of rows.
     pub rows: usize,
+    /// Number of columns.
     pub cols: usize,
     /// Distance between rows.
     pub rs: usize,
@@ -100,81 +107,33 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Panics unless every element lies inside `data` (the matrix products' unsafe code
+    /// relies on it).
     fn check(&self) {
         if self.rows > 0 && self.cols > 0 {
-            assert!((self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len());
+            let last = (self.rows - 1)
+                .checked_mul(self.rs)
+                .zip((self.cols - 1).checked_mul(self.cs))
+                .and_then(|(r, c)| r.checked_add(c));
+            assert!(
+                last.is_some_and(|l| l < self.data.len()),
+                "view out of bounds"
+            );
         }
     }
 }
 
 /// `dst = (acc ? dst : 0) + beta * lhs @ rhs` on the calling thread, `dst` row-major with row
-/// stride `dst_rs`. Bounds are checked here, so callers stay safe.
+/// stride `dst_rs`, with the same bits on every CPU ([`sgemm`]). Bounds are checked there, so
+/// callers stay safe.
 pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, acc: bool, lhs: Mat, rhs: Mat, beta: f32) {
-    matmul_with(dst, dst_rs, acc, lhs, rhs, beta, gemm::Parallelism::None);
+    sgemm::Isa::selected().matmul(dst, dst_rs, acc, lhs, rhs, beta);
 }
 
-/// [`matmul`] split over rayon's threads. gemm splits the output, never the inner dimension,
-/// so each value is summed in the same order whatever the thread count.
+/// [`matmul`] split over rayon's threads. The output is split, never the inner dimension, so
+/// each value is summed in the same order whatever the thread count.
 pub(crate) fn matmul_par(dst: &mut [f32], dst_rs: usize, acc: bool, lhs: Mat, rhs: Mat, beta: f32) {
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    matmul_with(dst, dst_rs, acc, lhs, rhs, beta, par);
-}
-
-fn matmul_with(
-    dst: &mut [f32],
-    dst_rs: usize,
-    acc: bool,
-    lhs: Mat,
-    rhs: Mat,
-    beta: f32,
-    parallelism: gemm::Parallelism,
-) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(rhs.rows, k);
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!((m - 1) * dst_rs + n <= dst.len());
-    lhs.check();
-    rhs.check();
-    if k == 0 {
-        if !acc {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: every index gemm touches was bounds-checked above; `dst` is borrowed mutably and
-    // cannot alias `lhs` or `rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            acc,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    sgemm::Isa::selected().matmul_par(dst, dst_rs, acc, lhs, rhs, beta);
 }
 
 /// A pointer that tasks writing disjoint parts of one output buffer share.
@@ -189,6 +148,11 @@ unsafe impl Sync for SharedOut {}
 impl SharedOut {
     pub fn new(buf: &mut [f32]) -> Self {
         Self(buf.as_mut_ptr(), buf.len())
+    }
+
+    /// The start of the buffer, for tasks that check their own bounds.
+    pub fn ptr(&self) -> *mut f32 {
+        self.0
     }
 
     /// Writes `src[c]` at `base + r * rs + c` for each row `r` of `src` (rows of `width`).
