@@ -72,6 +72,7 @@ struct BlockActs {
     n1: Vec<f32>,
     qkv: Vec<f32>,
     att: Vec<f32>,
+    attn: attention::Saved,
     /// The residual stream after attention.
     mid: Vec<f32>,
     n2: Vec<f32>,
@@ -275,7 +276,7 @@ impl FusedStep {
                 1.0,
             );
             size(&mut a.att, n * d.att());
-            attention::forward(&a.qkv, g, &self.cos, &self.sin, &mut a.att);
+            attention::forward(&a.qkv, g, &self.cos, &self.sin, &mut a.att, &mut a.attn);
             // mid = x + att @ o^T, the product's sums starting from x.
             a.mid.clone_from(&a.x);
             let att = Mat::rows(&a.att, n, d.att(), d.att());
@@ -463,7 +464,7 @@ impl FusedStep {
                 1.0,
             );
             let dqkv = &mut wide[..n * d.qkv()];
-            attention::backward(&a.qkv, datt, g, &self.cos, &self.sin, dqkv);
+            attention::backward(&a.qkv, datt, g, &self.cos, &self.sin, dqkv, &a.attn);
             let dqkvm = Mat::rows(dqkv, n, d.qkv(), d.qkv());
             if t_qkv {
                 size(&mut gb.qkv, d.qkv() * h);

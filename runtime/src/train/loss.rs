@@ -1,6 +1,7 @@
 //! The training loss.
 
 use crate::model::kernels;
+use crate::model::kernels::math::softmax_into;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -27,21 +28,6 @@ const ROWS: usize = 64;
 /// The masked NLL sum of f32 logits (rows, vocab) on the CPU in one pass per row: log-softmax,
 /// pick and mask fused, and the gradient `mask * (softmax - onehot)` in another.
 struct MaskedNll;
-
-/// Softmax of `row` into `out`; returns log of the normaliser (logsumexp).
-fn softmax_into(row: &[f32], out: &mut [f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for (o, &x) in out.iter_mut().zip(row) {
-        *o = (x - max).exp();
-        sum += *o;
-    }
-    let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
-    max + sum.ln()
-}
 
 /// The masked NLL sum of `logits` (rows of `vocab`) and, in place of the logits, its
 /// gradient `mask * (softmax - onehot(target))`, in one pass per row (rows that do not count

@@ -134,7 +134,8 @@ impl CustomOp1 for CausalAttention {
         let x = slice(s, l, Self::NAME)?;
         let g = self.geometry(l.shape())?;
         let mut out = vec![0f32; g.b * g.t * g.out_w()];
-        self.with_tables(|cos, sin| forward(x, g, cos, sin, &mut out))?;
+        let mut saved = Saved::default();
+        self.with_tables(|cos, sin| forward(x, g, cos, sin, &mut out, &mut saved))?;
         let shape = Shape::from((g.b, g.t, g.out_w()));
         Ok((CpuStorage::F32(out), shape))
     }
@@ -167,46 +168,83 @@ impl CustomOp2 for CausalAttentionBwd {
             candle_core::bail!("{}: gradient shape {:?}", self.name(), gl.shape());
         }
         let mut dx = vec![0f32; x.len()];
-        self.0
-            .with_tables(|cos, sin| backward(x, dy, g, cos, sin, &mut dx))?;
+        // The op keeps nothing between the passes: run the forward pass again for its state.
+        self.0.with_tables(|cos, sin| {
+            let mut saved = Saved::default();
+            let mut out = vec![0f32; g.b * g.t * g.out_w()];
+            forward(x, g, cos, sin, &mut out, &mut saved);
+            backward(x, dy, g, cos, sin, &mut dx, &saved);
+        })?;
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
 
+/// What the backward pass reuses from the forward pass: the rotated (and, for queries,
+/// scaled) heads and the attention probabilities, (batch, heads, t, t) on and below the
+/// diagonal blocks. Keeping them costs b * heads * t^2 floats and saves recomputing the
+/// scores, the softmax and RoPE in the backward pass.
+#[derive(Default)]
+pub(crate) struct Saved {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    p: Vec<f32>,
+}
+
 /// The attention output of `x` (g.b * g.t rows of g.in_w()) into `out` (rows of g.out_w()),
 /// RoPE from `cos`/`sin` (at least g.t rows of g.d / 2). Every value of `out` is written.
-pub(crate) fn forward(x: &[f32], g: Geometry, cos: &[f32], sin: &[f32], out: &mut [f32]) {
+pub(crate) fn forward(
+    x: &[f32],
+    g: Geometry,
+    cos: &[f32],
+    sin: &[f32],
+    out: &mut [f32],
+    saved: &mut Saved,
+) {
     assert_eq!(x.len(), g.b * g.t * g.w);
     assert_eq!(out.len(), g.b * g.t * g.out_w());
     assert!(cos.len() >= g.t * g.d / 2 && sin.len() >= g.t * g.d / 2);
+    let (t, d) = (g.t, g.d);
+    saved.q.resize(g.b * g.nh * t * d, 0.0);
+    saved.k.resize(g.b * g.nkv * t * d, 0.0);
+    saved.p.resize(g.b * g.nh * t * t, 0.0);
+    saved
+        .k
+        .par_chunks_mut(t * d)
+        .enumerate()
+        .for_each(|(task, k)| {
+            let (bi, kv) = (task / g.nkv, task % g.nkv);
+            rope_rows(&x[bi * t * g.w..], g, g.k_col(kv), cos, sin, 1.0, k);
+        });
+    let keys = &saved.k;
     let shared = SharedOut::new(out);
-    (0..g.b * g.nh).into_par_iter().for_each(|task| {
+    let tasks = saved
+        .p
+        .par_chunks_mut(t * t)
+        .zip(saved.q.par_chunks_mut(t * d));
+    tasks.enumerate().for_each(|(task, (p, q))| {
         let (bi, h) = (task / g.nh, task % g.nh);
-        let x = &x[bi * g.t * g.w..(bi + 1) * g.t * g.w];
+        let x = &x[bi * t * g.w..(bi + 1) * t * g.w];
         let kv = h / g.rep();
-        let scale = 1.0 / (g.d as f32).sqrt();
-        let mut q = vec![0f32; g.t * g.d];
-        let mut k = vec![0f32; g.t * g.d];
-        rope_rows(x, g, g.q_col(h), cos, sin, scale, &mut q);
-        rope_rows(x, g, g.k_col(kv), cos, sin, 1.0, &mut k);
-        let mut p = vec![0f32; g.t * g.t];
-        probabilities(&q, &k, g, &mut p);
-        let v = Mat::rows(&x[g.v_col(kv)..], g.t, g.d, g.w);
-        let mut o = vec![0f32; g.t * g.d];
-        for (r0, n) in blocks(g.t) {
-            let p_blk = Mat::rows(&p[r0 * g.t..], n, r0 + n, g.t);
+        let scale = 1.0 / (d as f32).sqrt();
+        rope_rows(x, g, g.q_col(h), cos, sin, scale, q);
+        let k = &keys[(bi * g.nkv + kv) * t * d..][..t * d];
+        probabilities(q, k, g, p);
+        let v = Mat::rows(&x[g.v_col(kv)..], t, d, g.w);
+        let mut o = vec![0f32; t * d];
+        for (r0, n) in blocks(t) {
+            let p_blk = Mat::rows(&p[r0 * t..], n, r0 + n, t);
             matmul(
-                &mut o[r0 * g.d..],
-                g.d,
+                &mut o[r0 * d..],
+                d,
                 false,
                 p_blk,
-                v.sub(0, r0 + n, 0, g.d),
+                v.sub(0, r0 + n, 0, d),
                 1.0,
             );
         }
         // SAFETY: task (bi, h) alone writes head h's columns of batch bi's rows.
         unsafe {
-            shared.write_rows(bi * g.t * g.out_w() + h * g.d, g.out_w(), &o, g.d);
+            shared.write_rows(bi * t * g.out_w() + h * d, g.out_w(), &o, d);
         }
     });
 }
@@ -220,8 +258,14 @@ pub(crate) fn backward(
     cos: &[f32],
     sin: &[f32],
     dx: &mut [f32],
+    saved: &Saved,
 ) {
     assert_eq!(x.len(), g.b * g.t * g.w);
+    assert_eq!(
+        saved.p.len(),
+        g.b * g.nh * g.t * g.t,
+        "attention: forward not saved"
+    );
     assert_eq!(dx.len(), x.len());
     assert_eq!(dy.len(), g.b * g.t * g.out_w());
     assert!(cos.len() >= g.t * g.d / 2 && sin.len() >= g.t * g.d / 2);
@@ -232,16 +276,15 @@ pub(crate) fn backward(
         let x = &x[bi * t * g.w..(bi + 1) * t * g.w];
         let dy = &dy[bi * t * g.out_w()..(bi + 1) * t * g.out_w()];
         let scale = 1.0 / (d as f32).sqrt();
-        let mut k = vec![0f32; t * d];
-        rope_rows(x, g, g.k_col(kv), cos, sin, 1.0, &mut k);
+        let k = &saved.k[(bi * g.nkv + kv) * t * d..][..t * d];
         let v = Mat::rows(&x[g.v_col(kv)..], t, d, g.w);
         let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
-        let (mut q, mut dq) = (vec![0f32; t * d], vec![0f32; t * d]);
-        let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
+        let mut dq = vec![0f32; t * d];
+        let mut ds = vec![0f32; t * t];
         let base = bi * t * g.w;
         for h in kv * g.rep()..(kv + 1) * g.rep() {
-            rope_rows(x, g, g.q_col(h), cos, sin, scale, &mut q);
-            probabilities(&q, &k, g, &mut p);
+            let q = &saved.q[(bi * g.nh + h) * t * d..][..t * d];
+            let p = &saved.p[(bi * g.nh + h) * t * t..][..t * t];
             let dout = Mat::rows(&dy[h * d..], t, d, g.out_w());
             // dP = dO V^T on and below the diagonal.
             for (r0, n) in blocks(t) {
@@ -264,7 +307,7 @@ pub(crate) fn backward(
                 let end = ((i / BLOCK) + 1) * BLOCK;
                 ds[i * t + i + 1..i * t + end.min(t)].fill(0.0);
             }
-            let (pm, dsm) = (Mat::rows(&p, t, t, t), Mat::rows(&ds, t, t, t));
+            let (pm, dsm) = (Mat::rows(p, t, t, t), Mat::rows(&ds, t, t, t));
             for (r0, n) in blocks(t) {
                 // Rows r0.. of dV and dK gather from query rows r0.. only.
                 let rest = t - r0;
@@ -290,7 +333,7 @@ pub(crate) fn backward(
                     d,
                     false,
                     dsm.sub(r0, n, 0, r0 + n),
-                    Mat::rows(&k, r0 + n, d, d),
+                    Mat::rows(k, r0 + n, d, d),
                     scale,
                 );
             }
@@ -331,23 +374,9 @@ fn probabilities(q: &[f32], k: &[f32], g: Geometry, p: &mut [f32]) {
         for i in r0..r0 + n {
             let row = &mut p[i * t..i * t + r0 + n];
             let (live, dead) = row.split_at_mut(i + 1);
-            softmax(live);
+            super::math::softmax(live);
             dead.fill(0.0);
         }
-    }
-}
-
-/// Softmax of `x` in place.
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
     }
 }
 

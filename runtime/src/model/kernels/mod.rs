@@ -15,6 +15,7 @@
 
 pub(crate) mod attention;
 mod linear;
+pub(crate) mod math;
 pub(crate) mod norm;
 pub mod sgemm;
 pub(crate) mod swiglu;

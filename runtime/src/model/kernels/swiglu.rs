@@ -15,9 +15,7 @@ pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-fn sigmoid(a: f32) -> f32 {
-    1.0 / (1.0 + (-a).exp())
-}
+use super::math::sigmoid;
 
 /// `out = silu(a) * b` for rows `[a | b]` of `x` (each 2n wide); `out` rows are n wide.
 pub(crate) fn forward(x: &[f32], n: usize, out: &mut [f32]) {
