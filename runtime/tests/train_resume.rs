@@ -1,8 +1,8 @@
 //! Checkpoints: a run SIGKILLed mid-way and resumed ends with bitwise the same weights as the
 //! uninterrupted run; a corrupt newest checkpoint is skipped; a stale attempt is fenced out.
 //!
-//! Every run uses 2 CPU threads (`threads: 2` in the config): candle's matmul partitions work
-//! by thread count, and with a fixed count every operation runs in the same order.
+//! The CPU training step gives the same bits for any thread count and on AVX-512, AVX2 or any
+//! other CPU (a test below), so a job failed over to a different node still resumes exactly.
 
 mod train_support;
 
@@ -165,3 +165,34 @@ fn stale_attempt_is_fenced() {
 
 /// Steps of the fenced run.
 const FENCE_STEPS: u64 = 5000;
+
+/// The same run with each matrix-product instruction set (`ANNEAL_SGEMM`; one the CPU lacks
+/// falls back to the best it has) and 1, 2 or 3 threads writes a model with the same sha256.
+/// The batch is large enough that the products split over the threads.
+#[test]
+fn weights_are_the_same_bits_on_any_instruction_set_and_thread_count() {
+    let s = Scratch::new("isa");
+    let mut digests = Vec::new();
+    for (isa, threads) in [("avx512", 2), ("avx2", 1), ("portable", 3), ("avx512", 3)] {
+        let name = format!("{isa}-{threads}");
+        let cfg = tiny_config(&s.path(&format!("{name}-model")), 12, "", "")
+            .replace("batchSize: 16", "batchSize: 256")
+            .replace("threads: 2", &format!("threads: {threads}"));
+        let cfg = s.write(&format!("{name}.yaml"), &cfg);
+        let out = run(
+            &["train", "--config", cfg.to_str().unwrap()],
+            &[("ANNEAL_SGEMM", isa)],
+        );
+        assert_ok(&out);
+        let digest = events(&out, "done")[0]["model"]["sha256"].clone();
+        assert!(digest.is_string(), "no model digest: {digest}");
+        digests.push((name, digest));
+    }
+    for (name, digest) in &digests[1..] {
+        assert_eq!(
+            digest, &digests[0].1,
+            "{name} differs from {}",
+            digests[0].0
+        );
+    }
+}
