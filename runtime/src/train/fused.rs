@@ -115,8 +115,8 @@ pub struct FusedStep {
     scratch: (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>),
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// Names of the weights the optimizer trains.
-    trainable: Vec<String>,
+    /// Which gradients to compute.
+    trains: Trains,
     /// Micro-batches summed into `grads` since the last `take_grads`.
     micro: usize,
 }
@@ -130,6 +130,64 @@ fn split_rows(buf: &[f32], from: usize, rows: usize, width: usize) -> &[f32] {
 /// A tensor's values.
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     with_slice(t, "anneal-fused-step", <[f32]>::to_vec)
+}
+
+/// Sets `dst` to the values of `tensors` one after the other, reusing its allocation.
+fn copy_into(dst: &mut Vec<f32>, tensors: &[&Tensor]) -> Result<()> {
+    dst.clear();
+    for t in tensors {
+        with_slice(t, "anneal-fused-step", |v| dst.extend_from_slice(v))?;
+    }
+    Ok(())
+}
+
+/// Which gradients the step computes, decided once from the names the optimizer trains.
+struct Trains {
+    embedding: bool,
+    /// The head (the embedding itself when tied).
+    head: bool,
+    norm: bool,
+    /// Per block: attn_norm, q/k/v, attn_output, ffn_norm, gate/up, down.
+    blocks: Vec<[bool; 6]>,
+    /// The lowest block the backward pass reaches: blocks below the lowest trained one need
+    /// no gradient, unless the embedding trains.
+    stop: usize,
+}
+
+impl Trains {
+    fn new(names: &[String], n_layers: usize, tied: bool) -> Self {
+        let has = |name: &str| names.iter().any(|n| n == name);
+        let embd = "token_embd.weight";
+        let embedding = has(embd);
+        let blocks: Vec<[bool; 6]> = (0..n_layers)
+            .map(|l| {
+                let t = |p: &str| has(&format!("blk.{l}.{p}.weight"));
+                [
+                    t("attn_norm"),
+                    t("attn_q") || t("attn_k") || t("attn_v"),
+                    t("attn_output"),
+                    t("ffn_norm"),
+                    t("ffn_gate") || t("ffn_up"),
+                    t("ffn_down"),
+                ]
+            })
+            .collect();
+        let stop = if embedding {
+            0
+        } else {
+            blocks
+                .iter()
+                .position(|b| b.contains(&true))
+                .unwrap_or(n_layers)
+        };
+        Self {
+            embedding,
+            head: has(if tied { embd } else { "output.weight" }),
+            norm: has("output_norm.weight"),
+            blocks,
+            stop,
+        }
+    }
 }
 
 fn dense(l: &Linear) -> Result<&Tensor> {
@@ -167,39 +225,28 @@ impl FusedStep {
             scratch: Default::default(),
             cos: values(&model.cos)?,
             sin: values(&model.sin)?,
-            trainable,
+            trains: Trains::new(&trainable, c.n_layers, c.tie_embeddings),
             micro: 0,
         })
-    }
-
-    fn trains(&self, name: &str) -> bool {
-        self.trainable.iter().any(|n| n == name)
     }
 
     /// Copies the current weights of `model` into the stacked layout.
     fn load_weights(&mut self, model: &Transformer) -> Result<()> {
         let w = &mut self.weights;
-        w.embedding = values(&model.embedding)?;
-        w.norm = values(&model.norm.weight)?;
-        w.head = if self.dims.tied {
-            Vec::new()
-        } else {
-            values(dense(&model.lm_head)?)?
-        };
+        copy_into(&mut w.embedding, &[&model.embedding])?;
+        copy_into(&mut w.norm, &[&model.norm.weight])?;
+        if !self.dims.tied {
+            copy_into(&mut w.head, &[dense(&model.lm_head)?])?;
+        }
         w.blocks.resize_with(model.blocks.len(), BlockBufs::default);
         for (b, dst) in model.blocks.iter().zip(&mut w.blocks) {
-            dst.attn_norm = values(&b.attn_norm.weight)?;
-            dst.qkv.clear();
-            for l in [&b.attn.q, &b.attn.k, &b.attn.v] {
-                dst.qkv.extend(values(dense(l)?)?);
-            }
-            dst.o = values(dense(&b.attn.o)?)?;
-            dst.ffn_norm = values(&b.ffn_norm.weight)?;
-            dst.gate_up.clear();
-            for l in [&b.mlp.gate, &b.mlp.up] {
-                dst.gate_up.extend(values(dense(l)?)?);
-            }
-            dst.down = values(dense(&b.mlp.down)?)?;
+            let (a, m) = (&b.attn, &b.mlp);
+            copy_into(&mut dst.attn_norm, &[&b.attn_norm.weight])?;
+            copy_into(&mut dst.qkv, &[dense(&a.q)?, dense(&a.k)?, dense(&a.v)?])?;
+            copy_into(&mut dst.o, &[dense(&a.o)?])?;
+            copy_into(&mut dst.ffn_norm, &[&b.ffn_norm.weight])?;
+            copy_into(&mut dst.gate_up, &[dense(&m.gate)?, dense(&m.up)?])?;
+            copy_into(&mut dst.down, &[dense(&m.down)?])?;
         }
         Ok(())
     }
@@ -329,38 +376,9 @@ impl FusedStep {
         let d = self.dims;
         let (n, h, v) = (tokens.len(), d.hidden, d.vocab);
         let acc = self.micro > 0;
-        let embd = "token_embd.weight";
-        let head_name = if d.tied { embd } else { "output.weight" };
-        let train_embd = self.trains(embd);
-        let block_trains = |s: &Self, l: usize| {
-            let prefix = format!("blk.{l}.");
-            s.trainable.iter().any(|name| name.starts_with(&prefix))
-        };
-        // Blocks below the lowest trained one need no gradient, unless the embedding trains.
         let n_layers = self.acts.len();
-        let stop = if train_embd {
-            0
-        } else {
-            (0..n_layers)
-                .find(|&l| block_trains(self, l))
-                .unwrap_or(n_layers)
-        };
-        let train = |s: &Self, name: &str| s.trains(name);
-        let (train_head, train_norm) = (train(self, head_name), train(self, "output_norm.weight"));
-        // attn_norm, q/k/v, attn_output, ffn_norm, gate/up, down.
-        let block_flags: Vec<[bool; 6]> = (0..n_layers)
-            .map(|l| {
-                let t = |p: &str| train(self, &format!("blk.{l}.{p}.weight"));
-                [
-                    t("attn_norm"),
-                    t("attn_q") || t("attn_k") || t("attn_v"),
-                    t("attn_output"),
-                    t("ffn_norm"),
-                    t("ffn_gate") || t("ffn_up"),
-                    t("ffn_down"),
-                ]
-            })
-            .collect();
+        let t = &self.trains;
+        let (train_embd, train_head, train_norm, stop) = (t.embedding, t.head, t.norm, t.stop);
 
         let w = &self.weights;
         let gr = &mut self.grads;
@@ -395,7 +413,7 @@ impl FusedStep {
 
         for l in (stop..n_layers).rev() {
             let (a, wb, gb) = (&self.acts[l], &w.blocks[l], &mut gr.blocks[l]);
-            let [t_an, t_qkv, t_o, t_fn, t_gu, t_down] = block_flags[l];
+            let [t_an, t_qkv, t_o, t_fn, t_gu, t_down] = self.trains.blocks[l];
             let dxm = Mat::rows(dx, n, h, h);
             // out = mid + act @ down^T
             if t_down {

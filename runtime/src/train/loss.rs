@@ -102,22 +102,10 @@ impl CustomOp3 for MaskedNll {
         ml: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (logits, targets, mask, v) = inputs(self.name(), (ls, ll), (ts, tl), (ms, ml))?;
-        let partials: Vec<f64> = logits
-            .par_chunks(ROWS * v)
-            .zip(targets.par_chunks(ROWS).zip(mask.par_chunks(ROWS)))
-            .map(|(logits, (targets, mask))| {
-                let mut p = vec![0f32; v];
-                let mut sum = 0f64;
-                for ((row, &t), &m) in logits.chunks_exact(v).zip(targets).zip(mask) {
-                    if m != 0.0 {
-                        let lse = softmax_into(row, &mut p);
-                        sum += f64::from(m * (lse - row[t as usize]));
-                    }
-                }
-                sum
-            })
-            .collect();
-        let total = partials.iter().sum::<f64>() as f32;
+        // The gradient comes with the sum at little extra cost; the op keeps only the sum
+        // (this graph path serves ANNEAL_FUSED_STEP=0; the fused step uses both).
+        let mut scratch = logits.to_vec();
+        let total = nll_sum_and_grad(&mut scratch, targets, mask, v) as f32;
         Ok((CpuStorage::F32(vec![total]), Shape::from(())))
     }
 
@@ -164,21 +152,11 @@ impl candle_core::CustomOp2 for MaskedNllBwd {
             candle_core::bail!("{}: CPU only", self.name());
         };
         let (logits, targets, mask, v) = inputs(self.name(), (ls, ll), (ts, tl), (ms, ml))?;
-        let mut d = vec![0f32; logits.len()];
-        d.par_chunks_mut(ROWS * v)
-            .zip(logits.par_chunks(ROWS * v))
-            .zip(targets.par_chunks(ROWS).zip(mask.par_chunks(ROWS)))
-            .for_each(|((d, logits), (targets, mask))| {
-                let rows = d.chunks_exact_mut(v).zip(logits.chunks_exact(v));
-                for ((d, row), (&t, &m)) in rows.zip(targets.iter().zip(mask)) {
-                    if m != 0.0 {
-                        softmax_into(row, d);
-                        d[t as usize] -= 1.0;
-                        let s = self.grad * m;
-                        d.iter_mut().for_each(|x| *x *= s);
-                    }
-                }
-            });
+        let mut d = logits.to_vec();
+        nll_sum_and_grad(&mut d, targets, mask, v);
+        if self.grad != 1.0 {
+            d.par_iter_mut().for_each(|x| *x *= self.grad);
+        }
         Ok((CpuStorage::F32(d), ll.shape().clone()))
     }
 }

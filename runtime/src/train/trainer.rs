@@ -208,62 +208,58 @@ impl Trainer {
         let h = &self.config.hyperparameters;
         let lr = optim::learning_rate(h, self.step);
         let (mut loss_sum, mut counted, mut tokens) = (0f64, 0usize, 0usize);
-        let grads = if let Some(step) = self.fused.as_mut() {
-            for _ in 0..h.gradient_accumulation {
-                let samples = self.loader.next_samples(h.batch_size);
-                tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
-                let batch = Batch::new(&samples, self.pad, &self.device)?;
-                if batch.n_tokens == 0 {
-                    continue;
-                }
-                loss_sum += step.accumulate(&self.model, &batch)?;
-                counted += batch.n_tokens;
-            }
-            let names: Vec<_> = self
-                .optimizer
-                .params
-                .iter()
-                .map(|p| (p.name.clone(), p.var.dims().to_vec()))
-                .collect();
-            step.take_grads(&names)?
+        // candle's autograd path (GPU, bf16, or ANNEAL_FUSED_STEP=0) sums its gradients here.
+        let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
+        let cast;
+        let model = if self.fused.is_some() || self.compute_dtype == self.model.embedding.dtype() {
+            &self.model
         } else {
-            let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
-            let cast;
-            let model = if self.compute_dtype == self.model.embedding.dtype() {
-                &self.model
-            } else {
-                cast = self.model.to_dtype(self.compute_dtype)?;
-                &cast
-            };
-            for _ in 0..h.gradient_accumulation {
-                let samples = self.loader.next_samples(h.batch_size);
-                tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
-                let batch = Batch::new(&samples, self.pad, &self.device)?;
-                if batch.n_tokens == 0 {
-                    continue;
-                }
-                // The loss is computed in f32 whatever the compute dtype (a no-op in f32).
-                let logits = model
-                    .forward(&batch.inputs, 0, None)?
-                    .to_dtype(DType::F32)?;
-                let loss = masked_nll_sum(&logits, &batch.targets, &batch.mask)?;
-                loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-                counted += batch.n_tokens;
-                let store = loss.backward()?;
-                for (acc, p) in grads.iter_mut().zip(&self.optimizer.params) {
-                    if let Some(g) = store.get(p.var.as_tensor()) {
-                        *acc = Some(match acc.take() {
-                            None => g.clone(),
-                            Some(a) => (a + g)?,
-                        });
-                    }
+            cast = self.model.to_dtype(self.compute_dtype)?;
+            &cast
+        };
+        for _ in 0..h.gradient_accumulation {
+            let samples = self.loader.next_samples(h.batch_size);
+            tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
+            let batch = Batch::new(&samples, self.pad, &self.device)?;
+            if batch.n_tokens == 0 {
+                continue;
+            }
+            counted += batch.n_tokens;
+            if let Some(step) = self.fused.as_mut() {
+                loss_sum += step.accumulate(model, &batch)?;
+                continue;
+            }
+            // The loss is computed in f32 whatever the compute dtype (a no-op in f32).
+            let logits = model
+                .forward(&batch.inputs, 0, None)?
+                .to_dtype(DType::F32)?;
+            let loss = masked_nll_sum(&logits, &batch.targets, &batch.mask)?;
+            loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            let store = loss.backward()?;
+            for (acc, p) in sums.iter_mut().zip(&self.optimizer.params) {
+                if let Some(g) = store.get(p.var.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        None => g.clone(),
+                        Some(a) => (a + g)?,
+                    });
                 }
             }
-            grads
+        }
+        let grads = match self.fused.as_mut() {
+            Some(step) => {
+                let names: Vec<_> = self
+                    .optimizer
+                    .params
+                    .iter()
+                    .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+                    .collect();
+                step.take_grads(&names)?
+            }
+            None => sums
                 .into_iter()
                 .zip(&self.optimizer.params)
                 .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
-                .collect::<candle_core::Result<Vec<_>>>()?
+                .collect::<candle_core::Result<Vec<_>>>()?,
         };
         let scale = 1.0 / counted.max(1) as f64;
         let grad_norm = optim::global_norm(&grads, scale)?;

@@ -100,21 +100,14 @@ impl CausalAttention {
 
     fn geometry(&self, shape: &Shape) -> Result<Geometry> {
         let (b, t, w) = shape.dims3()?;
-        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        if nkv == 0 || !nh.is_multiple_of(nkv) || !d.is_multiple_of(2) || w != (nh + 2 * nkv) * d {
+        let g = Geometry::new(b, t, self.n_heads, self.n_kv_heads, self.head_dim)?;
+        if w != g.w {
             candle_core::bail!("{}: bad shape {shape:?}", Self::NAME);
         }
-        if self.cos.dims() != [t, d / 2] || self.sin.dims() != [t, d / 2] {
+        if self.cos.dims() != [t, g.d / 2] || self.sin.dims() != [t, g.d / 2] {
             candle_core::bail!("{}: RoPE tables do not cover {t} positions", Self::NAME);
         }
-        Ok(Geometry {
-            b,
-            t,
-            w,
-            nh,
-            nkv,
-            d,
-        })
+        Ok(g)
     }
 
     /// Runs `f` with the RoPE tables' values.
@@ -426,7 +419,7 @@ fn unrope_rows(x: &mut [f32], g: Geometry, cos: &[f32], sin: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{randn, rel_diff, var};
+    use super::super::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
     use crate::model::{apply_rope, attention, causal_mask};
     use candle_core::{D, Device};
@@ -475,15 +468,7 @@ mod tests {
         let composite = reference(x.as_tensor(), &cos, &sin, nh, nkv, d)?;
         let fwd = rel_diff(&fused, &composite)?;
         assert!(fwd < 1e-5, "forward differs by {fwd}");
-        let gf = (fused * &dy)?.sum_all()?.backward()?;
-        let gc = (composite * &dy)?.sum_all()?.backward()?;
-        let (gf, gc) = (
-            gf.get(x.as_tensor()).unwrap(),
-            gc.get(x.as_tensor()).unwrap(),
-        );
-        let bwd = rel_diff(gf, gc)?;
-        assert!(bwd < 1e-5, "gradient differs by {bwd}");
-        Ok(())
+        assert_same_grads(fused, composite, &dy, &[&x])
     }
 
     /// Forward and gradient match the composite candle version to 1e-5 of the largest value,

@@ -81,7 +81,7 @@ impl CustomOp2 for Linear {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{randn, rel_diff, var};
+    use super::super::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
 
     /// Forward and both gradients match candle's matmul to 1e-5 of the largest value.
@@ -97,15 +97,6 @@ mod tests {
             .matmul(&w.as_tensor().t()?)?
             .reshape((3, 21, 24))?;
         assert!(rel_diff(&fused, &composite)? < 1e-5);
-        let gf = (fused * &dy)?.sum_all()?.backward()?;
-        let gc = (composite * &dy)?.sum_all()?.backward()?;
-        for v in [&x, &w] {
-            let d = rel_diff(
-                gf.get(v.as_tensor()).unwrap(),
-                gc.get(v.as_tensor()).unwrap(),
-            )?;
-            assert!(d < 1e-5, "gradient differs by {d}");
-        }
-        Ok(())
+        assert_same_grads(fused, composite, &dy, &[&x, &w])
     }
 }

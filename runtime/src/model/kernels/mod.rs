@@ -193,4 +193,22 @@ pub(crate) mod test_util {
     pub fn var(t: &Tensor) -> Result<Var> {
         Var::from_tensor(t)
     }
+
+    /// Backpropagates `fused * dy` and `composite * dy` and asserts that the gradients of
+    /// every variable in `vars` agree to 1e-5 of the largest value.
+    pub fn assert_same_grads(
+        fused: Tensor,
+        composite: Tensor,
+        dy: &Tensor,
+        vars: &[&Var],
+    ) -> Result<()> {
+        let gf = (fused * dy)?.sum_all()?.backward()?;
+        let gc = (composite * dy)?.sum_all()?.backward()?;
+        for v in vars {
+            let (f, c) = (gf.get(v.as_tensor()), gc.get(v.as_tensor()));
+            let d = rel_diff(f.expect("fused gradient"), c.expect("composite gradient"))?;
+            assert!(d < 1e-5, "gradient differs by {d}");
+        }
+        Ok(())
+    }
 }

@@ -135,7 +135,7 @@ impl CustomOp2 for RmsNorm {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{randn, rel_diff, var};
+    use super::super::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
 
     /// Forward and both gradients match candle's composite RMSNorm to 1e-5 of the largest value.
@@ -147,15 +147,6 @@ mod tests {
         let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?;
         let composite = candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-5)?;
         assert!(rel_diff(&fused, &composite)? < 1e-5);
-        let gf = (fused * &dy)?.sum_all()?.backward()?;
-        let gc = (composite * &dy)?.sum_all()?.backward()?;
-        for v in [&x, &w] {
-            let d = rel_diff(
-                gf.get(v.as_tensor()).unwrap(),
-                gc.get(v.as_tensor()).unwrap(),
-            )?;
-            assert!(d < 1e-5, "gradient differs by {d}");
-        }
-        Ok(())
+        assert_same_grads(fused, composite, &dy, &[&x, &w])
     }
 }
