@@ -5,10 +5,13 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# exited PID: gone, or a zombie waiting for its parent.
-exited() { ! kill -0 "$1" 2>/dev/null || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
-
 none_left() { [[ -z "$(cluster_pids)" ]]; }
+
+# ports_free: nobody listens on the cluster's ports any more. A process is `exited` once its main thread is a
+# zombie, and its other threads may hold the listening sockets a moment longer; the next up.sh must not
+# meet them.
+read -r -a PORTS <<<"$(for c in "${COMPONENTS[@]}"; do component_ports "$c"; done | tr '\n' ' ')"
+ports_free() { [[ -z "$(port_holders "${PORTS[@]}")" ]]; }
 
 # stop PID NAME: SIGTERM, then SIGKILL if it has not exited within 10 s.
 stop() {
@@ -41,6 +44,10 @@ main() {
   done
   wait_until "every process of $CLUSTER_STATE to exit" 5 none_left ||
     die "processes of $CLUSTER_STATE still running: $(cluster_pids | tr '\n' ' ')"
+  if ((stopped > 0)) && ! wait_until "the cluster's ports to be free" 5 ports_free; then
+    log "warning: ports of $CLUSTER_STATE still in use after down:"
+    port_holders "${PORTS[@]}" >&2
+  fi
   rm -rf "$CLUSTER_STATE/etcd"
   ((stopped == 0)) || log "cluster down ($stopped processes stopped; logs kept in $LOG_DIR)"
 }

@@ -98,18 +98,57 @@ APISERVER_URL="https://127.0.0.1:$APISERVER_PORT"
 # Components in start order; down.sh stops them in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 
+# component_ports NAME: the loopback ports the component listens on.
+component_ports() {
+  case "$1" in
+    etcd) echo "$ETCD_PORT $ETCD_PEER_PORT" ;;
+    kube-apiserver) echo "$APISERVER_PORT" ;;
+    kube-controller-manager) echo "$CONTROLLER_MANAGER_PORT" ;;
+    kube-scheduler) echo "$SCHEDULER_PORT" ;;
+    kwok) echo "$KWOK_PORT" ;;
+  esac
+}
+
+# port_holders PORT...: a line for each port someone listens on (naming the process when `ss` can); nothing
+# when all are free.
+port_holders() {
+  local port
+  for port in "$@"; do
+    # /proc/net/tcp{,6}: local_address is ADDR:PORT in hex, state (st) 0A is LISTEN.
+    awk -v port="$(printf ':%04X' "$port")" 'FNR > 1 && $4 == "0A" && substr($2, length($2) - 4) == port {
+      found = 1 } END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null || continue
+    if command -v ss >/dev/null; then
+      ss -Htlnp "sport = :$port" | sed "s/^/port $port in use: /"
+    else
+      echo "port $port in use (by a process that only \`ss -tlnp\` would name)"
+    fi
+  done
+}
+
 # The label kwok selects the nodes it simulates by. Removing it is how fault.sh kills a node.
 KWOK_MANAGED_LABEL_KEY="kwok.x-k8s.io/node"
 KWOK_MANAGED_LABEL_VALUE="fake"
 
+# /proc/PID/exe names the binary with symlinks resolved: the tools directories as it would name them.
+TOOLS_PREFIXES=("$ANNEAL_CACHE/tools/" "$TOOLS_DIR/" "$(realpath -m "$ANNEAL_CACHE/tools")/" "$(realpath -m "$TOOLS_DIR")/")
+
 # is_cluster_process PID: PID runs one of our built tools with this cluster's state dir on its command line
-# (a recycled pid, a zombie or someone's `tail -f` of a log do not count).
+# (a recycled pid, a zombie or someone's `tail -f` of a log do not count). Right after an exec the binary is
+# already the tool's while the command line is still empty (see `start` in up.sh): that does not count either.
 is_cluster_process() {
-  local exe
+  local exe cmdline prefix
   exe="$(readlink "/proc/$1/exe" 2>/dev/null)" || return 1
-  [[ "$exe" == "$ANNEAL_CACHE/tools/"* || "$exe" == "$TOOLS_DIR/"* ]] || return 1
-  tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF "$CLUSTER_STATE/"
+  for prefix in "${TOOLS_PREFIXES[@]}"; do
+    [[ "$exe" == "$prefix"* ]] || continue
+    cmdline="$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null)" || return 1
+    [[ "$cmdline" == *"$CLUSTER_STATE/"* ]]
+    return
+  done
+  return 1
 }
+
+# exited PID: gone, or a zombie waiting for its parent.
+exited() { ! kill -0 "$1" 2>/dev/null || grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
 
 # cluster_pids: every running process of this cluster, whether or not its pid file survived.
 cluster_pids() {

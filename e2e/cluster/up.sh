@@ -5,31 +5,59 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+# The pid of each component this up.sh starts. Each is a child of this shell, so whether it still runs is known
+# for certain (an unreaped child's pid cannot be recycled), and `wait` gives the exit status of one that stopped.
+declare -A STARTED=()
+
 # start NAME ARGS...: runs tools/bin/NAME detached (own session, so a Ctrl-C of the caller does not reach it),
-# logging to logs/NAME.log and recording its pid for down.sh.
+# logging to logs/NAME.log and recording its pid for down.sh. Refuses when something already listens on the
+# component's port (the tool would fail to bind); returns once the process runs the tool.
 start() {
-  local name="$1"
+  local name="$1" holders pid
   shift
+  # shellcheck disable=SC2046 # one argument per port
+  holders="$(port_holders $(component_ports "$name"))"
+  [[ -z "$holders" ]] || die "cannot start $name: $holders"
   log "starting $name (log: $LOG_DIR/$name.log)"
   # fd 9 is the cluster lock: components must not keep it open after up.sh exits.
   setsid "$TOOLS_BIN/$name" "$@" >"$LOG_DIR/$name.log" 2>&1 </dev/null 9>&- &
-  echo $! >"$PID_DIR/$name.pid"
-  # Until the forked shell has exec'ed the binary, the pid does not look like ours (see is_cluster_process).
-  wait_until "$name to start" 10 execed "$!" "$(realpath "$TOOLS_BIN/$name")" || true
+  pid=$!
+  STARTED[$name]=$pid
+  echo "$pid" >"$PID_DIR/$name.pid"
+  # The pid runs the forked shell, then setsid, then the tool. Right after the exec /proc/PID/exe already names
+  # the tool while /proc/PID/cmdline is still empty (the kernel switches the executable before it lays out the
+  # new argv; up to 19 ms for kube-apiserver read back from disk, README.md), so waiting for the executable
+  # alone is not enough: wait until the process is recognisably ours, as down.sh will recognise it.
+  wait_until "$name to exec" 30 execed "$name" ||
+    die "$name (pid $pid) has not exec'ed $TOOLS_BIN/$name after 30s; it runs $(readlink "/proc/$pid/exe" || true)"
 }
 
-# execed PID BINARY: PID runs BINARY now, or is already gone (alive reports that).
-execed() {
-  local exe
-  exe="$(readlink "/proc/$1/exe" 2>/dev/null)" || return 0
-  [[ "$exe" == "$2" ]]
-}
+# execed NAME: the component's process runs its tool with its command line in place, or has exited already.
+execed() { is_cluster_process "${STARTED[$1]}" || exited "${STARTED[$1]}"; }
 
-# alive NAME: the component is running; if it died, say so and show the end of its log.
+# alive NAME: the component is running. If it is not, says why: for one this up.sh started, its exit status (or
+# the signal that ended it), whether something else holds its port, and the end of its log (or that it is empty).
 alive() {
-  [[ -n "$(component_pid "$1")" ]] && return 0
-  log "$1 is not running; last lines of $LOG_DIR/$1.log:"
-  tail -n 20 "$LOG_DIR/$1.log" >&2 || true
+  local name="$1" pid="${STARTED[$1]:-}" status=0 why
+  if [[ -z "$pid" ]]; then
+    # Started by an earlier up.sh: only its pid file and /proc tell.
+    [[ -n "$(component_pid "$name")" ]] && return 0
+    why="not running (pid file $PID_DIR/$name.pid)"
+  else
+    exited "$pid" || return 0
+    wait "$pid" || status=$?
+    why="exited with status $status"
+    ((status <= 128)) || why+=" (killed by SIG$(kill -l "$status" 2>/dev/null || echo '?'))"
+  fi
+  log "$name $why"
+  # shellcheck disable=SC2046 # one argument per port
+  port_holders $(component_ports "$name") | while read -r line; do log "$line"; done
+  if [[ -s "$LOG_DIR/$name.log" ]]; then
+    log "last lines of $LOG_DIR/$name.log:"
+    tail -n 20 "$LOG_DIR/$name.log" >&2 || true
+  else
+    log "$LOG_DIR/$name.log is empty: it stopped before writing anything"
+  fi
   return 1
 }
 
