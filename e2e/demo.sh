@@ -13,9 +13,12 @@ work="${ANNEAL_DEMO_DIR:-$HOME/.cache/anneal/demo}"
 mkdir -p "$work"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "building anneal (release)"
-cargo build --release -q -p anneal-operator -p anneal-runtime
-bin="$CARGO_TARGET_DIR/release"
+# Cargo's dev profile, as e2e/test-all.sh builds: it optimises the runtime and every dependency
+# (Cargo.toml), so the runtime trains as fast as the runtime's own tests do, and the test command
+# after the demo reuses this build instead of compiling the whole tree a second time for release.
+say "building anneal (dev profile, runtime and dependencies optimised)"
+cargo build -q -p anneal-operator -p anneal-runtime
+bin="$CARGO_TARGET_DIR/debug"
 
 say "local cluster: pinned tools (built once) and up"
 e2e/cluster/build-tools.sh >/dev/null

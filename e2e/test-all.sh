@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of anneal on a fresh machine: format and lint checks, the unit and integration
 # tests of every crate, then the cluster tier against a real local control plane (built from the
-# pinned upstream sources on first use, cached in ~/.cache/anneal), which is always taken down.
+# pinned upstream sources on first use, cached in ~/.cache/anneal). The cluster tier has a cluster of
+# its own, started clean and always taken down; the demo's cluster (e2e/demo.sh) is left as it is.
 #
 #   e2e/test-all.sh              everything
 #   ANNEAL_SKIP_CLUSTER=1 ...    only what needs no cluster
@@ -47,8 +48,22 @@ fi
 step "pinned cluster tools (built once, then cached)"
 e2e/cluster/build-tools.sh
 
-step "local cluster up"
+# A cluster of its own: its own state directory and ports, so that whatever runs on the default cluster
+# (the demo leaves it up with the Helm release `anneal` installed; a developer's up.sh) is neither
+# reused nor touched; and taken down before it is brought up, so that what a killed earlier run left
+# in it (namespaces, Helm releases, cluster-scoped objects) is gone with its etcd. Every variable the
+# cluster scripts and the e2e crate read is set, so a shell that sourced env.sh for the default
+# cluster cannot point the tests at it.
+cache="${ANNEAL_CACHE:-$HOME/.cache/anneal}"
+export ANNEAL_CLUSTER_DIR="$cache/test-cluster"
+export ANNEAL_KUBECONFIG="$ANNEAL_CLUSTER_DIR/kubeconfig" ANNEAL_CLUSTER_LOGS="$ANNEAL_CLUSTER_DIR/logs"
+export KUBECONFIG="$ANNEAL_KUBECONFIG"
+export ANNEAL_ETCD_PORT=22379 ANNEAL_ETCD_PEER_PORT=22380 ANNEAL_APISERVER_PORT=26443
+export ANNEAL_CONTROLLER_MANAGER_PORT=26257 ANNEAL_SCHEDULER_PORT=26259 ANNEAL_KWOK_PORT=26247
+
+step "the tests' own local cluster, started clean ($ANNEAL_CLUSTER_DIR, API server on :$ANNEAL_APISERVER_PORT)"
 trap 'step "local cluster down"; e2e/cluster/down.sh' EXIT
+e2e/cluster/down.sh
 e2e/cluster/up.sh
 
 step "cluster tier tests (real API server, real operator binary; nodes simulated by kwok)"
