@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Name of the checksum manifest inside a committed directory.
 pub const MANIFEST: &str = "MANIFEST.json";
@@ -17,6 +19,53 @@ pub const MANIFEST: &str = "MANIFEST.json";
 pub struct Manifest {
     /// File name -> lowercase hex sha256.
     pub files: BTreeMap<String, String>,
+}
+
+/// A suffix for a temporary name that no other writer of the same directory uses: this
+/// writer's name (the pod's, from `ANNEAL_POD_NAME`, cut to 63 bytes, then a random part),
+/// then a counter of the names this process made. Never the process id: every container's
+/// first process is pid 1, so two pods on one shared volume would pick the same names, and
+/// the random part keeps two processes of one pod (or of one machine, without a pod name)
+/// apart too.
+pub fn writer_tag() -> String {
+    static WRITER: OnceLock<String> = OnceLock::new();
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let writer = WRITER.get_or_init(|| {
+        writer_name(
+            std::env::var(anneal_crds::contract::ENV_POD_NAME)
+                .ok()
+                .as_deref(),
+            random_u32(),
+        )
+    });
+    format!("{writer}.{}", SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The writer part of [`writer_tag`]: the pod name when it is a plain name, then `random`.
+fn writer_name(pod: Option<&str>, random: u32) -> String {
+    let pod = pod
+        .filter(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        })
+        .map(|p| &p[..p.len().min(63)]);
+    match pod {
+        Some(pod) => format!("{pod}.{random:08x}"),
+        None => format!("{random:08x}"),
+    }
+}
+
+/// 32 random bits without a random-number crate: std's `RandomState` keys its hashers from the
+/// operating system's random source once per process.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.write_u128(now.as_nanos());
+    h.finish() as u32
 }
 
 fn io(path: &Path, e: std::io::Error) -> CheckpointError {
@@ -62,7 +111,7 @@ pub fn write_file_atomic(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    let tmp = dir.join(format!(".tmp-{name}-{}", writer_tag()));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
         write(&mut f)?;
@@ -124,7 +173,7 @@ pub fn commit_dir(
     if dest.exists() {
         // Same step written again (a resumed attempt redoing it): move the old one aside
         // first, since rename cannot replace a non-empty directory.
-        let aside = dest.with_extension(format!("replaced-{}", std::process::id()));
+        let aside = dest.with_extension(format!("replaced-{}", writer_tag()));
         std::fs::rename(dest, &aside).map_err(|e| io(dest, e))?;
         std::fs::rename(tmp, dest).map_err(|e| io(dest, e))?;
         let _ = std::fs::remove_dir_all(&aside);
@@ -157,4 +206,27 @@ pub fn verify_dir(dir: &Path) -> Result<Manifest, CheckpointError> {
         }
     }
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_names_come_from_the_pod_never_the_process() {
+        assert_eq!(
+            writer_name(Some("arith-a2-w0"), 0xab),
+            "arith-a2-w0.000000ab"
+        );
+        // Not a plain name (a path separator, empty): the random part alone.
+        assert_eq!(writer_name(Some("../x"), 1), "00000001");
+        assert_eq!(writer_name(Some(""), 1), "00000001");
+        assert_eq!(writer_name(None, 0xdeadbeef), "deadbeef");
+        let long = "p".repeat(253);
+        assert_eq!(writer_name(Some(&long), 0).len(), 63 + 9);
+        // Two processes (two containers, both pid 1) get different names.
+        assert_ne!(random_u32(), random_u32());
+        let (a, b) = (writer_tag(), writer_tag());
+        assert_ne!(a, b);
+    }
 }

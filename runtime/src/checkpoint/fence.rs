@@ -5,7 +5,7 @@
 //! finds a newer number and stops instead of superseding the newer attempt's checkpoints.
 
 use super::CheckpointError;
-use super::atomic::write_synced;
+use super::atomic::{write_synced, writer_tag};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -80,7 +80,7 @@ pub fn check(root: &Path, attempt: u64) -> Result<(), CheckpointError> {
 pub fn claim(root: &Path, attempt: u64) -> Result<(), CheckpointError> {
     let _lock = FenceLock::acquire(root)?;
     check(root, attempt)?;
-    let tmp: PathBuf = root.join(format!(".{FENCE}.{}", std::process::id()));
+    let tmp: PathBuf = root.join(format!(".{FENCE}.{}", writer_tag()));
     write_synced(&tmp, attempt.to_string().as_bytes())?;
     std::fs::rename(&tmp, root.join(FENCE)).map_err(|e| CheckpointError::Io {
         path: root.display().to_string(),

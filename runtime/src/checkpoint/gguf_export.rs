@@ -397,7 +397,10 @@ mod tests {
 
     #[test]
     fn unsupported_tokenizer_json_is_a_clear_error() {
-        let dir = std::env::temp_dir().join(format!("anneal-gguf-export-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "anneal-gguf-export-{}",
+            crate::checkpoint::atomic::writer_tag()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokenizer.json");
         let byte_level = json!({"type": "ByteLevel"});

@@ -8,9 +8,12 @@
 //! step-00000100/             one committed checkpoint (never half-written)
 //!   model.safetensors        weights
 //!   optimizer.safetensors    AdamW moments (`m.<param>`, `v.<param>`)
-//!   state.json               step, attempt, data cursor, RNG state, optimizer step, config
+//!   state.json               step, attempt, data cursor, RNG state, optimizer step, config,
+//!                            the job that wrote it and the digest of its run
+//!                            (`train::resume` refuses another job's or run's)
 //!   MANIFEST.json            sha256 of each file above
-//! .tmp-step-00000200-a3-1234/  a checkpoint being written (ignored, cleaned up)
+//! .tmp-step-00000200-a3-WRITER/  a checkpoint being written by attempt 3 (ignored, cleaned up);
+//!                            WRITER is unique per writer (see [`atomic::writer_tag`])
 //! ```
 //!
 //! Resume takes the newest `step-*` directory whose manifest verifies and skips corrupt or
@@ -93,21 +96,7 @@ impl CheckpointDir {
 
     /// Committed checkpoints as (step, path), newest first.
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.root)
-            .map_err(|e| io(&self.root, e))?
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(step) = name
-                .strip_prefix("step-")
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                out.push((step, entry.path()));
-            }
-        }
-        out.sort_by_key(|s| std::cmp::Reverse(s.0));
-        Ok(out)
+        committed(&self.root)
     }
 
     /// The newest checkpoint that verifies; each one skipped is reported through `warn`.
@@ -137,7 +126,7 @@ impl CheckpointDir {
         let tmp = self.root.join(format!(
             ".tmp-step-{step:08}-a{}-{}",
             self.attempt,
-            std::process::id()
+            atomic::writer_tag()
         ));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
@@ -158,7 +147,29 @@ impl CheckpointDir {
     }
 }
 
-/// The attempt number in a temporary directory name `.tmp-step-N-aA-PID`.
+/// Committed checkpoints in `root` as (step, path), newest first; none when `root` does not
+/// exist. Reading only: for looking at a directory before claiming it.
+pub fn committed(root: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(root, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.0));
+    Ok(out)
+}
+
+/// The attempt number in a temporary directory name `.tmp-step-N-aA-WRITER`.
 fn tmp_attempt(name: &str) -> Option<u64> {
     let rest = name.strip_prefix(".tmp-step-")?;
     let a = rest.split('-').nth(1)?.strip_prefix('a')?;
@@ -170,7 +181,7 @@ mod tests {
     use super::*;
 
     fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("anneal-ckpt-{name}-{}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("anneal-ckpt-{name}-{}", atomic::writer_tag()));
         let _ = std::fs::remove_dir_all(&d);
         d
     }
@@ -209,6 +220,62 @@ mod tests {
         assert!(CheckpointDir::open(&root, 1).is_err());
         newer.save(4, 2, |_| Ok(())).unwrap();
         assert_eq!(tmp_attempt(".tmp-step-00000004-a7-99"), Some(7));
+        assert_eq!(
+            tmp_attempt(".tmp-step-00000004-a7-job-a7-w0.0123abcd.5"),
+            Some(7)
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// Two writers of one attempt saving the same step at once (as two pods of one attempt on a
+    /// shared volume did, both pid 1): each fills its own temporary directory, so both commit
+    /// and the checkpoint holds one writer's files, whole. With temporary names by process id
+    /// the two threads (one process) shared one directory and one of them failed or committed
+    /// the other's half-written files.
+    #[test]
+    fn concurrent_writers_of_one_step_do_not_share_a_temporary_directory() {
+        use std::sync::{Condvar, Mutex};
+        use std::time::Duration;
+        let root = tmpdir("writers");
+        let dir = CheckpointDir::open(&root, 3).unwrap();
+        // Each writer waits (up to a bound, so that the old behaviour fails instead of hanging)
+        // until both are inside `write`, so that their temporary directories coexist.
+        let inside = (Mutex::new(0usize), Condvar::new());
+        let results: Vec<Result<PathBuf, CheckpointError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0u8..2)
+                .map(|writer| {
+                    let (dir, inside) = (&dir, &inside);
+                    s.spawn(move || {
+                        dir.save(9, 3, |tmp| {
+                            atomic::write_synced(&tmp.join("first"), &[writer])?;
+                            let (count, cv) = inside;
+                            let mut n = count.lock().unwrap();
+                            *n += 1;
+                            cv.notify_all();
+                            let _ = cv
+                                .wait_timeout_while(n, Duration::from_secs(2), |n| *n < 2)
+                                .unwrap();
+                            atomic::write_synced(&tmp.join("second"), &[writer])
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in &results {
+            assert!(r.is_ok(), "{r:?}");
+        }
+        let (step, path) = dir.latest_valid(|w| panic!("{w}")).unwrap().unwrap();
+        assert_eq!(step, 9);
+        let first = std::fs::read(path.join("first")).unwrap();
+        assert_eq!(std::fs::read(path.join("second")).unwrap(), first);
+        let leftovers: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-") || n.contains("replaced"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
         let _ = std::fs::remove_dir_all(&root);
     }
 }

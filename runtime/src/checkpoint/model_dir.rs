@@ -46,7 +46,7 @@ pub fn save(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp: PathBuf = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    let tmp: PathBuf = parent.join(format!(".tmp-{name}-{}", atomic::writer_tag()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
     let result = (|| {

@@ -148,7 +148,10 @@ mod tests {
     fn the_file_the_operator_mounts_is_read() {
         // What the operator writes into the ConfigMap: the spec, as JSON.
         let job = example();
-        let dir = std::env::temp_dir().join(format!("anneal-jobspec-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "anneal-jobspec-{}",
+            crate::checkpoint::atomic::writer_tag()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("trainingjob.json");
         std::fs::write(&path, serde_json::to_string_pretty(&job.spec).unwrap()).unwrap();

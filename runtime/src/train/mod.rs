@@ -8,6 +8,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod progress;
+pub mod resume;
 pub mod status;
 pub mod tensorboard;
 pub mod trainer;
@@ -76,6 +77,9 @@ pub enum TrainError {
     /// Checkpoint or output I/O failed, or this attempt is fenced.
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] CheckpointError),
+    /// The checkpoint directory holds another job's or another run's checkpoints.
+    #[error("cannot resume: {0}")]
+    Resume(String),
     /// The loss or gradients became NaN or infinite.
     #[error("training diverged at step {step}: non-finite gradient norm (lower the learning rate)")]
     Diverged {
@@ -97,6 +101,7 @@ impl From<TrainError> for RuntimeError {
             TrainError::Config(_)
             | TrainError::Data(_)
             | TrainError::Base(_)
+            | TrainError::Resume(_)
             | TrainError::Diverged { .. } => RuntimeError::User(msg),
             // A stale attempt must not be retried: the newer attempt owns the job now.
             TrainError::Checkpoint(CheckpointError::Fenced { .. }) => RuntimeError::User(msg),
@@ -148,18 +153,47 @@ pub fn train(
     observers: &Observers,
 ) -> Result<(), TrainError> {
     let reporter = Reporter::default();
-    let ckpt_dir = match &config.checkpoint.dir {
-        Some(uri) => Some(CheckpointDir::open(&trainer::resolve(uri)?, attempt)?),
+    let job = resume::JobIdentity::from_env();
+    let output = trainer::resolve(&config.output.path)?;
+    let ckpt_root = match &config.checkpoint.dir {
+        Some(uri) => Some(trainer::resolve(uri)?),
         None => None,
     };
-    let output = trainer::resolve(&config.output.path)?;
     let mut t = Trainer::new(config, device)?;
+    t.job = job.clone();
+    let ckpt_dir = match &ckpt_root {
+        Some(root) => {
+            // Before claiming: a claim fences the directory's writers and removes their
+            // unfinished checkpoints, which must not happen to another job's.
+            resume::check_directory(root, &job, &t.config, &t.model_config)?;
+            Some(CheckpointDir::open(root, attempt)?)
+        }
+        None => None,
+    };
+    let mut resumed = None;
     if let Some(dir) = &ckpt_dir
         && let Some((step, path)) = dir.latest_valid(|w| reporter.warn(w))?
     {
-        t.restore(&path)?;
+        let accepted = t.restore(&path)?;
+        if accepted.unrecorded_job {
+            reporter.warn(&format!(
+                "checkpoint {} records no job (written by an older runtime): resuming it as {job}'s",
+                path.display()
+            ));
+        }
+        if !accepted.changes.is_empty() {
+            reporter.warn(&format!(
+                "resuming checkpoint {} with changed settings: {}",
+                path.display(),
+                accepted.changes.join(", ")
+            ));
+        }
         reporter.event(&serde_json::json!({
             "event": "resumed", "step": step, "checkpoint": path.display().to_string(), "attempt": attempt,
+            "changed": accepted.changes,
+        }));
+        resumed = Some(serde_json::json!({
+            "step": step, "checkpoint": path.display().to_string(), "changed": accepted.changes,
         }));
     }
     reporter.event(&serde_json::json!({
@@ -167,14 +201,13 @@ pub fn train(
         "parameters": t.model_config.param_count(), "train_samples": t.loader.len(),
     }));
     let h = t.config.hyperparameters.clone();
-    let job = (
-        std::env::var(contract::ENV_JOB_NAME),
-        std::env::var(contract::ENV_JOB_NAMESPACE),
-    );
-    let reporter_k8s = match job {
-        (Ok(name), Ok(ns)) if !name.is_empty() && !ns.is_empty() => {
-            Some(status::StatusReporter::start(name, ns))
-        }
+    let reporter_k8s = match (&job.name, &job.namespace) {
+        (Some(name), Some(ns)) => Some(status::StatusReporter::start(status::StatusTarget {
+            name: name.clone(),
+            namespace: ns.clone(),
+            uid: job.uid.clone(),
+            attempt,
+        })),
         _ => None,
     };
     let mut events = match &observers.tensorboard_dir {
@@ -271,9 +304,28 @@ pub fn train(
     };
     write_termination_message(
         Path::new(contract::TERMINATION_LOG),
-        &serde_json::json!({ "artifact": artifact }),
+        &termination_message(&artifact, resumed),
     );
     Ok(())
+}
+
+/// The termination message: the artifact, and the resume with the settings that changed since
+/// the checkpoint was written (status has no field for them yet). The resume is left out when
+/// the message would not fit, so that the artifact always does.
+fn termination_message(
+    artifact: &anneal_crds::trainingjob::ModelArtifact,
+    resumed: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let without = serde_json::json!({ "artifact": artifact });
+    let Some(resumed) = resumed else {
+        return without;
+    };
+    let with = serde_json::json!({ "artifact": artifact, "resumed": resumed });
+    if with.to_string().len() <= contract::TERMINATION_MESSAGE_MAX_BYTES {
+        with
+    } else {
+        without
+    }
 }
 
 /// Tells the operator what was produced: the termination message of the worker container,
@@ -290,5 +342,32 @@ fn write_termination_message(path: &Path, message: &serde_json::Value) {
     }
     if let Err(e) = std::fs::write(path, text) {
         eprintln!("anneal-runtime: warning: {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anneal_crds::trainingjob::ModelArtifact;
+
+    #[test]
+    fn the_termination_message_says_a_resume_and_always_fits_the_artifact() {
+        let artifact = ModelArtifact {
+            uri: "pvc://models/arith".into(),
+            sha256: "ab12".into(),
+            gguf_uri: None,
+        };
+        let plain = termination_message(&artifact, None);
+        assert_eq!(plain, serde_json::json!({ "artifact": artifact }));
+        let resumed = serde_json::json!({
+            "step": 20, "checkpoint": "/checkpoints/step-00000020",
+            "changed": ["hyperparameters.learningRate 0.003 -> 0.001"],
+        });
+        let message = termination_message(&artifact, Some(resumed.clone()));
+        assert_eq!(message["resumed"], resumed);
+        assert_eq!(message["artifact"]["sha256"], "ab12");
+        let long =
+            serde_json::json!({ "changed": ["x".repeat(contract::TERMINATION_MESSAGE_MAX_BYTES)] });
+        assert_eq!(termination_message(&artifact, Some(long)), plain);
     }
 }

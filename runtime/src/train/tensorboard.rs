@@ -179,7 +179,10 @@ mod tests {
 
     #[test]
     fn records_frame_and_checksum_scalar_events() {
-        let dir = std::env::temp_dir().join(format!("anneal-tb-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "anneal-tb-{}",
+            crate::checkpoint::atomic::writer_tag()
+        ));
         let mut w = EventWriter::create(&dir).unwrap();
         w.scalars(7, &[("train/loss", 2.5), ("train/lr", 0.001)])
             .unwrap();

@@ -5,6 +5,7 @@ use super::config::{Stage, TrainConfig};
 use super::fused::{self, FusedStep};
 use super::loss::masked_nll_sum;
 use super::optim::{self, AdamW};
+use super::resume::{self, JobIdentity};
 use crate::checkpoint::{CheckpointDir, CheckpointError, atomic, model_dir};
 use crate::data::{self, Batch, Cursor, Loader, Split};
 use crate::model::{ModelConfig, Transformer, init_params};
@@ -31,8 +32,16 @@ pub struct TrainState {
     pub optimizer_step: u64,
     /// Architecture, to refuse resuming into a different model.
     pub model: ModelConfig,
-    /// The configuration of the run that wrote it (for people reading the checkpoint).
+    /// The configuration of the run that wrote it: a resume compares its own with it
+    /// ([`resume::check`]).
     pub config: TrainConfig,
+    /// The job that wrote it; `None` in checkpoints of runtimes that did not record it.
+    #[serde(default)]
+    pub job: Option<JobIdentity>,
+    /// [`resume::spec_digest`] of the run that wrote it, for people and tools; `None` in older
+    /// checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_digest: Option<String>,
 }
 
 /// Summary of one optimizer step.
@@ -73,6 +82,9 @@ pub struct Trainer {
     /// What the forward and backward passes compute in: f32, or bf16 on a copy of the model
     /// cast from the f32 master weights each step (gradients come back f32 through the casts).
     pub compute_dtype: DType,
+    /// The job this run trains for: recorded in its checkpoints, and a resume refuses another
+    /// job's (a local run by default).
+    pub job: JobIdentity,
     /// The hand-written CPU f32 step's buffers, when it serves this model.
     fused: Option<FusedStep>,
     device: Device,
@@ -197,6 +209,7 @@ impl Trainer {
             step: 0,
             rng,
             compute_dtype,
+            job: JobIdentity::default(),
             fused,
             device,
             pad,
@@ -298,6 +311,8 @@ impl Trainer {
             optimizer_step: self.optimizer.t,
             model: self.model_config.clone(),
             config: self.config.clone(),
+            job: Some(self.job.clone()),
+            spec_digest: Some(resume::spec_digest(&self.config, &self.model_config)),
         };
         let keep = self.config.checkpoint.keep;
         Ok(dir.save(self.step, keep, |tmp| {
@@ -312,18 +327,14 @@ impl Trainer {
         })?)
     }
 
-    /// Restores the state saved in checkpoint directory `path` (already verified).
-    pub fn restore(&mut self, path: &Path) -> Result<(), TrainError> {
+    /// Restores the state saved in checkpoint directory `path` (already verified), if it is of
+    /// this job and run ([`resume::check`]); returns what changed since it was written.
+    pub fn restore(&mut self, path: &Path) -> Result<resume::Accepted, TrainError> {
         let corrupt = |e: &dyn std::fmt::Display| {
             TrainError::Checkpoint(CheckpointError::Corrupt(format!("{}: {e}", path.display())))
         };
         let state: TrainState = read_json(&path.join("state.json"))?;
-        if state.model != self.model_config {
-            return Err(TrainError::Config(format!(
-                "checkpoint {} was written for another model architecture",
-                path.display()
-            )));
-        }
+        let accepted = resume::check(path, &state, &self.job, &self.config, &self.model_config)?;
         self.varmap
             .load(path.join("model.safetensors"))
             .map_err(|e| corrupt(&e))?;
@@ -336,7 +347,7 @@ impl Trainer {
         self.loader.seek(state.cursor);
         self.rng = state.rng;
         self.step = state.step;
-        Ok(())
+        Ok(accepted)
     }
 }
 

@@ -12,9 +12,25 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_anneal-runtime");
 /// A fresh directory under the target's temp dir, removed on drop.
 pub struct Scratch(pub PathBuf);
 
+/// A suffix no other test process picks: the process id, the time and a counter (test
+/// processes run side by side, and a pid is reused).
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!(
+        "{}-{nanos:x}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 impl Scratch {
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("anneal-test-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("anneal-test-{name}-{}", unique()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
@@ -67,12 +83,36 @@ output:
     )
 }
 
+/// The worker environment the operator sets, none of which a test inherits.
+pub const WORKER_ENV: [&str; 6] = [
+    "ANNEAL_CHECKPOINT_DIR",
+    "ANNEAL_ATTEMPT",
+    "ANNEAL_JOB_NAME",
+    "ANNEAL_JOB_NAMESPACE",
+    "ANNEAL_JOB_UID",
+    "ANNEAL_POD_NAME",
+];
+
+/// The environment of a worker of TrainingJob `team/name` with `uid` at `attempt`; no cluster
+/// is reachable (`KUBECONFIG` names no file), so status reports give up with a warning.
+pub fn job_env(name: &str, uid: &str, attempt: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ANNEAL_JOB_NAMESPACE", "team".into()),
+        ("ANNEAL_JOB_NAME", name.into()),
+        ("ANNEAL_JOB_UID", uid.into()),
+        ("ANNEAL_ATTEMPT", attempt.into()),
+        ("ANNEAL_POD_NAME", format!("{name}-a{attempt}-w0")),
+        ("KUBECONFIG", "/nonexistent/kubeconfig".into()),
+    ]
+}
+
 /// Runs the binary to completion with `args` and extra environment.
 pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("ANNEAL_CHECKPOINT_DIR")
-        .env_remove("ANNEAL_ATTEMPT");
+    cmd.args(args).env_remove("KUBERNETES_SERVICE_HOST");
+    for k in WORKER_ENV {
+        cmd.env_remove(k);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
