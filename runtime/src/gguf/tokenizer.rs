@@ -16,6 +16,9 @@ const SPECIAL_TYPES: [i64; 3] = [2, 3, 4];
 /// A GPT-2 style (byte-level BPE) tokenizer from GGUF metadata.
 pub struct GgufTokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with special tokens read as text (the flag is the tokenizer's own, not a
+    /// per-call argument).
+    literal: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Option<u32>,
 }
@@ -110,8 +113,11 @@ impl GgufTokenizer {
                 .and_then(|v| u32::try_from(v).ok())
                 .filter(|&v| (v as usize) < tokens.len())
         };
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
         Ok(Self {
             inner,
+            literal,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
         })
@@ -131,6 +137,15 @@ impl Tokenizer for GgufTokenizer {
     fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, TokenizerError> {
         Ok(self
             .inner
+            .encode(text, false)
+            .map_err(codec)?
+            .get_ids()
+            .to_vec())
+    }
+
+    fn encode_literal(&self, text: &str) -> std::result::Result<Vec<u32>, TokenizerError> {
+        Ok(self
+            .literal
             .encode(text, false)
             .map_err(codec)?
             .get_ids()

@@ -4,6 +4,14 @@
 //!
 //! A request is cancelled when its event receiver is gone (the HTTP client disconnected).
 //!
+//! A request holds a place in the engine from submission until it ends: the engine takes at
+//! most `max_batch + max_queue` of them, so that requests which fit free batch slots do not
+//! count against the waiting queue.
+//!
+//! The thread is supervised: a panic is caught, logged and reported through the handle
+//! ([`EngineHandle::stopped`]), so that the probes fail and the server exits rather than
+//! answer 503 forever.
+//!
 //! On the CPU with a quantized model the engine runs [`CpuModel`]: then the prompts admitted
 //! in an iteration and the decode step of the running sequences are one forward pass, so the
 //! weights are read once for all of them.
@@ -18,11 +26,13 @@ use super::text_stream::TextStream;
 use crate::model::{KvCache, Transformer};
 use crate::tokenizer::Tokenizer;
 use candle_core::Tensor;
+use prometheus_client::metrics::gauge::Gauge;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +94,7 @@ pub struct GenRequest {
 /// The request could not be queued.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The waiting queue is full.
+    /// Every batch slot is taken and the waiting queue is full.
     #[error("the request queue is full")]
     QueueFull,
     /// The engine has stopped.
@@ -92,28 +102,71 @@ pub enum SubmitError {
     Stopped,
 }
 
+/// A request's place in the engine (a batch slot or a queue place), given back when the
+/// request ends however it ends: answered, failed, cancelled, or dropped with the engine.
+struct Place(Gauge);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A request with its place, as the engine receives it.
+struct Submitted {
+    req: GenRequest,
+    place: Place,
+}
+
 /// The HTTP side's handle on the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<GenRequest>,
-    queued: Arc<AtomicUsize>,
-    max_queue: usize,
+    tx: mpsc::Sender<Submitted>,
+    /// Requests in the engine (queued or running); the metric is the count itself.
+    in_engine: Gauge,
+    /// Most requests in the engine: batch slots plus queue places.
+    capacity: usize,
+    /// Set (or closed) when the engine thread ends.
+    stopped: watch::Receiver<Option<String>>,
     /// Context length: prompt plus generation must fit.
     pub max_seq_len: usize,
 }
 
 impl EngineHandle {
-    /// Queues a request, or refuses at once when `max_queue` requests already wait.
+    /// Queues a request, or refuses at once when every batch slot and queue place is taken.
     pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
-        let prev = self.queued.fetch_add(1, Ordering::SeqCst);
-        if prev >= self.max_queue {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+        if self.stopped().is_some() {
+            return Err(SubmitError::Stopped);
+        }
+        let place = Place(self.in_engine.clone());
+        if self.in_engine.inc() as usize >= self.capacity {
             return Err(SubmitError::QueueFull);
         }
-        self.tx.send(req).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            SubmitError::Stopped
-        })
+        self.tx
+            .send(Submitted { req, place })
+            .map_err(|_| SubmitError::Stopped)
+    }
+
+    /// Why the engine thread ended, once it has (a panic's message): from then on no request
+    /// can be answered.
+    pub fn stopped(&self) -> Option<String> {
+        if let Some(why) = self.stopped.borrow().clone() {
+            return Some(why);
+        }
+        // The thread holds the sender for as long as it runs.
+        self.stopped
+            .has_changed()
+            .is_err()
+            .then(|| "the engine thread ended".to_string())
+    }
+
+    /// Waits until the engine thread ends; why it ended.
+    pub async fn wait_stopped(&self) -> String {
+        let mut rx = self.stopped.clone();
+        // An error means the sender is gone: the thread ended without a word.
+        let _ = rx.wait_for(Option::is_some).await;
+        self.stopped()
+            .unwrap_or_else(|| "the engine thread ended".to_string())
     }
 }
 
@@ -137,29 +190,74 @@ pub struct EngineModel {
 }
 
 /// Starts the engine thread over `model`.
-pub fn start(model: EngineModel, config: EngineConfig, metrics: Arc<Metrics>) -> EngineHandle {
-    let (tx, rx) = mpsc::channel();
-    let queued = Arc::new(AtomicUsize::new(0));
+pub fn start(
+    model: EngineModel,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<EngineHandle> {
     let max_seq_len = model.transformer.config.max_seq_len;
-    let handle = EngineHandle {
-        tx,
-        queued: queued.clone(),
-        max_queue: config.max_queue,
-        max_seq_len,
-    };
+    let capacity = config.max_batch.max(1) + config.max_queue;
+    let in_engine = metrics.requests_in_engine.clone();
+    supervise(max_seq_len, capacity, in_engine, move |rx| {
+        Engine::new(model, config, metrics).run(rx)
+    })
+}
+
+/// Runs `body` on the engine thread, catching a panic: it is logged and reported through the
+/// handle (see [`EngineHandle::stopped`]).
+fn supervise(
+    max_seq_len: usize,
+    capacity: usize,
+    in_engine: Gauge,
+    body: impl FnOnce(mpsc::Receiver<Submitted>) + Send + 'static,
+) -> std::io::Result<EngineHandle> {
+    let (tx, rx) = mpsc::channel();
+    let (stopped_tx, stopped) = watch::channel(None);
     std::thread::Builder::new()
         .name("anneal-engine".into())
-        .spawn(move || Engine::new(model, config, metrics, queued).run(rx))
-        .map(drop)
-        .unwrap_or_else(|e| tracing::error!("cannot start the engine thread: {e}"));
-    handle
+        .spawn(move || {
+            // Unwinding drops the engine, and with it every request's event sender: their
+            // clients get an error instead of waiting for ever.
+            if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| body(rx))) {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)");
+                let why = format!("the engine panicked: {msg}");
+                tracing::error!("{why}");
+                let _ = stopped_tx.send(Some(why));
+            }
+        })?;
+    Ok(EngineHandle {
+        tx,
+        in_engine,
+        capacity,
+        stopped,
+        max_seq_len,
+    })
+}
+
+/// An engine thread that dies at once with `msg`, for the tests of what a dead engine does.
+#[cfg(test)]
+pub(crate) fn panicked(msg: &'static str) -> EngineHandle {
+    supervise(64, 4, Gauge::default(), move |_| std::panic::panic_any(msg)).unwrap()
+}
+
+/// An engine thread that takes requests and drops them, for tests that need a live one.
+#[cfg(test)]
+pub(crate) fn idle() -> EngineHandle {
+    supervise(64, 4, Gauge::default(), |rx| rx.iter().for_each(drop)).unwrap()
 }
 
 struct Sequence {
     req: GenRequest,
+    /// Held until the sequence is dropped.
+    _place: Place,
     cache: SeqCache,
     sampler: Sampler,
-    generated: Vec<u32>,
+    /// Tokens generated so far.
+    generated: usize,
     text: TextStream,
     last: u32,
 }
@@ -172,19 +270,13 @@ struct Engine {
     scratch: Scratch,
     logits: Vec<f32>,
     pool: KvPool,
-    scheduler: Scheduler<GenRequest>,
+    scheduler: Scheduler<Submitted>,
     running: Vec<Sequence>,
     metrics: Arc<Metrics>,
-    queued: Arc<AtomicUsize>,
 }
 
 impl Engine {
-    fn new(
-        model: EngineModel,
-        config: EngineConfig,
-        metrics: Arc<Metrics>,
-        queued: Arc<AtomicUsize>,
-    ) -> Self {
+    fn new(model: EngineModel, config: EngineConfig, metrics: Arc<Metrics>) -> Self {
         let cpu = if std::env::var("ANNEAL_CPU_KERNELS").as_deref() == Ok("0") {
             None
         } else {
@@ -220,40 +312,40 @@ impl Engine {
             scheduler: Scheduler::new(config.max_batch),
             running: Vec::new(),
             metrics,
-            queued,
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<GenRequest>) {
+    fn run(mut self, rx: mpsc::Receiver<Submitted>) {
         loop {
             if self.running.is_empty() && self.scheduler.is_empty() {
                 match rx.recv() {
-                    Ok(r) => self.scheduler.push(r.priority, r),
+                    Ok(r) => self.scheduler.push(r.req.priority, r),
                     Err(_) => return,
                 }
             }
             while let Ok(r) = rx.try_recv() {
-                self.scheduler.push(r.priority, r);
+                self.scheduler.push(r.req.priority, r);
             }
+            // Waiting requests whose client went away give their places back now.
+            self.scheduler.retain(|r| !r.req.events.is_closed());
+            self.drop_cancelled();
             let mut new = Vec::new();
-            while let Some(req) = self.scheduler.admit(self.running.len() + new.len()) {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
+            while let Some(r) = self.scheduler.admit(self.running.len() + new.len()) {
                 if self.cpu.is_some() {
-                    new.push(req);
+                    new.push(r);
                 } else {
-                    self.admit(req);
+                    self.admit(r);
                 }
             }
             self.metrics.queue_depth.set(self.scheduler.len() as i64);
-            self.drop_cancelled();
             if self.cpu.is_some() {
-                if !self.running.is_empty() || !new.is_empty() {
-                    self.cpu_step(new);
-                }
+                self.cpu_step(new);
             } else if !self.running.is_empty() {
                 self.decode_step();
             }
             self.metrics.kv_cache_bytes.set(self.pool.bytes() as i64);
+            self.metrics.kv_caches_in_use.set(self.pool.in_use() as i64);
+            self.metrics.kv_caches_free.set(self.pool.free() as i64);
         }
     }
 
@@ -269,7 +361,7 @@ impl Engine {
     }
 
     /// Prefills a new sequence and emits its first token.
-    fn admit(&mut self, req: GenRequest) {
+    fn admit(&mut self, Submitted { req, place }: Submitted) {
         if req.events.is_closed() {
             return;
         }
@@ -299,11 +391,12 @@ impl Engine {
                 return;
             }
         };
-        self.start_sequence(req, cache, &logits);
+        self.start_sequence(Submitted { req, place }, cache, &logits);
     }
 
     /// Samples a prefilled sequence's first token and starts it.
-    fn start_sequence(&mut self, req: GenRequest, cache: SeqCache, logits: &[f32]) {
+    fn start_sequence(&mut self, submitted: Submitted, cache: SeqCache, logits: &[f32]) {
+        let Submitted { req, place } = submitted;
         let mut sampler = Sampler::new(req.sampling.clone());
         let first = sampler.sample(logits);
         self.metrics
@@ -312,9 +405,10 @@ impl Engine {
         let text = TextStream::new(self.model.tokenizer.clone(), req.stop.clone());
         let mut seq = Sequence {
             req,
+            _place: place,
             cache,
             sampler,
-            generated: Vec::new(),
+            generated: 0,
             text,
             last: first,
         };
@@ -330,7 +424,7 @@ impl Engine {
         let done = |seq: &Sequence, reason| Event::Done {
             reason,
             prompt_tokens: seq.req.prompt.len(),
-            completion_tokens: seq.generated.len(),
+            completion_tokens: seq.generated,
         };
         if !seq.req.ignore_eos && self.model.stop_ids.contains(&token) {
             if let Some(rest) = seq.text.flush() {
@@ -339,10 +433,10 @@ impl Engine {
             let _ = seq.req.events.send(done(seq, FinishReason::Stop));
             return false;
         }
-        seq.generated.push(token);
+        seq.generated += 1;
         seq.last = token;
         self.metrics.generated_tokens.inc();
-        let (delta, stopped) = seq.text.push(&seq.generated);
+        let (delta, stopped) = seq.text.push(token);
         if !delta.is_empty() {
             let _ = seq.req.events.send(Event::Delta(delta));
         }
@@ -350,8 +444,8 @@ impl Engine {
             let _ = seq.req.events.send(done(seq, FinishReason::Stop));
             return false;
         }
-        let next_pos = seq.req.prompt.len() + seq.generated.len();
-        if seq.generated.len() >= seq.req.max_tokens || next_pos >= self.pool.capacity() {
+        let next_pos = seq.req.prompt.len() + seq.generated;
+        if seq.generated >= seq.req.max_tokens || next_pos >= self.pool.capacity() {
             if let Some(rest) = seq.text.flush() {
                 let _ = seq.req.events.send(Event::Delta(rest));
             }
@@ -367,7 +461,7 @@ impl Engine {
         let tokens: Vec<u32> = running.iter().map(|s| s.last).collect();
         let positions: Vec<usize> = running
             .iter()
-            .map(|s| s.req.prompt.len() + s.generated.len() - 1)
+            .map(|s| s.req.prompt.len() + s.generated - 1)
             .collect();
         let logits = {
             let caches = running
@@ -407,9 +501,10 @@ impl Engine {
 
     /// One forward pass of the CPU kernels: the prompts of `new` (prefill) and one token of
     /// every running sequence (decode), then sampling.
-    fn cpu_step(&mut self, new: Vec<GenRequest>) {
+    fn cpu_step(&mut self, new: Vec<Submitted>) {
         let mut fresh = Vec::new();
-        for req in new {
+        for submitted in new {
+            let req = &submitted.req;
             if req.events.is_closed() {
                 continue;
             }
@@ -425,7 +520,7 @@ impl Engine {
                 continue;
             }
             match self.pool.take() {
-                Ok(cache) => fresh.push((req, cache)),
+                Ok(cache) => fresh.push((submitted, cache)),
                 Err(e) => {
                     let _ = req
                         .events
@@ -433,13 +528,18 @@ impl Engine {
                 }
             }
         }
+        // Every admitted request may have been cancelled with nothing else running: then there
+        // is nothing to compute (and no logits to share out).
+        if self.running.is_empty() && fresh.is_empty() {
+            return;
+        }
         let mut running = std::mem::take(&mut self.running);
         self.metrics.batch_size.set(running.len() as i64);
         let expected = running.len() + fresh.len();
         let result = {
             let mut segments = Vec::with_capacity(expected);
             for s in running.iter_mut() {
-                let start = s.req.prompt.len() + s.generated.len() - 1;
+                let start = s.req.prompt.len() + s.generated - 1;
                 if let SeqCache::Cpu(cache) = &mut s.cache {
                     let tokens = std::slice::from_ref(&s.last);
                     segments.push(Segment {
@@ -449,9 +549,9 @@ impl Engine {
                     });
                 }
             }
-            for (req, cache) in fresh.iter_mut() {
+            for (submitted, cache) in fresh.iter_mut() {
                 if let SeqCache::Cpu(cache) = cache {
-                    let tokens = req.prompt.as_slice();
+                    let tokens = submitted.req.prompt.as_slice();
                     segments.push(Segment {
                         tokens,
                         start: 0,
@@ -474,8 +574,9 @@ impl Engine {
                     .send(Event::Error(format!("decode failed: {e}")));
                 self.pool.give_back(s.cache);
             }
-            for (req, cache) in fresh {
-                let _ = req
+            for (submitted, cache) in fresh {
+                let _ = submitted
+                    .req
                     .events
                     .send(Event::Error(format!("prefill failed: {e}")));
                 self.pool.give_back(cache);
@@ -483,7 +584,7 @@ impl Engine {
             return;
         }
         let logits = std::mem::take(&mut self.logits);
-        let vocab = logits.len() / (running.len() + fresh.len());
+        let vocab = logits.len() / expected;
         let mut rows = logits.chunks_exact(vocab);
         for (mut seq, row) in running.into_iter().zip(rows.by_ref()) {
             let token = seq.sampler.sample(row);
@@ -493,9 +594,87 @@ impl Engine {
                 self.pool.give_back(seq.cache);
             }
         }
-        for ((req, cache), row) in fresh.into_iter().zip(rows) {
-            self.start_sequence(req, cache, row);
+        for ((submitted, cache), row) in fresh.into_iter().zip(rows) {
+            self.start_sequence(submitted, cache, row);
         }
         self.logits = logits;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    fn request() -> (GenRequest, UnboundedReceiver<Event>) {
+        let (events, rx) = unbounded_channel();
+        let req = GenRequest {
+            prompt: vec![1],
+            sampling: SamplingParams::default(),
+            max_tokens: 1,
+            stop: Vec::new(),
+            priority: 0,
+            ignore_eos: false,
+            events,
+            arrived: Instant::now(),
+        };
+        (req, rx)
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_reported_and_later_requests_are_refused() {
+        let h = supervise(16, 4, Gauge::default(), |_rx| panic!("boom")).unwrap();
+        let why = h.wait_stopped().await;
+        assert!(why.contains("boom"), "{why}");
+        assert_eq!(h.stopped(), Some(why));
+        assert_eq!(h.submit(request().0), Err(SubmitError::Stopped));
+    }
+
+    #[test]
+    fn places_are_held_until_requests_end_even_when_the_engine_panics() {
+        let places = Gauge::default();
+        let (step_tx, step_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        // An engine that holds what it receives; on each step it lets one request go, and
+        // on the last it panics holding the rest.
+        let h = supervise(16, 3, places.clone(), move |rx| {
+            let mut held: Vec<Submitted> = rx.iter().take(3).collect();
+            done_tx.send(()).unwrap();
+            step_rx.recv().unwrap();
+            held.pop();
+            done_tx.send(()).unwrap();
+            step_rx.recv().unwrap();
+            let _keep = (held, rx);
+            panic!("holding requests");
+        })
+        .unwrap();
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                let (req, events) = request();
+                h.submit(req).unwrap();
+                events
+            })
+            .collect();
+        assert_eq!(h.submit(request().0), Err(SubmitError::QueueFull));
+        done_rx.recv().unwrap();
+        assert_eq!(places.get(), 3, "a refused request took a place");
+        step_tx.send(()).unwrap();
+        done_rx.recv().unwrap();
+        assert_eq!(places.get(), 2);
+        let (req, fourth) = request();
+        h.submit(req).unwrap();
+        step_tx.send(()).unwrap();
+        while h.stopped().is_none() {
+            std::thread::yield_now();
+        }
+        // Unwinding dropped every request: each client learns its request ended, and every
+        // place is free again.
+        for mut events in clients.into_iter().chain([fourth]) {
+            assert!(matches!(
+                events.try_recv(),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+            ));
+        }
+        assert_eq!(places.get(), 0);
     }
 }

@@ -79,6 +79,16 @@ impl KvPool {
         self.free.push(cache);
     }
 
+    /// Caches waiting in the pool for a sequence.
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Caches held by sequences: zero when nothing runs, or a sequence's cache was not returned.
+    pub fn in_use(&self) -> usize {
+        self.allocated - self.free.len()
+    }
+
     /// Bytes held by every cache the pool allocated.
     pub fn bytes(&self) -> usize {
         self.allocated * self.bytes_each
@@ -87,5 +97,29 @@ impl KvPool {
     /// Positions each cache holds.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caches_in_use_until_given_back() {
+        let config: ModelConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 8, "n_layers": 1, "n_heads": 2, "intermediate_size": 16, "max_seq_len": 4
+        }))
+        .unwrap();
+        let mut pool = KvPool::new(&config, 4, &Device::Cpu, true);
+        let (a, b) = (pool.take().unwrap(), pool.take().unwrap());
+        assert_eq!((pool.in_use(), pool.free()), (2, 0));
+        pool.give_back(a);
+        assert_eq!((pool.in_use(), pool.free()), (1, 1));
+        // A reused cache is not a new allocation.
+        let c = pool.take().unwrap();
+        assert_eq!((pool.in_use(), pool.free()), (2, 0));
+        pool.give_back(b);
+        pool.give_back(c);
+        assert_eq!((pool.in_use(), pool.free()), (0, 2));
     }
 }

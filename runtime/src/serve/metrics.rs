@@ -31,6 +31,12 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// Bytes held by KV caches.
     pub kv_cache_bytes: Gauge,
+    /// KV caches held by running sequences (back to 0 when the load stops: none leaked).
+    pub kv_caches_in_use: Gauge,
+    /// KV caches allocated and waiting in the pool for a sequence.
+    pub kv_caches_free: Gauge,
+    /// Requests in the engine, queued or running: each holds a place until it ends.
+    pub requests_in_engine: Gauge,
 }
 
 impl Default for Metrics {
@@ -39,12 +45,15 @@ impl Default for Metrics {
         let requests = Family::<StatusLabel, Counter>::default();
         let latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        let (generated_tokens, batch_size, queue_depth, kv_cache_bytes) = (
-            Counter::default(),
-            Gauge::default(),
-            Gauge::default(),
-            Gauge::default(),
-        );
+        let generated_tokens = Counter::default();
+        let [
+            batch_size,
+            queue_depth,
+            kv_cache_bytes,
+            kv_caches_in_use,
+            kv_caches_free,
+            requests_in_engine,
+        ]: [Gauge; 6] = Default::default();
         registry.register("requests", "HTTP requests by status", requests.clone());
         registry.register(
             "request_duration_seconds",
@@ -76,6 +85,21 @@ impl Default for Metrics {
             "Bytes held by KV caches",
             kv_cache_bytes.clone(),
         );
+        registry.register(
+            "kv_caches_in_use",
+            "KV caches held by running sequences",
+            kv_caches_in_use.clone(),
+        );
+        registry.register(
+            "kv_caches_free",
+            "KV caches allocated and free for a new sequence",
+            kv_caches_free.clone(),
+        );
+        registry.register(
+            "requests_in_engine",
+            "Requests queued or running in the engine",
+            requests_in_engine.clone(),
+        );
         Self {
             registry,
             requests,
@@ -85,6 +109,9 @@ impl Default for Metrics {
             batch_size,
             queue_depth,
             kv_cache_bytes,
+            kv_caches_in_use,
+            kv_caches_free,
+            requests_in_engine,
         }
     }
 }

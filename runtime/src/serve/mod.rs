@@ -20,6 +20,7 @@ pub mod text_stream;
 
 use crate::error::{Result, RuntimeError};
 use crate::gguf::Q41Policy;
+use engine::EngineHandle;
 use http::openai::Limits;
 use http::{AppState, Served};
 use std::net::SocketAddr;
@@ -43,9 +44,18 @@ pub struct Args {
     /// Most sequences decoded together.
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
-    /// Most requests waiting for a batch slot; more are answered 429.
+    /// Most requests waiting for a batch slot (beyond those that fit free slots); more are
+    /// answered 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Lowest `priority` a request may ask for.
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true)]
+    pub min_priority: i32,
+    /// Highest `priority` a request may ask for: clients choose their own priority, so the
+    /// range is what any client can jump the queue by (0 lets them only lower theirs). A
+    /// request outside the range is answered 422 naming `priority`.
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
+    pub max_priority: i32,
     /// Context length (prompt plus generation) per sequence; at most the model's.
     #[arg(long, default_value_t = 2048)]
     pub max_seq_len: usize,
@@ -114,12 +124,19 @@ async fn serve(args: Args, api_key: Option<String>) -> Result<()> {
 /// Serves on `listener` until `shutdown` completes, then drains: readiness fails at once,
 /// `drain_delay_secs` later the listener closes, in-flight requests finish, and this returns.
 /// The model loads in the background; until it has, the server is alive but not ready.
+/// Should the engine thread die, the probes fail and this returns the error at once.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     args: Args,
     api_key: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if args.min_priority > args.max_priority {
+        return Err(RuntimeError::user(format!(
+            "--min-priority {} is above --max-priority {}",
+            args.min_priority, args.max_priority
+        )));
+    }
     let state = Arc::new(AppState {
         served: Default::default(),
         draining: Default::default(),
@@ -150,10 +167,30 @@ pub async fn serve_on(
             )));
         }
     }
-    server
-        .await
-        .map_err(|e| RuntimeError::Internal(format!("server task: {e}")))?
-        .map_err(|e| RuntimeError::Internal(format!("server: {e}")))
+    let engine = state
+        .served
+        .get()
+        .map(|s| s.engine.clone())
+        .ok_or_else(|| RuntimeError::Internal("the model loaded without an engine".into()))?;
+    until_server_or_engine_ends(server, &engine).await
+}
+
+/// Waits for the server to end (after the shutdown signal) or for the engine thread to end
+/// (a panic). A server without an engine can only answer 503, so then it stops at once and
+/// this is an error: the process exits non-zero and Kubernetes restarts the pod.
+async fn until_server_or_engine_ends(
+    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+    engine: &EngineHandle,
+) -> Result<()> {
+    tokio::select! {
+        ended = &mut server => ended
+            .map_err(|e| RuntimeError::Internal(format!("server task: {e}")))?
+            .map_err(|e| RuntimeError::Internal(format!("server: {e}"))),
+        why = engine.wait_stopped() => {
+            server.abort();
+            Err(RuntimeError::Internal(why))
+        }
+    }
 }
 
 fn load(args: &Args, state: &AppState) -> Result<()> {
@@ -170,6 +207,8 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
             .max(1),
         default_max_tokens: args.default_max_tokens,
         vocab_size: model.tokenizer.vocab_size(),
+        min_priority: args.min_priority,
+        max_priority: args.max_priority,
     };
     let engine = engine::start(
         engine::EngineModel {
@@ -182,7 +221,8 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
             max_queue: args.max_queue,
         },
         state.metrics.clone(),
-    );
+    )
+    .map_err(|e| RuntimeError::Internal(format!("starting the engine thread: {e}")))?;
     let served = Served {
         engine,
         tokenizer: model.tokenizer,
@@ -206,5 +246,29 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anneal_crds::contract;
+
+    #[tokio::test]
+    async fn a_dead_engine_ends_the_server_with_an_internal_error() {
+        let server = tokio::spawn(std::future::pending::<std::io::Result<()>>());
+        let engine = engine::panicked("boom");
+        let err = until_server_or_engine_ends(server, &engine)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("boom"), "{err}");
+        assert_eq!(err.exit_code(), contract::EXIT_INTERNAL);
+    }
+
+    #[tokio::test]
+    async fn the_server_ending_first_is_not_an_error() {
+        let server = tokio::spawn(async { Ok(()) });
+        let engine = engine::idle();
+        until_server_or_engine_ends(server, &engine).await.unwrap();
     }
 }

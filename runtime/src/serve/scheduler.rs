@@ -65,6 +65,12 @@ impl<T> Scheduler<T> {
         self.waiting.pop().map(|e| e.item)
     }
 
+    /// Drops the waiting items `keep` refuses (requests whose client went away), so that they
+    /// give up their queue places without waiting for a batch slot.
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.waiting.retain(|e| keep(&e.item));
+    }
+
     /// Items waiting.
     pub fn len(&self) -> usize {
         self.waiting.len()
@@ -89,6 +95,17 @@ mod tests {
         s.push(5, "d");
         let order: Vec<_> = std::iter::from_fn(|| s.admit(0)).collect();
         assert_eq!(order, ["b", "d", "a", "c"]);
+    }
+
+    #[test]
+    fn retain_keeps_the_order_of_the_rest() {
+        let mut s = Scheduler::new(10);
+        for (p, x) in [(0, 1), (5, 2), (0, 3), (5, 4)] {
+            s.push(p, x);
+        }
+        s.retain(|&x| x != 2 && x != 3);
+        let order: Vec<_> = std::iter::from_fn(|| s.admit(0)).collect();
+        assert_eq!(order, [4, 1]);
     }
 
     #[test]

@@ -18,6 +18,11 @@ impl Tokenizer for ByteTokenizer {
         Ok(text.bytes().map(u32::from).collect())
     }
 
+    /// Every byte is its own token: no text can spell BOS or EOS.
+    fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode(text)
+    }
+
     fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         let bytes: Vec<u8> = ids.iter().filter_map(|&i| u8::try_from(i).ok()).collect();
         Ok(String::from_utf8_lossy(&bytes).into_owned())

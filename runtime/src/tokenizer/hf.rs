@@ -6,6 +6,9 @@ use std::path::Path;
 /// Wraps the `tokenizers` crate; BOS/EOS are looked up among common special-token names.
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with special tokens read as text (the flag is the tokenizer's own, not a
+    /// per-call argument).
+    literal: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Option<u32>,
 }
@@ -20,7 +23,14 @@ impl HfTokenizer {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let bos = find(&["<|begin_of_text|>", "<s>", "<|im_start|>", "<|endoftext|>"]);
         let eos = find(&["<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>"]);
-        Ok(Self { inner, bos, eos })
+        let mut literal = inner.clone();
+        literal.set_encode_special_tokens(true);
+        Ok(Self {
+            inner,
+            literal,
+            bos,
+            eos,
+        })
     }
 }
 
@@ -28,6 +38,14 @@ impl Tokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let enc = self
             .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Codec(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .literal
             .encode(text, false)
             .map_err(|e| TokenizerError::Codec(e.to_string()))?;
         Ok(enc.get_ids().to_vec())

@@ -29,8 +29,13 @@ pub enum TokenizerError {
 
 /// Turns text into token ids and back.
 pub trait Tokenizer: Send + Sync {
-    /// Token ids of `text`, without special tokens.
+    /// Token ids of `text`, without BOS or EOS added; where the tokenizer has control tokens,
+    /// their spelling in `text` becomes them (markup, a raw completion prompt).
     fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError>;
+    /// Token ids of `text` read as plain text: the spelling of a control token in it (e.g.
+    /// `<|im_end|>`) is encoded as those characters, never as the control token. For text that
+    /// someone else wrote (a chat message) inside markup that may hold control tokens.
+    fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError>;
     /// Text of `ids`; special tokens are skipped and invalid UTF-8 is replaced.
     fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError>;
     /// Number of token ids (the model's vocabulary must be at least this large).

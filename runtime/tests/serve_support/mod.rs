@@ -36,6 +36,8 @@ pub fn args(model: PathBuf) -> Args {
         api_key_file: None,
         max_batch: 8,
         max_queue: 16,
+        min_priority: -10,
+        max_priority: 10,
         max_seq_len: 512,
         default_max_tokens: 32,
         max_body_bytes: 64 * 1024,
@@ -219,4 +221,47 @@ pub fn chat_body(system: &str, user: &str, extra: serde_json::Value) -> Vec<u8> 
         o.extend(e.clone());
     }
     serde_json::to_vec(&v).unwrap()
+}
+
+/// Sends a request and gives up after `after`: the connection is closed, as a client that
+/// times out closes it. `None` when it gave up; the response when it came first.
+pub async fn give_up_after(
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+    after: Duration,
+) -> std::io::Result<Option<Response>> {
+    let mut s = TcpStream::connect(addr).await?;
+    send(&mut s, "POST", path, Some(body), &[]).await?;
+    let mut raw = Vec::new();
+    match tokio::time::timeout(after, s.read_to_end(&mut raw)).await {
+        Ok(read) => read.map(|_| Some(parse(&raw))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The value of an unlabelled metric on /metrics (`None` when it is not there).
+pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let r = request(addr, "GET", "/metrics", None, &[]).await.ok()?;
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls the metric `name` until `holds` accepts its value, for at most `within`; returns the
+/// last value seen (or `None`), so the caller asserts with it.
+pub async fn await_metric(
+    addr: SocketAddr,
+    name: &str,
+    within: Duration,
+    holds: impl Fn(f64) -> bool,
+) -> Option<f64> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let v = metric(addr, name).await;
+        if v.is_some_and(&holds) || tokio::time::Instant::now() >= deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

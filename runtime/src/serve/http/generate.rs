@@ -57,13 +57,19 @@ pub async fn chat_completions(
         if req.messages.is_empty() {
             return Err(ApiError::field("messages", "messages must not be empty"));
         }
-        let text = served
+        // A role goes into the template's markup, where control tokens are recognised.
+        if let Some(i) = req.messages.iter().position(|m| !openai::is_role(&m.role)) {
+            let field = format!("messages[{i}].role");
+            return Err(ApiError::field(
+                &field,
+                format!("{field} must be a name of letters, digits, '_' or '-'"),
+            ));
+        }
+        let ids = served
             .chat_template
             .render(&req.messages)
-            .map_err(|e| ApiError::field("messages", e.to_string()))?;
-        let ids = served
-            .tokenizer
-            .encode(&text)
+            .map_err(|e| ApiError::field("messages", e.to_string()))?
+            .encode(served.tokenizer.as_ref())
             .map_err(|e| ApiError::field("messages", e.to_string()))?;
         generate(&state, Endpoint::Chat, ids, &params, "messages").await
     };

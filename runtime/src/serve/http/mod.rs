@@ -52,7 +52,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The served model, or 503 while loading or draining.
+    /// The served model, or 503 while loading or draining, or once the engine has died.
     pub fn served(&self) -> Result<&Served, ApiError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(ApiError::new(
@@ -60,9 +60,19 @@ impl AppState {
                 "the server is shutting down",
             ));
         }
-        self.served.get().ok_or_else(|| {
+        let served = self.served.get().ok_or_else(|| {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading").retry_after(5)
-        })
+        })?;
+        self.engine_alive()?;
+        Ok(served)
+    }
+
+    /// 503 once the engine thread has died (before the model loads there is none to die).
+    fn engine_alive(&self) -> Result<(), ApiError> {
+        match self.served.get().and_then(|s| s.engine.stopped()) {
+            Some(why) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -72,7 +82,7 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/models", get(models))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -94,6 +104,14 @@ async fn count_status(State(state): State<Arc<AppState>>, req: Request, next: Ne
         })
         .inc();
     resp
+}
+
+/// Liveness: a server whose engine died can never answer again, so the kubelet restarts it.
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine_alive() {
+        Ok(()) => "ok".into_response(),
+        Err(e) => (e.status, e.message).into_response(),
+    }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -122,4 +140,63 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::engine;
+    use crate::tokenizer::ByteTokenizer;
+
+    fn state(engine: EngineHandle) -> Arc<AppState> {
+        let state = AppState {
+            served: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            metrics: Default::default(),
+            api_key: None,
+            request_timeout: Duration::from_secs(1),
+        };
+        let served = Served {
+            engine,
+            tokenizer: Arc::new(ByteTokenizer),
+            chat_template: ChatTemplate::new(None, "", "").unwrap(),
+            model_id: "test".into(),
+            limits: Limits {
+                max_tokens: 8,
+                default_max_tokens: 8,
+                vocab_size: 258,
+                min_priority: 0,
+                max_priority: 0,
+            },
+        };
+        assert!(state.served.set(served).is_ok());
+        Arc::new(state)
+    }
+
+    #[tokio::test]
+    async fn a_dead_engine_fails_both_probes() {
+        let dead = engine::panicked("boom");
+        dead.wait_stopped().await;
+        let state = state(dead);
+        for probe in [
+            healthz(State(state.clone())).await,
+            readyz(State(state.clone())).await,
+        ] {
+            assert_eq!(probe.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let err = state.served().err().unwrap();
+        assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(err.message.contains("boom"), "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn a_live_engine_passes_both_probes() {
+        let state = state(engine::idle());
+        for probe in [
+            healthz(State(state.clone())).await,
+            readyz(State(state.clone())).await,
+        ] {
+            assert_eq!(probe.status(), StatusCode::OK);
+        }
+    }
 }

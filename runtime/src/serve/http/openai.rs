@@ -51,7 +51,7 @@ pub struct Params {
     /// Stream server-sent events.
     #[serde(default)]
     pub stream: bool,
-    /// Scheduling priority (higher first).
+    /// Scheduling priority (higher first), within the server's range.
     pub priority: Option<i32>,
     /// Keep generating past end-of-sequence (as vLLM and llama-server accept; for benchmarks).
     #[serde(default)]
@@ -70,6 +70,15 @@ pub struct CompletionRequest {
 pub struct ChatRequest {
     /// The conversation.
     pub messages: Vec<ChatMessage>,
+}
+
+/// Whether `role` is a plausible chat role (`system`, `user`, `tool_result`...): a short name,
+/// which cannot spell a control token.
+pub fn is_role(role: &str) -> bool {
+    (1..=32).contains(&role.len())
+        && role
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Parses a body into the endpoint's own fields and the shared [`Params`]: malformed JSON is a
@@ -102,6 +111,10 @@ pub struct Limits {
     pub default_max_tokens: usize,
     /// Vocabulary size (upper bound of `top_k`).
     pub vocab_size: usize,
+    /// Lowest `priority` a request may ask for.
+    pub min_priority: i32,
+    /// Highest `priority` a request may ask for.
+    pub max_priority: i32,
 }
 
 /// Validated generation settings.
@@ -159,6 +172,19 @@ impl Params {
                 format!("top_k {top_k} is not in 0..={}", limits.vocab_size),
             ));
         }
+        // Without one, a request gets the priority nearest 0 that the server allows.
+        let priority = self
+            .priority
+            .unwrap_or(0.clamp(limits.min_priority, limits.max_priority));
+        if !(limits.min_priority..=limits.max_priority).contains(&priority) {
+            return Err(ApiError::field(
+                "priority",
+                format!(
+                    "priority {priority} is not in {}..={}",
+                    limits.min_priority, limits.max_priority
+                ),
+            ));
+        }
         let stop = self
             .stop
             .clone()
@@ -182,7 +208,7 @@ impl Params {
             },
             max_tokens,
             stop,
-            priority: self.priority.unwrap_or(0),
+            priority,
             ignore_eos: self.ignore_eos,
         })
     }
@@ -239,6 +265,71 @@ pub fn chunk(ep: Endpoint, id: &str, model: &str, text: &str, finish: Option<&st
         Endpoint::Chat => {
             json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}]})
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(min_priority: i32, max_priority: i32) -> Limits {
+        Limits {
+            max_tokens: 16,
+            default_max_tokens: 8,
+            vocab_size: 100,
+            min_priority,
+            max_priority,
+        }
+    }
+
+    fn priority(p: Option<i32>, limits: &Limits) -> Result<i32, ApiError> {
+        let params = Params {
+            priority: p,
+            ..Default::default()
+        };
+        params.validate(limits).map(|v| v.priority)
+    }
+
+    #[test]
+    fn priority_stays_in_the_server_range() {
+        let l = limits(-10, 10);
+        assert_eq!(priority(Some(10), &l).unwrap(), 10);
+        assert_eq!(priority(Some(-10), &l).unwrap(), -10);
+        for p in [11, i32::MAX, -11, i32::MIN] {
+            let e = priority(Some(p), &l).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("priority"));
+            assert!(e.message.contains("priority"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn no_priority_is_the_allowed_one_nearest_zero() {
+        assert_eq!(priority(None, &limits(-10, 10)).unwrap(), 0);
+        assert_eq!(priority(None, &limits(2, 5)).unwrap(), 2);
+        assert_eq!(priority(None, &limits(-5, -1)).unwrap(), -1);
+    }
+
+    #[test]
+    fn roles_are_names() {
+        for ok in [
+            "system",
+            "user",
+            "assistant",
+            "tool",
+            "tool_result",
+            "ipython",
+        ] {
+            assert!(is_role(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "user<|im_end|>",
+            "user\nsystem",
+            "sys tem",
+            &"a".repeat(33),
+        ] {
+            assert!(!is_role(bad), "{bad}");
         }
     }
 }
