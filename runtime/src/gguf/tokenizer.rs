@@ -19,6 +19,8 @@ pub struct GgufTokenizer {
     /// `inner` with special tokens read as text (the flag is the tokenizer's own, not a
     /// per-call argument).
     literal: tokenizers::Tokenizer,
+    /// The special tokens (what `literal` reads as text).
+    control: Vec<(String, u32)>,
     bos: Option<u32>,
     eos: Option<u32>,
 }
@@ -94,14 +96,20 @@ impl GgufTokenizer {
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+        let mut control = Vec::new();
         if let Ok(Some(Array::Int(types))) =
             h.get("tokenizer.ggml.token_type").map(|v| v.as_array())
         {
-            let specials: Vec<AddedToken> = types
+            control = types
                 .iter()
                 .zip(tokens)
-                .filter(|(ty, _)| SPECIAL_TYPES.contains(ty))
-                .map(|(_, tok)| AddedToken::from(tok.clone(), true))
+                .zip(0u32..)
+                .filter(|((ty, _), _)| SPECIAL_TYPES.contains(ty))
+                .map(|((_, tok), id)| (tok.clone(), id))
+                .collect();
+            let specials: Vec<AddedToken> = control
+                .iter()
+                .map(|(tok, _)| AddedToken::from(tok.clone(), true))
                 .collect();
             inner
                 .add_special_tokens(specials)
@@ -118,6 +126,7 @@ impl GgufTokenizer {
         Ok(Self {
             inner,
             literal,
+            control,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
         })
@@ -150,6 +159,10 @@ impl Tokenizer for GgufTokenizer {
             .map_err(codec)?
             .get_ids()
             .to_vec())
+    }
+
+    fn control_tokens(&self) -> &[(String, u32)] {
+        &self.control
     }
 
     fn decode(&self, ids: &[u32]) -> std::result::Result<String, TokenizerError> {

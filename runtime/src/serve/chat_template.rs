@@ -3,8 +3,9 @@
 //!
 //! Only the template's own markup may produce control tokens: a message's content is text,
 //! even when it spells `<|im_end|><|im_start|>system`. So the content goes into the template
-//! framed by two marks, and the rendered prompt is tokenized piece by piece: the markup
-//! between contents with control tokens recognised, each content as plain text.
+//! framed by two marks; the rendered prompt is cut at the control tokens of the markup only,
+//! and the text between them (markup and content alike) is tokenized as plain text. Ordinary
+//! content thus gets the very ids that tokenizing the whole prompt gives.
 
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use minijinja::{Environment, Error, ErrorKind, context};
@@ -121,16 +122,34 @@ impl ChatPrompt {
 
     /// The prompt's token ids: control tokens from the markup only.
     pub fn encode(&self, tokenizer: &dyn Tokenizer) -> Result<Vec<u32>, TokenizerError> {
+        let controls = tokenizer.control_tokens();
         let mut ids = Vec::new();
+        // Text since the last control token, markup and content together.
+        let mut run = String::new();
         for (text, content) in &self.parts {
-            ids.extend(if *content {
-                tokenizer.encode_literal(text)?
-            } else {
-                tokenizer.encode(text)?
-            });
+            let mut rest = text.as_str();
+            if !*content {
+                while let Some((at, len, id)) = first_control(rest, controls) {
+                    run.push_str(&rest[..at]);
+                    ids.extend(tokenizer.encode_literal(&std::mem::take(&mut run))?);
+                    ids.push(id);
+                    rest = &rest[at + len..];
+                }
+            }
+            run.push_str(rest);
         }
+        ids.extend(tokenizer.encode_literal(&run)?);
         Ok(ids)
     }
+}
+
+/// The first control token spelled in `text` (the longest of those starting there, as the
+/// tokenizer matches them): where, its length, its id.
+fn first_control(text: &str, controls: &[(String, u32)]) -> Option<(usize, usize, u32)> {
+    controls
+        .iter()
+        .filter_map(|(s, id)| Some((text.find(s.as_str())?, s.len(), *id)))
+        .min_by_key(|&(at, len, _)| (at, std::cmp::Reverse(len)))
 }
 
 /// `trim` that steps over the content marks, keeping them: `"  <mark> hi <mark>"` trims to
@@ -216,6 +235,18 @@ mod tests {
             "\u{FDD0}a\u{FDD1}"
         );
         assert_eq!(trim_framed(" \u{FDD0} \u{FDD1} ", None), "\u{FDD0}\u{FDD1}");
+    }
+
+    #[test]
+    fn the_first_control_token_and_the_longest_there() {
+        let controls = [
+            ("<|x".to_string(), 1),
+            ("<|x|>".to_string(), 2),
+            ("y".to_string(), 3),
+        ];
+        assert_eq!(first_control("ab<|x|>y", &controls), Some((2, 5, 2)));
+        assert_eq!(first_control("ab<|xy", &controls), Some((2, 3, 1)));
+        assert_eq!(first_control("ab", &controls), None);
     }
 
     #[test]

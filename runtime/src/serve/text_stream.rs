@@ -209,6 +209,9 @@ mod tests {
         fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
             ByteTokenizer.encode_literal(text)
         }
+        fn control_tokens(&self) -> &[(String, u32)] {
+            &[]
+        }
         fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
             self.0.fetch_add(ids.len(), Ordering::Relaxed);
             ByteTokenizer.decode(ids)

@@ -23,6 +23,10 @@ impl Tokenizer for ByteTokenizer {
         self.encode(text)
     }
 
+    fn control_tokens(&self) -> &[(String, u32)] {
+        &[]
+    }
+
     fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         let bytes: Vec<u8> = ids.iter().filter_map(|&i| u8::try_from(i).ok()).collect();
         Ok(String::from_utf8_lossy(&bytes).into_owned())

@@ -9,6 +9,8 @@ pub struct HfTokenizer {
     /// `inner` with special tokens read as text (the flag is the tokenizer's own, not a
     /// per-call argument).
     literal: tokenizers::Tokenizer,
+    /// The special added tokens (what `literal` reads as text).
+    control: Vec<(String, u32)>,
     bos: Option<u32>,
     eos: Option<u32>,
 }
@@ -25,9 +27,16 @@ impl HfTokenizer {
         let eos = find(&["<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>"]);
         let mut literal = inner.clone();
         literal.set_encode_special_tokens(true);
+        let control = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
         Ok(Self {
             inner,
             literal,
+            control,
             bos,
             eos,
         })
@@ -49,6 +58,10 @@ impl Tokenizer for HfTokenizer {
             .encode(text, false)
             .map_err(|e| TokenizerError::Codec(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    fn control_tokens(&self) -> &[(String, u32)] {
+        &self.control
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {

@@ -36,6 +36,9 @@ pub trait Tokenizer: Send + Sync {
     /// `<|im_end|>`) is encoded as those characters, never as the control token. For text that
     /// someone else wrote (a chat message) inside markup that may hold control tokens.
     fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError>;
+    /// The control tokens that `encode` recognises in text and `encode_literal` does not:
+    /// their spelling and id.
+    fn control_tokens(&self) -> &[(String, u32)];
     /// Text of `ids`; special tokens are skipped and invalid UTF-8 is replaced.
     fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError>;
     /// Number of token ids (the model's vocabulary must be at least this large).
