@@ -7,7 +7,6 @@ mod serve_support;
 use anneal_runtime::gguf::Q41Policy;
 use anneal_runtime::serve::chat_template::ChatMessage;
 use anneal_runtime::serve::loaded_model::{self, LoadedModel};
-use anneal_runtime::tokenizer::Tokenizer;
 use serde_json::json;
 use serve_support::{args, chat_body, request, smollm2, start};
 

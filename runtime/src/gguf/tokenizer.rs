@@ -2,7 +2,7 @@
 //! with the `tokenizers` crate and served through the runtime's [`Tokenizer`] trait.
 
 use super::{Array, GgufError, Header, Result};
-use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::tokenizer::{Tokenizer, TokenizerError, encode_with, literal_twin};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -96,20 +96,14 @@ impl GgufTokenizer {
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
-        let mut control = Vec::new();
         if let Ok(Some(Array::Int(types))) =
             h.get("tokenizer.ggml.token_type").map(|v| v.as_array())
         {
-            control = types
+            let specials: Vec<AddedToken> = types
                 .iter()
                 .zip(tokens)
-                .zip(0u32..)
-                .filter(|((ty, _), _)| SPECIAL_TYPES.contains(ty))
-                .map(|((_, tok), id)| (tok.clone(), id))
-                .collect();
-            let specials: Vec<AddedToken> = control
-                .iter()
-                .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+                .filter(|(ty, _)| SPECIAL_TYPES.contains(ty))
+                .map(|(_, tok)| AddedToken::from(tok.clone(), true))
                 .collect();
             inner
                 .add_special_tokens(specials)
@@ -121,8 +115,7 @@ impl GgufTokenizer {
                 .and_then(|v| u32::try_from(v).ok())
                 .filter(|&v| (v as usize) < tokens.len())
         };
-        let mut literal = inner.clone();
-        literal.set_encode_special_tokens(true);
+        let (literal, control) = literal_twin(&inner);
         Ok(Self {
             inner,
             literal,
@@ -144,21 +137,11 @@ fn codec(e: impl std::fmt::Display) -> TokenizerError {
 
 impl Tokenizer for GgufTokenizer {
     fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, TokenizerError> {
-        Ok(self
-            .inner
-            .encode(text, false)
-            .map_err(codec)?
-            .get_ids()
-            .to_vec())
+        encode_with(&self.inner, text)
     }
 
     fn encode_literal(&self, text: &str) -> std::result::Result<Vec<u32>, TokenizerError> {
-        Ok(self
-            .literal
-            .encode(text, false)
-            .map_err(codec)?
-            .get_ids()
-            .to_vec())
+        encode_with(&self.literal, text)
     }
 
     fn control_tokens(&self) -> &[(String, u32)] {

@@ -25,14 +25,7 @@ impl HfTokenizer {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let bos = find(&["<|begin_of_text|>", "<s>", "<|im_start|>", "<|endoftext|>"]);
         let eos = find(&["<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>"]);
-        let mut literal = inner.clone();
-        literal.set_encode_special_tokens(true);
-        let control = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, t)| (t.content, id))
-            .collect();
+        let (literal, control) = literal_twin(&inner);
         Ok(Self {
             inner,
             literal,
@@ -43,21 +36,41 @@ impl HfTokenizer {
     }
 }
 
+/// A copy of `inner` that reads its special tokens as text (the flag belongs to the tokenizer,
+/// not to a call), and those tokens: what [`Tokenizer::encode_literal`] and
+/// [`Tokenizer::control_tokens`] need of a `tokenizers` tokenizer.
+pub(crate) fn literal_twin(
+    inner: &tokenizers::Tokenizer,
+) -> (tokenizers::Tokenizer, Vec<(String, u32)>) {
+    let mut literal = inner.clone();
+    literal.set_encode_special_tokens(true);
+    let control = inner
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, t)| (t.content, id))
+        .collect();
+    (literal, control)
+}
+
+/// The ids of `text` by `tokenizer`, without BOS or EOS added.
+pub(crate) fn encode_with(
+    tokenizer: &tokenizers::Tokenizer,
+    text: &str,
+) -> Result<Vec<u32>, TokenizerError> {
+    let enc = tokenizer
+        .encode(text, false)
+        .map_err(|e| TokenizerError::Codec(e.to_string()))?;
+    Ok(enc.get_ids().to_vec())
+}
+
 impl Tokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Codec(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        encode_with(&self.inner, text)
     }
 
     fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .literal
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Codec(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        encode_with(&self.literal, text)
     }
 
     fn control_tokens(&self) -> &[(String, u32)] {

@@ -7,6 +7,7 @@ mod hf;
 
 pub use byte::ByteTokenizer;
 pub use hf::HfTokenizer;
+pub(crate) use hf::{encode_with, literal_twin};
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
