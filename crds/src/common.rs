@@ -11,17 +11,22 @@ use serde::{Deserialize, Serialize};
 
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
-/// The URI schemes a model or data set may be read from or written to.
-pub const URI_SCHEMES: &[&str] = &[
-    "pvc://", "file://", "http://", "https://", "s3://", "hf://", "builtin:",
-];
+/// The URI schemes a model or data set may be read from or written to: the ones the runtime can
+/// open. Object stores (`s3://`), the Hugging Face Hub (`hf://`) and `http(s)://` are refused by
+/// the API server with [`URI_SCHEME_MESSAGE`] until the runtime can read them, so that what the
+/// API accepts works.
+pub const URI_SCHEMES: &[&str] = &["pvc://", "file://", "builtin:"];
+
+/// What the API server says about a URI with another scheme.
+pub const URI_SCHEME_MESSAGE: &str = "must start with pvc://, file:// or builtin: (s3://, hf:// and http(s):// storage is not supported yet: copy the data into a PersistentVolumeClaim and use pvc://<claim>/<path>)";
 
 /// Longest URI accepted; it also bounds the cost of the CEL rules that read it.
 pub const URI_MAX_LENGTH: u32 = 2048;
 
-/// A model or data set location: `pvc://<claim>/<path>`, `file:///<path>`, `http(s)://...`,
-/// `s3://<bucket>/<key>`, `hf://<org>/<repo>` or `builtin:<name>`. A `..` path segment is
-/// refused, so a URI cannot climb out of the volume it names.
+/// A model or data set location: `pvc://<claim>/<path>` (the claim is mounted into the pod),
+/// `file:///<path>` (a path inside the container image) or `builtin:<name>` (a data set the
+/// runtime makes). A `..` path segment is refused, so a URI cannot climb out of the volume it
+/// names.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct StorageUri(pub String);
@@ -44,7 +49,7 @@ impl StorageUri {
             return Err(format!("longer than {URI_MAX_LENGTH} characters"));
         }
         if self.scheme().is_none() {
-            return Err(format!("scheme must be one of {}", URI_SCHEMES.join(", ")));
+            return Err(URI_SCHEME_MESSAGE.into());
         }
         if self.0.split('/').any(|segment| segment == "..") {
             return Err("must not contain a '..' path segment".into());
@@ -77,14 +82,19 @@ impl JsonSchema for StorageUri {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
-            "description": "Location of a model or data set: pvc://<claim>/<path>, file:///<path>, http(s)://..., s3://<bucket>/<key>, hf://<org>/<repo> or builtin:<name>.",
+            "description": "Location of a model or data set: pvc://<claim>/<path> (the claim is mounted into the pod), file:///<path> (inside the container image) or builtin:<name>. s3://, hf:// and http(s):// are not supported yet.",
             "minLength": 1,
             "maxLength": URI_MAX_LENGTH,
-            "pattern": "^(pvc://|file://|https?://|s3://|hf://|builtin:)",
-            "x-kubernetes-validations": [{
-                "rule": "!self.split('/').exists(s, s == '..')",
-                "message": "must not contain a '..' path segment",
-            }],
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.startsWith('pvc://') || self.startsWith('file://') || self.startsWith('builtin:')",
+                    "message": URI_SCHEME_MESSAGE,
+                },
+                {
+                    "rule": "!self.split('/').exists(s, s == '..')",
+                    "message": "must not contain a '..' path segment",
+                },
+            ],
         })
     }
 }
@@ -207,12 +217,31 @@ pub struct ComputeResources {
     /// Memory request and limit, e.g. `"16Gi"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Quantity>,
-    /// Extra tolerations (the `nvidia.com/gpu` taint is tolerated already when `gpus > 0`).
+    /// Extra tolerations, e.g. of a team's dedicated-node taint (the `nvidia.com/gpu` taint is
+    /// tolerated already when `gpus > 0`). The pods are created by the operator, so a toleration
+    /// here lets them onto nodes their author could not place pods on otherwise: tolerating every
+    /// taint (no key), control-plane taints (`node-role.kubernetes.io/*`) and the node-lifecycle
+    /// taints (`node.kubernetes.io/*`, which the operator sets itself for fail-over) is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.all(t, has(t.key) && t.key != '')",
+            "message": "a toleration must name a taint key: tolerating every taint is not allowed",
+        },
+        {
+            "rule": "self.all(t, !has(t.key) || (!t.key.startsWith('node-role.kubernetes.io/') && !t.key.startsWith('node.kubernetes.io/')))",
+            "message": "tolerations of node-role.kubernetes.io/* (control plane) and node.kubernetes.io/* (node lifecycle, set by the operator) taints are not allowed",
+        },
+    ]))]
     pub tolerations: Vec<Toleration>,
-    /// Extra node labels the pod must match.
+    /// Extra node labels the pod must match (on top of the GPU product the operator selects).
+    /// Labels of the control plane (`node-role.kubernetes.io/*`) are refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64, "x-kubernetes-validations" = [{
+        "rule": "self.all(k, !k.startsWith('node-role.kubernetes.io/'))",
+        "message": "nodeSelector must not select control-plane nodes (node-role.kubernetes.io/*)",
+    }]))]
     pub node_selector: BTreeMap<String, String>,
 }
 
@@ -242,17 +271,19 @@ mod tests {
 
     #[test]
     fn storage_uri_accepts_allowed_schemes_only() {
-        for ok in [
-            "pvc://models/a",
-            "file:///data/x.jsonl",
+        for ok in ["pvc://models/a", "file:///data/x.jsonl", "builtin:arith"] {
+            assert_eq!(StorageUri::from(ok).validate(), Ok(()), "{ok}");
+        }
+        // Object stores and the Hub are refused until the runtime reads them.
+        for bad in [
+            "ftp://h/x",
+            "/abs/path",
+            "",
+            "pvcs://x",
             "https://h/x",
             "s3://b/k",
             "hf://org/repo",
-            "builtin:arith",
         ] {
-            assert_eq!(StorageUri::from(ok).validate(), Ok(()), "{ok}");
-        }
-        for bad in ["ftp://h/x", "/abs/path", "", "pvcs://x"] {
             assert!(StorageUri::from(bad).validate().is_err(), "{bad}");
         }
     }

@@ -16,6 +16,12 @@ pub const EXIT_DEVICE_FAULT: i32 = 75;
 pub const ENV_JOB_NAME: &str = "ANNEAL_JOB_NAME";
 /// Env: namespace of that object.
 pub const ENV_JOB_NAMESPACE: &str = "ANNEAL_JOB_NAMESPACE";
+/// Env: UID of that object: checkpoints record it, so that a job never resumes another's (one
+/// deleted and created again under the same name is another job).
+pub const ENV_JOB_UID: &str = "ANNEAL_JOB_UID";
+/// Env: name of the pod, unique among the writers of a checkpoint directory (temporary files
+/// are named by it, never by process id: every container's first process is pid 1).
+pub const ENV_POD_NAME: &str = "ANNEAL_POD_NAME";
 /// Env: attempt number of this worker; checkpoints are fenced by it.
 pub const ENV_ATTEMPT: &str = "ANNEAL_ATTEMPT";
 /// Env: directory where checkpoints are written and resumed from.

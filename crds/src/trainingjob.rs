@@ -48,6 +48,11 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
         "fieldPath": ".hyperparameters.frozenLayerFraction",
     },
     {
+        "rule": "self.workers == 1",
+        "message": "workers > 1 is not supported yet: data-parallel training is not implemented, and each worker would train its own copy of the model; use workers: 1",
+        "fieldPath": ".workers",
+    },
+    {
         "rule": "self.hyperparameters.warmupSteps < self.hyperparameters.steps",
         "message": "hyperparameters.warmupSteps must be less than hyperparameters.steps",
         "fieldPath": ".hyperparameters.warmupSteps",
@@ -71,7 +76,8 @@ pub struct TrainingJobSpec {
     /// GPUs, CPU and memory per worker, and placement.
     #[serde(default)]
     pub resources: ComputeResources,
-    /// Number of worker pods.
+    /// Number of worker pods. Only 1 is accepted until data-parallel training exists (the API
+    /// server refuses more with a message saying so).
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 64))]
     pub workers: u32,
@@ -296,19 +302,39 @@ fn keep() -> u32 {
 /// Where checkpoints live: a PersistentVolumeClaim the workers mount, or a URI.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.pvc) != has(self.uri)",
-    "message": "exactly one of checkpoint.storage.pvc and checkpoint.storage.uri must be set",
-}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.pvc) != has(self.uri)",
+        "message": "exactly one of checkpoint.storage.pvc and checkpoint.storage.uri must be set",
+    },
+    {
+        "rule": "!has(self.uri) || self.uri.matches('^pvc://[^/]+')",
+        "message": "checkpoint.storage.uri must be pvc://<claim>[/<path>]: checkpoints need a volume that outlives the pod, and object storage (s3://) is not supported yet",
+        "fieldPath": ".uri",
+    },
+]))]
 pub struct CheckpointStorage {
     /// Name of a PersistentVolumeClaim in the job's namespace (ReadWriteMany when workers may
-    /// move between nodes).
+    /// move between nodes). Each job writes below `<namespace>/<name>/<uid>/` in it, so jobs
+    /// sharing a claim never see each other's checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub pvc: Option<String>,
-    /// A storage URI.
+    /// `pvc://<claim>/<path>`: like `pvc`, below `<path>` in the claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<StorageUri>,
+}
+
+impl CheckpointStorage {
+    /// The claim and the directory in it that checkpoints go below (`""` for the claim's root).
+    pub fn claim_and_path(&self) -> Option<(&str, &str)> {
+        if let Some(claim) = &self.pvc {
+            return Some((claim.as_str(), ""));
+        }
+        let rest = self.uri.as_ref()?.as_str().strip_prefix("pvc://")?;
+        let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+        (!claim.is_empty()).then_some((claim, path.trim_matches('/')))
+    }
 }
 
 /// Where the trained model goes.
@@ -407,7 +433,8 @@ pub struct TrainingJobStatus {
     /// Lifecycle phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<TrainingPhase>,
-    /// `Ready`, `Progressing`, `Complete`, `Failed`, `Suspended` (Kubernetes API conventions).
+    /// `Running` (the current attempt's workers all run), `Complete`, `Failed` and `Suspended`,
+    /// each with a reason and message (Kubernetes API conventions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -420,7 +447,9 @@ pub struct TrainingJobStatus {
     /// Nodes the current attempt's workers run on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
-    /// Nodes this job will not use again (they failed under it).
+    /// Nodes this job's new workers avoid because they failed under it recently; a node leaves
+    /// this list when its exclusion expires (the operator's `--node-exclusion-seconds`, 10
+    /// minutes by default), `failovers` keeps the history.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_nodes: Vec<String>,
     /// Worker replacements so far (fail-overs and retries).
@@ -526,6 +555,10 @@ pub enum FailoverReason {
     DeviceFault,
     /// The node or pod disappeared.
     NodeDeleted,
+    /// The pod failed before its worker ran: rejected by the kubelet at admission (for example
+    /// `UnexpectedAdmissionError` or `OutOfnvidia.com/gpu`), evicted before start, or refused by
+    /// node affinity.
+    PodFailed,
 }
 
 /// One fail-over.

@@ -169,9 +169,11 @@ fn uris_are_limited_to_allowed_schemes_without_dotdot() {
         "spec.model.baseModel",
     ] {
         let uri = at(&tj, path);
-        assert_eq!(
-            uri["pattern"], "^(pvc://|file://|https?://|s3://|hf://|builtin:)",
-            "{path}"
+        assert!(
+            rules(uri)
+                .iter()
+                .any(|r| r.contains("'pvc://'") && !r.contains("s3://")),
+            "{path} is limited to the schemes the runtime reads"
         );
         assert!(
             rules(uri).iter().any(|r| r.contains("'..'")),

@@ -34,6 +34,7 @@ pub struct OperatorProcess {
     child: Child,
     namespace: String,
     metrics_addr: std::net::SocketAddr,
+    log_path: PathBuf,
 }
 
 impl OperatorProcess {
@@ -44,7 +45,17 @@ impl OperatorProcess {
 
     /// Like [`OperatorProcess::start`], with extra command-line arguments.
     pub async fn start_with(namespace: &str, extra: &[&str]) -> Result<Self> {
-        let log_path = logs_dir()?.join(format!("operator-{namespace}.log"));
+        Self::start_as(namespace, None, extra).await
+    }
+
+    /// Like [`OperatorProcess::start_with`], as replica `identity` (its `POD_NAME`, the holder
+    /// name in the leader Lease); the log goes to `<logs>/operator-<namespace>-<identity>.log`.
+    pub async fn start_as(namespace: &str, identity: Option<&str>, extra: &[&str]) -> Result<Self> {
+        let log_name = match identity {
+            Some(id) => format!("operator-{namespace}-{id}.log"),
+            None => format!("operator-{namespace}.log"),
+        };
+        let log_path = logs_dir()?.join(log_name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -53,7 +64,11 @@ impl OperatorProcess {
         // Several operators may run at once (one per test binary): a free port, asked of the
         // kernel, for each.
         let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let child = Command::new(operator_binary()?)
+        let mut command = Command::new(operator_binary()?);
+        if let Some(id) = identity {
+            command.env("POD_NAME", id);
+        }
+        let child = command
             .args([
                 "run",
                 "--namespace",
@@ -75,7 +90,42 @@ impl OperatorProcess {
             child,
             namespace: namespace.to_string(),
             metrics_addr,
+            log_path,
         })
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Where its log goes (JSON lines; appended to across runs of the same test).
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log_path
+    }
+
+    /// Sends `signal` (`TERM`, `STOP`, `CONT`, ...) to the process.
+    pub async fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().context("the operator has exited")?;
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub async fn wait_exit(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("the operator did not exit within {timeout:?}"))?
+            .context("waiting for the operator")
     }
 
     /// The operator's `/metrics` page (Prometheus text).

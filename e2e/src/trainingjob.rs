@@ -4,16 +4,23 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anneal_crds::TrainingJob;
+use anneal_crds::trainingjob::{TrainingJobStatus, TrainingPhase};
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::operator::OperatorProcess;
-use crate::wait::{wait_for, wait_for_matching};
+use crate::wait::{wait_for, wait_for_matching, wait_for_set};
+
+/// How long the TrainingJob tests wait for one thing to happen.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
 use crate::{TestNamespace, crds};
 
 /// `manifests/examples/trainingjob.yaml` named `name`, with room for many fail-overs.
@@ -143,4 +150,91 @@ pub fn node_of(pod: &Pod) -> Result<String> {
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .context("worker not scheduled")
+}
+
+/// Selects the pods of TrainingJob `job`.
+pub fn selector(job: &str) -> watcher::Config {
+    watcher::Config::default().labels(&format!("anneal.dev/trainingjob={job}"))
+}
+
+/// The attempt a worker pod belongs to.
+pub fn attempt_label(pod: &Pod) -> Option<u32> {
+    pod.labels().get("anneal.dev/attempt")?.parse().ok()
+}
+
+/// The phase of a status.
+pub fn phase(status: &TrainingJobStatus) -> Option<TrainingPhase> {
+    status.phase
+}
+
+/// The condition of `type_` in a status.
+pub fn condition<'a>(
+    status: &'a TrainingJobStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Waits until the job's status satisfies `predicate`; returns the job.
+pub async fn job_where(
+    jobs: &Api<TrainingJob>,
+    name: &str,
+    what: &str,
+    predicate: impl Fn(&TrainingJobStatus) -> bool,
+) -> Result<TrainingJob> {
+    wait_for(jobs, name, TIMEOUT, |job: Option<&TrainingJob>| {
+        job.and_then(|j| j.status.as_ref()).is_some_and(&predicate)
+    })
+    .await
+    .with_context(|| format!("{name}: {what}"))?
+    .with_context(|| format!("{name} is gone"))
+}
+
+/// Waits until `job` has exactly `count` live Running workers, all of attempt `attempt`, and no
+/// other pod at all (older attempts deleted, nothing duplicated).
+pub async fn workers_settle(pods: &Api<Pod>, job: &str, attempt: u32, count: usize) -> Result<()> {
+    let what =
+        format!("{job}: exactly {count} Running worker(s) of attempt {attempt}, no other pod");
+    wait_for_set(pods, selector(job), &what, TIMEOUT, |set: &[Arc<Pod>]| {
+        set.len() == count
+            && set
+                .iter()
+                .all(|p| is_live_running(p) && attempt_label(p) == Some(attempt))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Waits until `job` has no pod left.
+pub async fn no_workers(pods: &Api<Pod>, job: &str) -> Result<()> {
+    let what = format!("{job}: no pod left");
+    wait_for_set(pods, selector(job), &what, TIMEOUT, <[Arc<Pod>]>::is_empty).await?;
+    Ok(())
+}
+
+/// Waits for an Event of `reason` about job `name`; returns it.
+pub async fn event_seen(client: &Client, ns: &str, name: &str, reason: &str) -> Result<Event> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let what = format!("a {reason} Event about {name}");
+    let matches = |e: &Event| {
+        e.reason.as_deref() == Some(reason)
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+    };
+    let set = wait_for_set(
+        &events,
+        watcher::Config::default(),
+        &what,
+        TIMEOUT,
+        |set: &[Arc<Event>]| set.iter().any(|e| matches(e)),
+    )
+    .await?;
+    set.iter()
+        .find(|e| matches(e))
+        .map(|e| Event::clone(e))
+        .context("event vanished")
+}
+
+/// Name of the single worker of `attempt`.
+pub fn worker(job: &str, attempt: u32) -> String {
+    format!("{job}-a{attempt}-w0")
 }

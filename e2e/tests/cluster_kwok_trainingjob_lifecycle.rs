@@ -12,14 +12,16 @@ use std::time::Duration;
 
 use anneal_crds::TrainingJob;
 use anneal_crds::contract::{EXIT_DEVICE_FAULT, EXIT_INTERNAL, EXIT_OK, EXIT_USER_ERROR};
-use anneal_crds::trainingjob::{FailoverReason, TrainingJobStatus, TrainingPhase};
+use anneal_crds::trainingjob::{FailoverReason, TrainingPhase};
 use anneal_e2e::cluster::client_as;
 use anneal_e2e::faults::exit_pod;
 use anneal_e2e::operator::OperatorProcess;
 use anneal_e2e::trainingjob::{
-    example_job, is_live_running, restricted_namespace, restricted_namespace_only, running_worker,
+    TIMEOUT, attempt_label, condition, event_seen, example_job, is_live_running, job_where,
+    no_workers, phase, restricted_namespace, restricted_namespace_only, running_worker, worker,
+    workers_settle,
 };
-use anneal_e2e::wait::{wait_for, wait_for_set};
+use anneal_e2e::wait::wait_for;
 use anneal_e2e::{TestNamespace, client};
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
@@ -32,64 +34,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 const MANAGED: &str = "app.kubernetes.io/managed-by=anneal-operator";
-
-fn selector(job: &str) -> watcher::Config {
-    watcher::Config::default().labels(&format!("anneal.dev/trainingjob={job}"))
-}
-
-fn attempt_label(pod: &Pod) -> Option<u32> {
-    pod.labels().get("anneal.dev/attempt")?.parse().ok()
-}
-
-fn phase(status: &TrainingJobStatus) -> Option<TrainingPhase> {
-    status.phase
-}
-
-fn condition<'a>(
-    status: &'a TrainingJobStatus,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    status.conditions.iter().find(|c| c.type_ == type_)
-}
-
-/// Waits until the job's status satisfies `predicate`; returns the job.
-async fn job_where(
-    jobs: &Api<TrainingJob>,
-    name: &str,
-    what: &str,
-    predicate: impl Fn(&TrainingJobStatus) -> bool,
-) -> Result<TrainingJob> {
-    wait_for(jobs, name, TIMEOUT, |job: Option<&TrainingJob>| {
-        job.and_then(|j| j.status.as_ref()).is_some_and(&predicate)
-    })
-    .await
-    .with_context(|| format!("{name}: {what}"))?
-    .with_context(|| format!("{name} is gone"))
-}
-
-/// Waits until `job` has exactly `count` live Running workers, all of attempt `attempt`, and no
-/// other pod at all (older attempts deleted, nothing duplicated).
-async fn workers_settle(pods: &Api<Pod>, job: &str, attempt: u32, count: usize) -> Result<()> {
-    let what =
-        format!("{job}: exactly {count} Running worker(s) of attempt {attempt}, no other pod");
-    wait_for_set(pods, selector(job), &what, TIMEOUT, |set: &[Arc<Pod>]| {
-        set.len() == count
-            && set
-                .iter()
-                .all(|p| is_live_running(p) && attempt_label(p) == Some(attempt))
-    })
-    .await?;
-    Ok(())
-}
-
-/// Waits until `job` has no pod left.
-async fn no_workers(pods: &Api<Pod>, job: &str) -> Result<()> {
-    let what = format!("{job}: no pod left");
-    wait_for_set(pods, selector(job), &what, TIMEOUT, <[Arc<Pod>]>::is_empty).await?;
-    Ok(())
-}
 
 async fn set_suspend(jobs: &Api<TrainingJob>, name: &str, suspend: bool) -> Result<()> {
     let patch = json!({"spec": {"runPolicy": {"suspend": suspend}}});
@@ -97,30 +42,6 @@ async fn set_suspend(jobs: &Api<TrainingJob>, name: &str, suspend: bool) -> Resu
         .await
         .with_context(|| format!("setting suspend={suspend} on {name}"))?;
     Ok(())
-}
-
-/// Waits for an Event of `reason` about job `name`.
-async fn event_seen(client: &Client, ns: &str, name: &str, reason: &str) -> Result<()> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    let what = format!("a {reason} Event about {name}");
-    wait_for_set(
-        &events,
-        watcher::Config::default(),
-        &what,
-        TIMEOUT,
-        |set: &[Arc<Event>]| {
-            set.iter().any(|e| {
-                e.reason.as_deref() == Some(reason)
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-            })
-        },
-    )
-    .await?;
-    Ok(())
-}
-
-fn worker(job: &str, attempt: u32) -> String {
-    format!("{job}-a{attempt}-w0")
 }
 
 #[tokio::test]

@@ -21,6 +21,11 @@ pub struct OperatorConfig {
     /// Seconds a worker tolerates a not-ready or unreachable node before stock eviction; short, so
     /// that eviction never lags far behind the operator's own failover.
     pub node_toleration_seconds: i64,
+    /// How long a node that failed under a job stays excluded from that job's new workers.
+    pub node_exclusion_seconds: i64,
+    /// Node condition types that mean, when True, that the node's GPUs are unhealthy (the
+    /// convention of node-problem-detector and NVIDIA's NVSentinel).
+    pub gpu_health_conditions: Vec<String>,
 }
 
 impl Default for OperatorConfig {
@@ -51,6 +56,15 @@ impl Default for OperatorConfig {
                 ),
             ]),
             node_toleration_seconds: 20,
+            node_exclusion_seconds: 600,
+            gpu_health_conditions: [
+                "SysLogsXIDError",
+                "SysLogsSXIDError",
+                "SysLogsGPUFallenOff",
+                "GpuUnhealthy",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

@@ -9,7 +9,33 @@ pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod node_health;
+pub mod rbac;
 pub mod trainingjob;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "anneal-operator";
+
+/// Waits until the API server serves every CRD of anneal (Established), saying what it waits
+/// for every 10 s; the controllers' watches fail until then (style.md #6).
+pub async fn crds_established(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::runtime::wait::{await_condition, conditions};
+    let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    for crd in anneal_crds::generate::all_crds() {
+        let name = crd.metadata.name.unwrap_or_default();
+        loop {
+            let wait = await_condition(api.clone(), &name, conditions::is_crd_established());
+            match tokio::time::timeout(std::time::Duration::from_secs(10), wait).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(err)) => {
+                    tracing::warn!(crd = %name, error = %err, "watching the CRD");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(_) => {
+                    tracing::warn!(crd = %name, "waiting for the CRD to be established (install the chart's CRDs)")
+                }
+            }
+        }
+    }
+    tracing::info!("CRDs established");
+}

@@ -1,6 +1,7 @@
 //! `anneal-operator`: reconciles TrainingJob (EvalGate and ModelServer follow in later issues).
 
 use anneal_operator::config::OperatorConfig;
+use anneal_operator::leader::{LeaderElection, WriteGate};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -38,6 +39,23 @@ struct Cli {
         default_value = "anneal-system"
     )]
     lease_namespace: String,
+    /// How long a node that failed under a TrainingJob stays out of that job's placement.
+    #[arg(
+        long,
+        global = true,
+        env = "ANNEAL_NODE_EXCLUSION_SECONDS",
+        default_value_t = 600
+    )]
+    node_exclusion_seconds: u32,
+    /// Node condition types that mean, when True, that a node's GPUs are unhealthy
+    /// (comma-separated; node-problem-detector and NVSentinel report problems this way).
+    #[arg(
+        long,
+        global = true,
+        env = "ANNEAL_GPU_HEALTH_CONDITIONS",
+        value_delimiter = ','
+    )]
+    gpu_health_conditions: Option<Vec<String>>,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +86,10 @@ async fn main() -> anyhow::Result<()> {
             if let Some(image) = cli.runtime_image {
                 config.runtime_image = image;
             }
+            config.node_exclusion_seconds = i64::from(cli.node_exclusion_seconds);
+            if let Some(conditions) = cli.gpu_health_conditions {
+                config.gpu_health_conditions = conditions;
+            }
             let client = kube::Client::try_default().await?;
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
@@ -80,36 +102,76 @@ async fn main() -> anyhow::Result<()> {
                     tracing::error!(error = %err, "metrics endpoint stopped");
                 }
             });
-            let controllers = anneal_operator::trainingjob::run(
+            tokio::select! {
+                _ = anneal_operator::crds_established(&client) => {}
+                _ = shutdown_signal() => return Ok(()),
+            }
+            // Ready means "can serve its role": a standby is ready too, so that a rolling
+            // upgrade can start the new replica while the old one still leads.
+            metrics.set_ready(true);
+            if !cli.leader_elect {
+                anneal_operator::trainingjob::run(
+                    client,
+                    config,
+                    cli.namespace.as_deref(),
+                    metrics,
+                    WriteGate::always(),
+                )
+                .await;
+                tracing::info!("anneal-operator stopped");
+                return Ok(());
+            }
+            let identity = std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("anneal-operator-{}", std::process::id()));
+            let election = LeaderElection::new(
                 client.clone(),
+                &cli.lease_namespace,
+                "anneal-operator",
+                &identity,
+            );
+            tracing::info!(%identity, "waiting to lead");
+            tokio::select! {
+                acquired = election.acquire() => acquired?,
+                _ = shutdown_signal() => {
+                    tracing::info!("anneal-operator stopped (standby)");
+                    return Ok(());
+                }
+            }
+            tracing::info!(%identity, "leading");
+            let controllers = anneal_operator::trainingjob::run(
+                client,
                 config,
                 cli.namespace.as_deref(),
                 metrics,
+                election.gate(),
             );
-            if cli.leader_elect {
-                let identity = std::env::var("POD_NAME")
-                    .unwrap_or_else(|_| format!("anneal-operator-{}", std::process::id()));
-                let election = anneal_operator::leader::LeaderElection::new(
-                    client,
-                    &cli.lease_namespace,
-                    "anneal-operator",
-                    &identity,
-                );
-                tracing::info!(%identity, "waiting to lead");
-                election.acquire().await?;
-                tracing::info!(%identity, "leading");
-                tokio::select! {
-                    _ = controllers => {}
-                    lost = election.hold() => {
-                        // Stop at once: another replica may be writing already.
-                        anyhow::bail!("lost leadership: {lost}");
-                    }
+            tokio::select! {
+                // The controllers end on SIGTERM or SIGINT, once in-flight reconciles finish.
+                _ = controllers => {}
+                lost = election.hold() => {
+                    // The gate is closed already; stop at once: another replica may lead.
+                    anyhow::bail!("lost leadership: {lost}");
                 }
+            }
+            if let Err(err) = election.release().await {
+                tracing::warn!(error = %err, "releasing the leader lease");
             } else {
-                controllers.await;
+                tracing::info!(%identity, "released the leader lease");
             }
             tracing::info!("anneal-operator stopped");
             Ok(())
         }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -106,6 +106,16 @@ pub fn config_map(job: &TrainingJob) -> Result<ConfigMap, BuildError> {
     })
 }
 
+/// The directory of job `namespace/name` (UID `uid`) in its checkpoint claim, below `prefix`.
+pub fn checkpoint_sub_path(prefix: &str, namespace: &str, name: &str, uid: &str) -> String {
+    let own = format!("{namespace}/{name}/{uid}");
+    if prefix.is_empty() {
+        own
+    } else {
+        format!("{prefix}/{own}")
+    }
+}
+
 /// The claim of a `pvc://CLAIM/PATH` URI.
 fn claim_of(uri: &str) -> Option<&str> {
     let claim = uri.strip_prefix("pvc://")?.split('/').next()?;
@@ -168,17 +178,25 @@ pub fn worker_pod(
         }
     }
 
-    let checkpoint_volume = match spec
+    let uid = job.uid().ok_or(BuildError::Missing("uid"))?;
+    let (checkpoint_volume, checkpoint_mount) = match spec
         .checkpoint
         .storage
         .as_ref()
-        .and_then(|s| s.pvc.as_ref())
+        .and_then(|s| s.claim_and_path())
     {
-        Some(claim) => {
-            json!({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}})
-        }
+        // Every job has its own directory in a shared claim, keyed by namespace, name and UID:
+        // jobs of a sweep never continue or delete each other's checkpoints, and a job created
+        // again under a deleted one's name starts fresh.
+        Some((claim, path)) => (
+            json!({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}),
+            json!({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT, "subPath": checkpoint_sub_path(path, &namespace, &name, &uid)}),
+        ),
         // Without a claim, checkpoints live as long as the pod: the status says so.
-        None => json!({"name": "checkpoints", "emptyDir": {}}),
+        None => (
+            json!({"name": "checkpoints", "emptyDir": {}}),
+            json!({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT}),
+        ),
     };
     // Claims named by `pvc://` URIs, mounted where the runtime looks for them; only the output's
     // is writable.
@@ -198,7 +216,7 @@ pub fn worker_pod(
         json!({"name": "tmp", "emptyDir": {}}),
     ];
     let mut mounts = vec![
-        json!({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT}),
+        checkpoint_mount,
         json!({"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": true}),
         json!({"name": "tmp", "mountPath": "/tmp"}),
     ];
@@ -211,6 +229,8 @@ pub fn worker_pod(
     let env = json!([
         {"name": contract::ENV_JOB_NAME, "value": name},
         {"name": contract::ENV_JOB_NAMESPACE, "value": namespace},
+        {"name": contract::ENV_JOB_UID, "value": uid},
+        {"name": contract::ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": contract::ENV_ATTEMPT, "value": attempt.to_string()},
         {"name": contract::ENV_CHECKPOINT_DIR, "value": CHECKPOINT_MOUNT},
         {"name": "ANNEAL_WORKER", "value": worker.to_string()},
@@ -388,6 +408,50 @@ mod tests {
         assert_eq!(claim(data["name"].as_str().unwrap()), Some(json!("corpus")));
         assert_eq!(claim_of("pvc:///x"), None);
         assert_eq!(claim_of("builtin:arith"), None);
+    }
+
+    #[test]
+    fn jobs_sharing_a_checkpoint_claim_get_directories_of_their_own() {
+        let mounted = |job: &TrainingJob| {
+            let v = json_of(&worker_pod(job, 1, 0, &[], &OperatorConfig::default()).unwrap());
+            let mounts = v["spec"]["containers"][0]["volumeMounts"].clone();
+            let mount = mounts
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["mountPath"] == CHECKPOINT_MOUNT)
+                .cloned()
+                .unwrap();
+            let env = v["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap()
+                .clone();
+            let uid = env
+                .iter()
+                .find(|e| e["name"] == contract::ENV_JOB_UID)
+                .unwrap()["value"]
+                .clone();
+            (mount["subPath"].clone(), uid)
+        };
+        let mut a = job();
+        a.spec.checkpoint.storage = Some(anneal_crds::trainingjob::CheckpointStorage {
+            pvc: Some("sweep".into()),
+            uri: None,
+        });
+        let mut b = a.clone();
+        b.metadata.name = Some("arith-lr2".into());
+        // Deleted and created again under the same name: another UID, another directory.
+        let mut again = a.clone();
+        again.metadata.uid = Some("uid-2".into());
+        assert_eq!(mounted(&a), (json!("ml/arith/uid-1"), json!("uid-1")));
+        assert_eq!(mounted(&b).0, json!("ml/arith-lr2/uid-1"));
+        assert_eq!(mounted(&again).0, json!("ml/arith/uid-2"));
+        // A pvc:// URI names the claim and a directory in it.
+        a.spec.checkpoint.storage = Some(anneal_crds::trainingjob::CheckpointStorage {
+            pvc: None,
+            uri: Some("pvc://sweep/runs/".into()),
+        });
+        assert_eq!(mounted(&a).0, json!("runs/ml/arith/uid-1"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use anneal_crds::trainingjob::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use crate::labels::ATTEMPT;
@@ -50,14 +50,26 @@ pub struct Plan {
     pub notices: Vec<Notice>,
     /// A failover was decided now, for this reason.
     pub failover: Option<FailoverReason>,
+    /// Look again at this time even if nothing changes (a retry's backoff ends, a node's
+    /// exclusion expires, a pod of a deleted namespace-mate is still being collected).
+    pub requeue_at: Option<Timestamp>,
+}
+
+impl Plan {
+    fn look_again_at(&mut self, at: Timestamp) {
+        self.requeue_at = Some(self.requeue_at.map_or(at, |t| t.min(at)));
+    }
 }
 
 /// What was observed about the job's world.
 pub struct Observed<'a> {
-    /// Every pod labelled with this job.
+    /// Every pod labelled with this job (including pods of an earlier job of the same name, which
+    /// are told apart by their owner's UID).
     pub pods: &'a [Pod],
     /// Nodes that cannot run workers, and why.
     pub failed_nodes: &'a BTreeMap<String, FailoverReason>,
+    /// How long a node that failed under the job is kept out of its new workers' placement.
+    pub exclusion: SignedDuration,
     /// Now.
     pub now: Timestamp,
 }
@@ -77,21 +89,91 @@ fn phase_of(pod: &Pod) -> &str {
         .unwrap_or("Pending")
 }
 
-/// Exit code and termination message of the worker container, once it ended.
-fn exit_of(pod: &Pod) -> Option<(i32, String)> {
+/// UID of the object that controls `pod`.
+pub fn controller_uid(pod: &Pod) -> Option<&str> {
+    pod.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
+}
+
+/// The worker container's end: exit code, termination message and when it finished.
+struct Exit {
+    code: i32,
+    message: String,
+    finished_at: Option<Timestamp>,
+}
+
+/// How the worker container ended, once it did.
+fn exit_of(pod: &Pod) -> Option<Exit> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     let worker = statuses.iter().find(|s| s.name == CONTAINER)?;
     let terminated = worker.state.as_ref()?.terminated.as_ref()?;
-    Some((
-        terminated.exit_code,
-        terminated.message.clone().unwrap_or_default(),
-    ))
+    Some(Exit {
+        code: terminated.exit_code,
+        message: terminated.message.clone().unwrap_or_default(),
+        finished_at: terminated.finished_at.as_ref().map(|t| t.0),
+    })
+}
+
+/// Why a pod that failed without its worker ever ending failed (kubelet admission, eviction
+/// before start): `"Reason: message"`.
+fn failed_before_start(pod: &Pod) -> Option<String> {
+    if phase_of(pod) != "Failed" || exit_of(pod).is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    let reason = status.and_then(|s| s.reason.as_deref()).unwrap_or("Failed");
+    let message = status.and_then(|s| s.message.as_deref()).unwrap_or("");
+    Some(
+        format!("{reason}: {message}")
+            .trim_end_matches(": ")
+            .to_string(),
+    )
+}
+
+/// Nodes a pod was told to avoid (its affinity's `metadata.name NotIn` list).
+fn avoided_nodes(pod: &Pod) -> Vec<&str> {
+    let terms = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    terms
+        .iter()
+        .flat_map(|t| t.match_fields.iter().flatten())
+        .filter(|f| f.key == "metadata.name" && f.operator == "NotIn")
+        .flat_map(|f| f.values.iter().flatten().map(String::as_str))
+        .collect()
+}
+
+/// A retried worker waits 10 s, then twice as long after every further retry, at most 5 min
+/// (the Kubernetes Job controller's pod-failure backoff).
+pub fn retry_backoff(retries: u32) -> SignedDuration {
+    SignedDuration::from_secs(10 * 2i64.pow(retries.min(5))).min(SignedDuration::from_secs(300))
 }
 
 fn is_terminal(phase: Option<TrainingPhase>) -> bool {
     matches!(
         phase,
         Some(TrainingPhase::Succeeded | TrainingPhase::Failed)
+    )
+}
+
+/// Node failures that cannot be confirmed by the node itself: its pods are deleted with grace
+/// period 0. Where the kubelet still answers (a GPU fault, a lost GPU), deletion is graceful.
+fn node_unreachable(reason: FailoverReason) -> bool {
+    matches!(
+        reason,
+        FailoverReason::NodeNotReady
+            | FailoverReason::NodeLeaseExpired
+            | FailoverReason::NodeDeleted
     )
 }
 
@@ -119,8 +201,67 @@ fn condition(
     }
 }
 
-/// Decides the next step of `job` given what was observed.
+/// Nodes excluded now: those a failover of this job happened on within `exclusion`; and when
+/// the first of them expires.
+fn active_exclusions(
+    failovers: &[FailoverRecord],
+    now: Timestamp,
+    exclusion: SignedDuration,
+) -> (Vec<String>, Option<Timestamp>) {
+    let mut nodes = Vec::new();
+    let mut next_expiry: Option<Timestamp> = None;
+    for record in failovers.iter().filter(|r| !r.node.is_empty()) {
+        let Ok(until) = record.detected_at.0.checked_add(exclusion) else {
+            continue;
+        };
+        if until > now {
+            if !nodes.contains(&record.node) {
+                nodes.push(record.node.clone());
+            }
+            next_expiry = Some(next_expiry.map_or(until, |t| t.min(until)));
+        }
+    }
+    (nodes, next_expiry)
+}
+
+/// Decides the next step of `job` given what was observed. A job that ends (Succeeded or
+/// Failed) has every worker pod deleted: none keeps holding a GPU.
 pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
+    let uid = job.metadata.uid.as_deref();
+    // Only pods this very object controls are its workers: a job deleted and created again
+    // under the same name must not adopt the old one's pods (their owner has another UID).
+    let (owned, foreign): (Vec<Pod>, Vec<Pod>) = observed
+        .pods
+        .iter()
+        .cloned()
+        .partition(|p| uid.is_some() && controller_uid(p) == uid);
+    let mut plan = decide_owned(job, &owned, observed);
+    if is_terminal(plan.status.phase) {
+        for pod in owned
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+        {
+            if !plan.delete.iter().any(|d| d.pod == pod.name_any()) {
+                plan.delete.push(Deletion {
+                    pod: pod.name_any(),
+                    force: false,
+                });
+            }
+        }
+    }
+    // Pods of an earlier job of this name (orphaned, or not collected yet) hold the names of
+    // their attempts: this job's attempts skip past them instead of waiting for a name.
+    if let Some(attempt) = plan.create_attempt
+        && let Some(taken) = foreign.iter().filter_map(attempt_of).max()
+        && taken >= attempt
+    {
+        plan.create_attempt = Some(taken + 1);
+        plan.status.attempt = Some(taken + 1);
+    }
+    plan
+}
+
+fn decide_owned(job: &TrainingJob, pods: &[Pod], observed: &Observed<'_>) -> Plan {
     let now = observed.now;
     let generation = job.metadata.generation;
     let mut status = job.status.clone().unwrap_or_default();
@@ -144,6 +285,12 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
         plan.status = status;
         return plan;
     }
+    // A node stays out of this job's placement only for a while after it failed under it.
+    let (excluded, next_expiry) = active_exclusions(&status.failovers, now, observed.exclusion);
+    status.excluded_nodes = excluded;
+    if let Some(at) = next_expiry {
+        plan.look_again_at(at);
+    }
     // Resuming starts a new attempt: a worker of the suspended one that still lives (on a
     // partitioned node) is fenced off, and its checkpoints can no longer overwrite the new ones.
     let resuming = status.phase == Some(TrainingPhase::Suspended) && !job.spec.run_policy.suspend;
@@ -154,12 +301,10 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
     }
 
     // Workers of earlier attempts are fenced: delete them, forcibly when their node is gone.
-    for pod in observed
-        .pods
-        .iter()
-        .filter(|p| attempt_of(p) != Some(attempt))
-    {
-        let force = node_of(pod).is_some_and(|n| observed.failed_nodes.contains_key(n));
+    for pod in pods.iter().filter(|p| attempt_of(p) != Some(attempt)) {
+        let force = node_of(pod)
+            .and_then(|n| observed.failed_nodes.get(n))
+            .is_some_and(|r| node_unreachable(*r));
         if pod.metadata.deletion_timestamp.is_none() || force {
             plan.delete.push(Deletion {
                 pod: pod.name_any(),
@@ -167,8 +312,7 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
             });
         }
     }
-    let current: Vec<&Pod> = observed
-        .pods
+    let current: Vec<&Pod> = pods
         .iter()
         .filter(|p| attempt_of(p) == Some(attempt))
         .collect();
@@ -213,11 +357,12 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
     let mut succeeded = 0;
     let mut artifact = None;
     for pod in &current {
-        if let Some((code, message)) = exit_of(pod) {
-            match code {
+        if let Some(exit) = exit_of(pod) {
+            let message = &exit.message;
+            match exit.code {
                 contract::EXIT_OK => {
                     succeeded += 1;
-                    artifact = artifact.or_else(|| artifact_from(&message));
+                    artifact = artifact.or_else(|| artifact_from(message));
                 }
                 contract::EXIT_USER_ERROR => {
                     return fail(
@@ -249,10 +394,45 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
                         );
                         return fail(status, plan, "BackoffLimitExceeded", &why, generation, now);
                     }
+                    // A retry waits out its backoff, counted from the worker's end (in the pod,
+                    // so that an operator restart keeps the same deadline).
+                    let due = exit
+                        .finished_at
+                        .and_then(|t| t.checked_add(retry_backoff(retries)).ok())
+                        .unwrap_or(now);
+                    if now < due {
+                        let message = format!(
+                            "{} exited with code {other}; retry {} of {} at {due}",
+                            pod.name_any(),
+                            retries + 1,
+                            job.spec.run_policy.backoff_limit
+                        );
+                        let already = status
+                            .conditions
+                            .iter()
+                            .any(|c| c.type_ == "Running" && c.reason == "BackingOff");
+                        if !already {
+                            plan.notices.push(Notice {
+                                warning: true,
+                                reason: "BackingOff".into(),
+                                message: message.clone(),
+                            });
+                        }
+                        status.phase = Some(TrainingPhase::Restarting);
+                        status.nodes.clear();
+                        set(&mut status, "Running", false, "BackingOff", &message);
+                        plan.look_again_at(due);
+                        plan.status = status;
+                        return plan;
+                    }
                     plan.notices.push(Notice {
                         warning: true,
                         reason: "Retrying".into(),
-                        message: format!("{} exited with code {other}; retrying", pod.name_any()),
+                        message: format!(
+                            "{} exited with code {other}; starting attempt {}",
+                            pod.name_any(),
+                            attempt + 1
+                        ),
                     });
                     for pod in &current {
                         plan.delete.push(Deletion {
@@ -269,6 +449,15 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
                     return plan;
                 }
             }
+        } else if let Some(why) = failed_before_start(pod) {
+            // The kubelet refused or evicted the pod before the worker ran: an infrastructure
+            // failure of that node, handled like any other node failure.
+            let node = node_of(pod).unwrap_or_default().to_string();
+            broken = Some((
+                FailoverReason::PodFailed,
+                node,
+                format!("pod {} failed before its worker ran: {why}", pod.name_any()),
+            ));
         } else if let Some(node) = node_of(pod)
             && let Some(reason) = observed.failed_nodes.get(node)
         {
@@ -286,7 +475,7 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
             let why = format!("{message}; failoverPolicy.maxRestarts ({restarts}) reached");
             return fail(status, plan, "FailoverLimitReached", &why, generation, now);
         }
-        let force = reason != FailoverReason::DeviceFault;
+        let force = node_unreachable(reason);
         for pod in &current {
             plan.delete.push(Deletion {
                 pod: pod.name_any(),
@@ -308,17 +497,20 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
         status.restarts = Some(restarts + 1);
         status.phase = Some(TrainingPhase::Restarting);
         status.nodes.clear();
-        set(&mut status, "Running", false, "FailingOver", &message);
+        let reason_name = format!("{reason:?}");
+        set(&mut status, "Running", false, &reason_name, &message);
         plan.notices.push(Notice {
             warning: true,
             reason: "FailingOver".into(),
             message: format!(
-                "attempt {} on {node}: {message}; starting attempt {attempt}",
-                attempt - 1
+                "attempt {} on {}: {message}; starting attempt {attempt}",
+                attempt - 1,
+                if node.is_empty() { "no node" } else { &node }
             ),
         });
         plan.failover = Some(reason);
         plan.create_attempt = Some(attempt);
+        plan.look_again_at(now.checked_add(observed.exclusion).unwrap_or(now));
         plan.status = status;
         return plan;
     }
@@ -347,6 +539,42 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
             reason: "Completed".into(),
             message: "training finished".into(),
         });
+        plan.status = status;
+        return plan;
+    }
+
+    // Workers still waiting for a node keep the placement they were made with; when a node they
+    // avoid is no longer excluded, they are replaced by a new attempt that may use it (not a
+    // restart: nothing failed).
+    let unplaced = !current.is_empty()
+        && current
+            .iter()
+            .all(|p| node_of(p).is_none() && p.metadata.deletion_timestamp.is_none());
+    let released: Vec<String> = current
+        .iter()
+        .flat_map(|p| avoided_nodes(p))
+        .filter(|n| !status.excluded_nodes.iter().any(|e| e == n))
+        .map(str::to_string)
+        .collect();
+    if unplaced && !released.is_empty() {
+        for pod in &current {
+            plan.delete.push(Deletion {
+                pod: pod.name_any(),
+                force: false,
+            });
+        }
+        attempt += 1;
+        status.attempt = Some(attempt);
+        status.phase = Some(TrainingPhase::Pending);
+        plan.notices.push(Notice {
+            warning: false,
+            reason: "NodeExclusionExpired".into(),
+            message: format!(
+                "{} may run this job again; attempt {attempt} replaces the unplaced workers",
+                released.join(", ")
+            ),
+        });
+        plan.create_attempt = Some(attempt);
         plan.status = status;
         return plan;
     }
@@ -433,8 +661,12 @@ mod tests {
                 .unwrap();
         job.metadata.namespace = Some("ml".into());
         job.metadata.generation = Some(1);
+        job.metadata.uid = Some(UID.into());
         job
     }
+
+    const UID: &str = "uid-of-this-job";
+    const EXCLUSION: SignedDuration = SignedDuration::from_secs(600);
 
     fn pod(attempt: u32, node: Option<&str>, phase: &str, exit: Option<(i32, &str)>) -> Pod {
         let state = match exit {
@@ -442,23 +674,37 @@ mod tests {
             None => json!({"running": {}}),
         };
         serde_json::from_value(json!({
-            "metadata": {"name": format!("arith-a{attempt}-w0"), "labels": {ATTEMPT: attempt.to_string()}},
+            "metadata": {
+                "name": format!("arith-a{attempt}-w0"),
+                "labels": {ATTEMPT: attempt.to_string()},
+                "ownerReferences": [{"apiVersion": "anneal.dev/v1alpha1", "kind": "TrainingJob", "name": "arith", "uid": UID, "controller": true}],
+            },
             "spec": {"nodeName": node, "containers": [{"name": CONTAINER}]},
             "status": {"phase": phase, "containerStatuses": [{"name": CONTAINER, "state": state, "ready": false, "restartCount": 0, "image": "", "imageID": ""}]},
         }))
         .unwrap()
     }
 
-    fn plan(job: &TrainingJob, pods: &[Pod], failed: &[(&str, FailoverReason)]) -> Plan {
+    fn plan_at(
+        job: &TrainingJob,
+        pods: &[Pod],
+        failed: &[(&str, FailoverReason)],
+        now: i64,
+    ) -> Plan {
         let failed_nodes = failed.iter().map(|(n, r)| (n.to_string(), *r)).collect();
         decide(
             job,
             &Observed {
                 pods,
                 failed_nodes: &failed_nodes,
-                now: Timestamp::from_second(1000).unwrap(),
+                exclusion: EXCLUSION,
+                now: Timestamp::from_second(now).unwrap(),
             },
         )
+    }
+
+    fn plan(job: &TrainingJob, pods: &[Pod], failed: &[(&str, FailoverReason)]) -> Plan {
+        plan_at(job, pods, failed, 1000)
     }
 
     fn with_status(mut job: TrainingJob, status: &TrainingJobStatus) -> TrainingJob {
@@ -660,10 +906,195 @@ mod tests {
             &Observed {
                 pods: &[pod(1, Some("a"), "Running", None)],
                 failed_nodes: &BTreeMap::new(),
+                exclusion: EXCLUSION,
                 now: Timestamp::from_second(2000).unwrap(),
             },
         );
         assert_eq!(again.status, first, "no change, no write");
         assert!(again.notices.is_empty());
+    }
+
+    /// A pod as the kubelet leaves one it refused at admission: phase Failed, a reason and a
+    /// message, and no container that ever ran.
+    fn rejected_pod(attempt: u32, node: &str) -> Pod {
+        let mut p = pod(attempt, Some(node), "Failed", None);
+        let status = p.status.as_mut().unwrap();
+        status.container_statuses = None;
+        status.reason = Some("UnexpectedAdmissionError".into());
+        status.message = Some(
+            "Allocate failed due to requested number of devices unavailable for nvidia.com/gpu"
+                .into(),
+        );
+        p
+    }
+
+    #[test]
+    fn a_pod_rejected_at_admission_is_an_infrastructure_failure_not_a_hang() {
+        let p = plan(&job(), &[rejected_pod(1, "gpu-h100-0")], &[]);
+        assert_eq!(p.failover, Some(FailoverReason::PodFailed));
+        assert_eq!(p.create_attempt, Some(2));
+        assert_eq!(p.status.restarts, Some(1), "counted against maxRestarts");
+        assert_eq!(p.status.excluded_nodes, ["gpu-h100-0"]);
+        let running = p
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Running")
+            .unwrap();
+        assert_eq!(running.reason, "PodFailed");
+        assert!(running.message.contains("UnexpectedAdmissionError"));
+        assert!(p.notices[0].message.contains("requested number of devices"));
+        assert_eq!(
+            p.delete,
+            [Deletion {
+                pod: "arith-a1-w0".into(),
+                force: false
+            }],
+            "the kubelet answers: no force"
+        );
+    }
+
+    #[test]
+    fn pods_of_a_deleted_job_with_the_same_name_are_not_adopted() {
+        // The old job succeeded; a new one of the same name meets its pod before the garbage
+        // collector removed it.
+        let mut old = pod(
+            1,
+            Some("a"),
+            "Succeeded",
+            Some((
+                0,
+                r#"{"artifact": {"uri": "pvc://m/old", "sha256": "01d"}}"#,
+            )),
+        );
+        old.metadata.owner_references.as_mut().unwrap()[0].uid = "uid-of-the-old-job".into();
+        let p = plan(&job(), &[old], &[]);
+        assert_eq!(p.status.phase, Some(TrainingPhase::Pending));
+        assert_eq!(
+            p.status.artifact, None,
+            "the old job's artifact is not reported"
+        );
+        assert_eq!(p.create_attempt, Some(2), "attempt 1's name is taken");
+        assert_eq!(p.status.attempt, Some(2));
+        assert!(
+            p.delete.is_empty(),
+            "the old pod is not this job's to delete"
+        );
+    }
+
+    #[test]
+    fn a_failed_job_deletes_every_worker_still_holding_a_gpu() {
+        let mut job = job();
+        job.spec.failover_policy.max_restarts = 0;
+        let pods = [pod(1, Some("a"), "Running", None)];
+        let p = plan(&job, &pods, &[("a", FailoverReason::GpuUnhealthy)]);
+        assert_eq!(p.status.phase, Some(TrainingPhase::Failed));
+        assert_eq!(
+            p.delete,
+            [Deletion {
+                pod: "arith-a1-w0".into(),
+                force: false
+            }]
+        );
+        // And a job that is already Failed cleans up whatever is left (a crash in between).
+        let failed = with_status(job.clone(), &p.status);
+        assert_eq!(plan(&failed, &pods, &[]).delete.len(), 1);
+        let success = plan(
+            &job,
+            &[pod(1, Some("a"), "Succeeded", Some((0, "{}")))],
+            &[],
+        );
+        assert_eq!(success.status.phase, Some(TrainingPhase::Succeeded));
+        assert_eq!(success.delete.len(), 1);
+    }
+
+    #[test]
+    fn gpu_faults_delete_gracefully_and_dead_nodes_forcibly() {
+        let pods = [pod(1, Some("a"), "Running", None)];
+        for (reason, force) in [
+            (FailoverReason::GpuUnhealthy, false),
+            (FailoverReason::GpuCapacityLost, false),
+            (FailoverReason::NodeNotReady, true),
+            (FailoverReason::NodeLeaseExpired, true),
+            (FailoverReason::NodeDeleted, true),
+        ] {
+            let p = plan(&job(), &pods, &[("a", reason)]);
+            assert_eq!(p.delete[0].force, force, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_exclusion_expires_and_unplaced_workers_may_use_the_node_again() {
+        let running = plan(&job(), &[pod(1, Some("a"), "Running", None)], &[]).status;
+        let failed_over = plan(
+            &with_status(job(), &running),
+            &[pod(1, Some("a"), "Running", None)],
+            &[("a", FailoverReason::NodeNotReady)],
+        );
+        assert_eq!(failed_over.status.excluded_nodes, ["a"]);
+        assert_eq!(
+            failed_over.requeue_at,
+            Some(Timestamp::from_second(1600).unwrap()),
+            "looks again when the exclusion ends"
+        );
+        let job = with_status(job(), &failed_over.status);
+        // Attempt 2 waits for a node: "a" was its only choice.
+        let mut waiting = pod(2, None, "Pending", None);
+        waiting.spec.as_mut().unwrap().affinity = Some(
+            serde_json::from_value(json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["a"]}]}]}}}))
+                .unwrap(),
+        );
+        waiting.status.as_mut().unwrap().container_statuses = None;
+        let before = plan_at(&job, std::slice::from_ref(&waiting), &[], 1599);
+        assert_eq!(before.status.excluded_nodes, ["a"]);
+        assert_eq!(before.create_attempt, None);
+        let after = plan_at(&job, &[waiting], &[], 1600);
+        assert!(after.status.excluded_nodes.is_empty());
+        assert_eq!(after.create_attempt, Some(3));
+        assert_eq!(after.status.restarts, Some(1), "not a restart");
+        assert_eq!(after.status.failovers.len(), 1, "history kept");
+        assert_eq!(after.delete[0].pod, "arith-a2-w0");
+    }
+
+    #[test]
+    fn an_internal_error_is_retried_after_its_backoff() {
+        let mut failed = pod(1, Some("n"), "Failed", Some((1, "panic")));
+        let state = &mut failed
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0];
+        state
+            .state
+            .as_mut()
+            .unwrap()
+            .terminated
+            .as_mut()
+            .unwrap()
+            .finished_at = Some(Time(Timestamp::from_second(1000).unwrap()));
+        let waiting = plan_at(&job(), std::slice::from_ref(&failed), &[], 1005);
+        assert_eq!(waiting.create_attempt, None);
+        assert!(waiting.delete.is_empty());
+        assert_eq!(waiting.status.phase, Some(TrainingPhase::Restarting));
+        assert_eq!(
+            waiting.requeue_at,
+            Some(Timestamp::from_second(1010).unwrap())
+        );
+        assert_eq!(waiting.notices[0].reason, "BackingOff");
+        // The same observation again says nothing new.
+        let again = plan_at(
+            &with_status(job(), &waiting.status),
+            std::slice::from_ref(&failed),
+            &[],
+            1006,
+        );
+        assert!(again.notices.is_empty());
+        assert_eq!(again.status, waiting.status, "no change, no write");
+        let due = plan_at(&with_status(job(), &waiting.status), &[failed], &[], 1010);
+        assert_eq!(due.create_attempt, Some(2));
+        assert_eq!(retry_backoff(1), SignedDuration::from_secs(20));
+        assert_eq!(retry_backoff(9), SignedDuration::from_secs(300));
     }
 }

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -26,8 +27,9 @@ use serde::de::DeserializeOwned;
 use crate::FIELD_MANAGER;
 use crate::config::OperatorConfig;
 use crate::labels::{ATTEMPT, MANAGED_BY, TRAININGJOB};
+use crate::leader::WriteGate;
 use crate::metrics::{FailoverLabels, Metrics};
-use crate::node_health::{lease_deadline, node_failure};
+use crate::node_health::{NodeView, gpus_lost, lease_deadline, node_failure, pod_gpus};
 use decide::{Observed, Plan, decide};
 
 /// Errors of one reconcile; the category names are metric and log labels.
@@ -39,6 +41,19 @@ pub enum Error {
     /// The job cannot be turned into children (waits for a change).
     #[error("invalid TrainingJob: {0}")]
     Build(#[from] build::BuildError),
+    /// This replica lost the lease: it writes nothing more.
+    #[error(transparent)]
+    NotLeader(#[from] crate::leader::NotLeader),
+}
+
+impl Context {
+    /// Checks that this replica may write, and counts the write.
+    fn writing(&self, resource: &str, verb: &str) -> Result<(), crate::leader::NotLeader> {
+        self.gate.check()?;
+        self.metrics.wrote(resource, verb);
+        tracing::debug!(target: "anneal_operator::writes", resource, verb, "write");
+        Ok(())
+    }
 }
 
 impl Error {
@@ -47,6 +62,7 @@ impl Error {
         match self {
             Error::Kube(_) => "kube",
             Error::Build(_) => "build",
+            Error::NotLeader(_) => "not_leader",
         }
     }
 }
@@ -65,8 +81,11 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Open while this replica may write (it leads, or runs alone).
+    pub gate: WriteGate,
     /// Consecutive failures per job, for exponential backoff.
-    pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<TrainingJob>, u32>>,
+    pub failures:
+        std::sync::Mutex<std::collections::HashMap<ObjectRef<DeserializeGuard<TrainingJob>>, u32>>,
 }
 
 /// Keeps a store of `K` current from a watch; returns the store once it holds the first listing.
@@ -85,7 +104,11 @@ where
         writer,
         watcher(api, watcher::Config::default()).default_backoff(),
     );
-    tokio::spawn(stream.for_each(|_| async {}));
+    tokio::spawn(stream.for_each(|event| async move {
+        if let Err(err) = event {
+            tracing::warn!(resource = %K::plural(&()), error = %err, "watch failed; retrying with backoff");
+        }
+    }));
     // The operator must not judge nodes from an empty cache.
     let _ = reader.wait_until_ready().await;
     reader
@@ -109,6 +132,7 @@ pub async fn run(
     config: OperatorConfig,
     namespace: Option<&str>,
     metrics: Arc<Metrics>,
+    gate: WriteGate,
 ) {
     let nodes = watched_store(Api::<Node>::all(client.clone())).await;
     let leases = watched_store(Api::<Lease>::namespaced(client.clone(), "kube-node-lease")).await;
@@ -123,20 +147,24 @@ pub async fn run(
         nodes,
         leases,
         recorder,
+        gate,
         failures: Default::default(),
         metrics: metrics.clone(),
     });
-    // Caches are filled: from here on the operator judges nodes from real data.
-    metrics.set_ready(true);
-
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    // A stored object the types cannot read (written under an older schema, say) must not stall
+    // the watch of all the others: it is reconciled as an error of its own (style.md #6).
     let controller = Controller::new(
-        scoped::<TrainingJob>(&client, namespace),
+        scoped::<DeserializeGuard<TrainingJob>>(&client, namespace),
         watcher::Config::default(),
     )
     .owns(scoped::<Pod>(&client, namespace), owned.clone())
-    .owns(scoped::<ServiceAccount>(&client, namespace), owned);
+    // Drift of what the workers need (a Role edited, a ConfigMap deleted) wakes the job.
+    .owns(scoped::<ServiceAccount>(&client, namespace), owned.clone())
+    .owns(scoped::<Role>(&client, namespace), owned.clone())
+    .owns(scoped::<RoleBinding>(&client, namespace), owned.clone())
+    .owns(scoped::<ConfigMap>(&client, namespace), owned);
     let jobs = controller.store();
     controller
         // A node going bad wakes the jobs running on it at once.
@@ -147,29 +175,75 @@ pub async fn run(
                 let name = node.name_any();
                 jobs.state()
                     .into_iter()
-                    .filter(|job| job.status.as_ref().is_some_and(|s| s.nodes.contains(&name)))
-                    .map(|job| ObjectRef::from_obj(&*job))
+                    .filter(|guard| {
+                        guard.0.as_ref().is_ok_and(|job| {
+                            job.status.as_ref().is_some_and(|s| s.nodes.contains(&name))
+                        })
+                    })
+                    .map(|guard| ObjectRef::from_obj(&*guard))
                     .collect::<Vec<_>>()
             },
         )
         .shutdown_on_signal()
         .run(reconcile_counted, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "reconcile stream");
+            match result {
+                Ok(_) => {}
+                // Already logged by error_policy.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(err) => {
+                    tracing::warn!(resource = "trainingjobs", error = %err, "controller watch");
+                }
             }
         })
         .await;
 }
 
-async fn reconcile_counted(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let result = reconcile(job, ctx.clone()).await;
+async fn reconcile_counted(
+    guard: Arc<DeserializeGuard<TrainingJob>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let result = match &guard.0 {
+        Ok(job) => reconcile(Arc::new(job.clone()), ctx.clone()).await,
+        Err(invalid) => report_invalid(&guard, invalid, &ctx).await,
+    };
     ctx.metrics
         .reconciled(result.as_ref().map_or_else(Error::category, |_| "ok"));
     result
 }
 
-fn error_policy(job: Arc<TrainingJob>, err: &Error, ctx: Arc<Context>) -> Action {
+/// A stored TrainingJob the operator cannot read: say so on it, and wait for a change.
+async fn report_invalid(
+    guard: &DeserializeGuard<TrainingJob>,
+    invalid: &kube::core::error_boundary::InvalidObject,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let meta = &invalid.metadata;
+    tracing::warn!(
+        resource = "trainingjobs",
+        namespace = meta.namespace.as_deref().unwrap_or_default(),
+        name = meta.name.as_deref().unwrap_or_default(),
+        error = %invalid.error,
+        "cannot read a stored TrainingJob; skipped until it changes"
+    );
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidObject".into(),
+        note: Some(format!(
+            "the operator cannot read this TrainingJob: {}",
+            invalid.error
+        )),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    ctx.writing("events", "create")?;
+    if let Err(err) = ctx.recorder.publish(&event, &guard.object_ref(&())).await {
+        tracing::warn!(error = %err, "recording an event");
+    }
+    Ok(Action::await_change())
+}
+
+fn error_policy(job: Arc<DeserializeGuard<TrainingJob>>, err: &Error, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(&*job);
     let failures = {
         let mut map = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,20 +255,20 @@ fn error_policy(job: Arc<TrainingJob>, err: &Error, ctx: Arc<Context>) -> Action
     match err {
         // An object the operator cannot build waits for the user to change it.
         Error::Build(_) => Action::await_change(),
-        Error::Kube(_) => Action::requeue(Duration::from_millis(
+        Error::Kube(_) | Error::NotLeader(_) => Action::requeue(Duration::from_millis(
             250 * 2u64.saturating_pow(failures.min(8)),
         )),
     }
 }
 
-/// Applies `obj` only when it does not exist yet, so that a steady state makes no writes.
-async fn ensure<K>(api: &Api<K>, obj: &K, metrics: &Metrics) -> Result<(), kube::Error>
+/// Creates `obj` (a pod: immutable once made) when no object of its name exists.
+async fn ensure_created<K>(api: &Api<K>, obj: &K, ctx: &Context) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
     if api.get_opt(&name).await?.is_none() {
-        metrics.wrote(&K::plural(&()), "apply");
+        ctx.writing(&K::plural(&()), "apply")?;
         api.patch(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -203,6 +277,136 @@ where
         .await?;
     }
     Ok(())
+}
+
+/// What [`apply_child`] found.
+enum Applied<K> {
+    /// It existed as wanted: nothing was written.
+    Unchanged,
+    /// It was missing and is created.
+    Created,
+    /// It differed (a spec change, or someone edited it) and is applied again; the old copy.
+    Repaired(K),
+}
+
+impl<K> Applied<K> {
+    /// Whether this was drift: an edited child, or a missing one once the job had started.
+    fn drifted(&self, started: bool) -> bool {
+        match self {
+            Applied::Unchanged => false,
+            Applied::Created => started,
+            Applied::Repaired(_) => true,
+        }
+    }
+}
+
+/// True when every field of `want` is in `have` with the same value (lists: same length, each
+/// element contained). Fields the API server or other managers added are not drift.
+fn contains(have: &serde_json::Value, want: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (have, want) {
+        (Value::Object(h), Value::Object(w)) => w
+            .iter()
+            .all(|(k, wv)| wv.is_null() || h.get(k).is_some_and(|hv| contains(hv, wv))),
+        (Value::Array(h), Value::Array(w)) => {
+            h.len() == w.len() && h.iter().zip(w).all(|(a, b)| contains(a, b))
+        }
+        _ => have == want,
+    }
+}
+
+/// Applies a child with server-side apply (field manager `anneal-operator`) when it is missing
+/// or differs from `obj` in a field the operator sets, so that drift is repaired and a steady
+/// state makes no writes.
+async fn apply_child<K>(api: &Api<K>, obj: &K, ctx: &Context) -> Result<Applied<K>, Error>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let existing = api.get_opt(&name).await?;
+    let want = serde_json::to_value(obj).map_err(build::BuildError::from)?;
+    let outcome = match existing {
+        None => Applied::Created,
+        Some(have) => {
+            let have_json = serde_json::to_value(&have).map_err(build::BuildError::from)?;
+            if contains(&have_json, &want) {
+                return Ok(Applied::Unchanged);
+            }
+            Applied::Repaired(have)
+        }
+    };
+    ctx.writing(&K::plural(&()), "apply")?;
+    let mut body = want;
+    body["apiVersion"] = K::api_version(&()).into();
+    body["kind"] = K::kind(&()).into();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
+    Ok(outcome)
+}
+
+/// Deletes a child if it exists.
+async fn delete_child<K>(api: &Api<K>, name: &str, ctx: &Context) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    if api.get_opt(name).await?.is_some() {
+        ctx.writing(&K::plural(&()), "delete")?;
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Top-level spec fields that differ between two renderings of the workers' configuration.
+fn changed_spec_fields(old: &ConfigMap, new: &ConfigMap) -> Vec<String> {
+    let parse = |cm: &ConfigMap| -> serde_json::Value {
+        cm.data
+            .as_ref()
+            .and_then(|d| d.get(build::CONFIG_FILE))
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default()
+    };
+    let (old, new) = (parse(old), parse(new));
+    let keys: std::collections::BTreeSet<&String> = old
+        .as_object()
+        .into_iter()
+        .chain(new.as_object())
+        .flat_map(|o| o.keys())
+        .collect();
+    keys.into_iter()
+        .filter(|k| old.get(k.as_str()) != new.get(k.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// GPUs held on `node` by live pods other than the workers of the job with `uid`.
+async fn gpus_held_by_others(
+    client: &Client,
+    node: &str,
+    uid: Option<&str>,
+) -> Result<u32, kube::Error> {
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| {
+            uid.is_none()
+                || !p
+                    .owner_references()
+                    .iter()
+                    .any(|o| Some(o.uid.as_str()) == uid)
+        })
+        .map(pod_gpus)
+        .sum())
 }
 
 async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -222,8 +426,10 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
     // A worker newer than the status says exists: this copy of the job is older than a decision
     // already carried out. Act only on a fresh copy.
     let recorded = job.status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
+    let uid = job.uid();
     let newest = pods
         .iter()
+        .filter(|p| decide::controller_uid(p) == uid.as_deref())
         .filter_map(|p| p.labels().get(ATTEMPT)?.parse::<u32>().ok())
         .max();
     if newest.is_some_and(|n| n > recorded) {
@@ -235,21 +441,40 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
     ));
     let mut failed_nodes = BTreeMap::new();
     let mut next_look: Option<Timestamp> = None;
+    let mut judged = std::collections::BTreeSet::new();
     for node_name in pods
         .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
     {
+        if !judged.insert(node_name.clone()) {
+            continue;
+        }
         let lease = ctx
             .leases
             .get(&ObjectRef::new(&node_name).within("kube-node-lease"));
-        let failure = match ctx.nodes.get(&ObjectRef::new(&node_name)) {
-            Some(node) => node_failure(
-                &node,
-                lease.as_deref(),
-                job.spec.resources.gpus,
-                timeout,
-                now,
-            ),
+        let node = match ctx.nodes.get(&ObjectRef::new(&node_name)) {
+            Some(node) => Some(node),
+            // The cache may not have seen a node that just joined: ask before judging it gone.
+            None => Api::<Node>::all(client.clone())
+                .get_opt(&node_name)
+                .await?
+                .map(Arc::new),
+        };
+        let failure = match node {
+            Some(node) => {
+                let gpus_held_by_others = if job.spec.resources.gpus > 0 && gpus_lost(&node) {
+                    Some(gpus_held_by_others(client, &node_name, uid.as_deref()).await?)
+                } else {
+                    None
+                };
+                let view = NodeView {
+                    lease: lease.as_deref(),
+                    gpus_held_by_others,
+                    gpu_health_conditions: &ctx.config.gpu_health_conditions,
+                };
+                node_failure(&node, &view, job.spec.resources.gpus, timeout, now)
+            }
             None => Some(anneal_crds::trainingjob::FailoverReason::NodeDeleted),
         };
         match failure {
@@ -271,15 +496,19 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
         &Observed {
             pods: &pods,
             failed_nodes: &failed_nodes,
+            exclusion: SignedDuration::from_secs(ctx.config.node_exclusion_seconds),
             now,
         },
     );
+    if let Some(at) = plan.requeue_at {
+        next_look = Some(next_look.map_or(at, |t| t.min(at)));
+    }
     execute(&job, &plan, &pods_api, &ctx).await?;
     // Success: the next failure of this job starts the backoff from the beginning.
     ctx.failures
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(&ObjectRef::from_obj(&*job));
+        .remove(&ObjectRef::new(&name).within(&namespace));
 
     // A TTL on a finished job: delete it when due.
     if let (Some(ttl), Some(done)) = (
@@ -291,7 +520,7 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
             .checked_add(SignedDuration::from_secs(i64::from(ttl)))
             .unwrap_or(done.0);
         if due <= now {
-            ctx.metrics.wrote("trainingjobs", "delete");
+            ctx.writing("trainingjobs", "delete")?;
             Api::<TrainingJob>::namespaced(client.clone(), &namespace)
                 .delete(&name, &DeleteParams::background())
                 .await?;
@@ -334,7 +563,7 @@ async fn execute(
             "metadata": {"resourceVersion": job.resource_version()},
             "status": plan.status,
         });
-        ctx.metrics.wrote("trainingjobs/status", "apply");
+        ctx.writing("trainingjobs/status", "apply")?;
         api.patch_status(
             &job.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -351,7 +580,7 @@ async fn execute(
         } else {
             DeleteParams::background()
         };
-        ctx.metrics.wrote("pods", "delete");
+        ctx.writing("pods", "delete")?;
         match pods_api.delete(&deletion.pod, &params).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -366,29 +595,27 @@ async fn execute(
                 | anneal_crds::trainingjob::TrainingPhase::Suspended
         )
     );
+    let mut notices = plan.notices.clone();
     if running {
-        ensure(
-            &Api::namespaced(client.clone(), &namespace),
-            &build::service_account(job)?,
-            &ctx.metrics,
+        apply_workers_children(job, plan, ctx, &mut notices).await?;
+    } else if matches!(
+        plan.status.phase,
+        Some(
+            anneal_crds::trainingjob::TrainingPhase::Succeeded
+                | anneal_crds::trainingjob::TrainingPhase::Failed
         )
-        .await?;
-        ensure::<Role>(
+    ) {
+        // A finished job's workers are gone: what they needed goes too.
+        let account = build::trainer_account(&job.name_any());
+        delete_child::<RoleBinding>(&Api::namespaced(client.clone(), &namespace), &account, ctx)
+            .await?;
+        delete_child::<Role>(&Api::namespaced(client.clone(), &namespace), &account, ctx).await?;
+        delete_child::<ServiceAccount>(&Api::namespaced(client.clone(), &namespace), &account, ctx)
+            .await?;
+        delete_child::<ConfigMap>(
             &Api::namespaced(client.clone(), &namespace),
-            &build::role(job)?,
-            &ctx.metrics,
-        )
-        .await?;
-        ensure::<RoleBinding>(
-            &Api::namespaced(client.clone(), &namespace),
-            &build::role_binding(job)?,
-            &ctx.metrics,
-        )
-        .await?;
-        ensure::<ConfigMap>(
-            &Api::namespaced(client.clone(), &namespace),
-            &build::config_map(job)?,
-            &ctx.metrics,
+            &build::config_map_name(&job.name_any()),
+            ctx,
         )
         .await?;
     }
@@ -396,11 +623,11 @@ async fn execute(
         let excluded = &plan.status.excluded_nodes;
         for worker in 0..job.spec.workers {
             let pod = build::worker_pod(job, attempt, worker, excluded, &ctx.config)?;
-            ensure(pods_api, &pod, &ctx.metrics).await?;
+            ensure_created(pods_api, &pod, ctx).await?;
         }
     }
     let reference = job.object_ref(&());
-    for notice in &plan.notices {
+    for notice in &notices {
         let event = Event {
             type_: if notice.warning {
                 EventType::Warning
@@ -412,7 +639,7 @@ async fn execute(
             action: "Reconcile".into(),
             secondary: None,
         };
-        ctx.metrics.wrote("events", "create");
+        ctx.writing("events", "create")?;
         if let Err(err) = ctx.recorder.publish(&event, &reference).await {
             tracing::warn!(error = %err, "recording an event");
         }
@@ -420,6 +647,84 @@ async fn execute(
     record_failover_metrics(job, plan, &ctx.metrics);
     if let Some(reason) = plan.failover {
         tracing::info!(job = %job.name_any(), ?reason, attempt = ?plan.status.attempt, "failing over");
+    }
+    Ok(())
+}
+
+/// Applies what the workers need (ServiceAccount, Role, RoleBinding, the configuration), repairs
+/// drift, and says in an Event what changed.
+async fn apply_workers_children(
+    job: &TrainingJob,
+    plan: &Plan,
+    ctx: &Context,
+    notices: &mut Vec<decide::Notice>,
+) -> Result<(), Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    let client = &ctx.client;
+    // Before the first status write nothing was made yet: a missing child is no drift then.
+    let started = job.status.as_ref().and_then(|s| s.phase).is_some();
+    let mut repaired = Vec::new();
+    let mut note = |kind: &'static str, applied: bool| {
+        if applied {
+            repaired.push(kind);
+        }
+    };
+    let ns = || namespace.as_str();
+    let sa = apply_child(
+        &Api::namespaced(client.clone(), ns()),
+        &build::service_account(job)?,
+        ctx,
+    )
+    .await?;
+    note("ServiceAccount", sa.drifted(started));
+    let role = apply_child(
+        &Api::<Role>::namespaced(client.clone(), ns()),
+        &build::role(job)?,
+        ctx,
+    )
+    .await?;
+    note("Role", role.drifted(started));
+    let binding = apply_child(
+        &Api::<RoleBinding>::namespaced(client.clone(), ns()),
+        &build::role_binding(job)?,
+        ctx,
+    )
+    .await?;
+    note("RoleBinding", binding.drifted(started));
+    let config = build::config_map(job)?;
+    let applied = apply_child(
+        &Api::<ConfigMap>::namespaced(client.clone(), ns()),
+        &config,
+        ctx,
+    )
+    .await?;
+    if let Applied::Repaired(old) = &applied {
+        let fields = changed_spec_fields(old, &config);
+        if fields.is_empty() {
+            note("ConfigMap", true);
+        } else {
+            let attempt = plan.status.attempt.unwrap_or(1);
+            notices.push(decide::Notice {
+                warning: false,
+                reason: "SpecChanged".into(),
+                message: format!(
+                    "spec.{} changed: workers started from now on run it (a running attempt {attempt} keeps the spec it started with)",
+                    fields.join(", spec.")
+                ),
+            });
+        }
+    } else {
+        note("ConfigMap", applied.drifted(started));
+    }
+    if !repaired.is_empty() {
+        notices.push(decide::Notice {
+            warning: true,
+            reason: "Repaired".into(),
+            message: format!(
+                "{} of the workers differed from what the operator made (edited or deleted); applied again",
+                repaired.join(", ")
+            ),
+        });
     }
     Ok(())
 }

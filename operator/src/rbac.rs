@@ -1,0 +1,128 @@
+//! Every API call the operator makes, by group, resource and verbs, with the reason: the chart's
+//! RBAC must grant exactly these (a test compares them with `charts/anneal`), so that a rule
+//! the code no longer needs cannot linger and a call the chart does not allow cannot ship.
+
+/// Calls on one resource.
+#[derive(Clone, Copy, Debug)]
+pub struct ApiCalls {
+    /// API group (`""` for the core group).
+    pub group: &'static str,
+    /// Resource (with `/subresource`).
+    pub resource: &'static str,
+    /// Verbs, sorted.
+    pub verbs: &'static [&'static str],
+    /// Object names, when the calls are limited to some.
+    pub names: &'static [&'static str],
+    /// Why the operator makes them.
+    pub why: &'static str,
+}
+
+const fn calls(
+    group: &'static str,
+    resource: &'static str,
+    verbs: &'static [&'static str],
+    why: &'static str,
+) -> ApiCalls {
+    ApiCalls {
+        group,
+        resource,
+        verbs,
+        names: &[],
+        why,
+    }
+}
+
+/// Calls in any namespace (the chart's ClusterRole). Server-side apply is authorized as `patch`
+/// and, when it creates the object, as `create` too.
+pub const CLUSTER_WIDE: &[ApiCalls] = &[
+    calls(
+        "anneal.dev",
+        "trainingjobs",
+        &["delete", "list", "watch"],
+        "reconcile TrainingJobs; delete one whose ttlSecondsAfterFinished passed",
+    ),
+    calls(
+        "anneal.dev",
+        "trainingjobs/status",
+        &["patch"],
+        "write status (server-side apply); never the spec",
+    ),
+    calls(
+        "",
+        "pods",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "worker pods: apply, watch, delete on fail-over; list a node's pods to count the GPUs they hold",
+    ),
+    calls(
+        "",
+        "serviceaccounts",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "each job's worker ServiceAccount: apply, repair drift, delete when the job ends",
+    ),
+    calls(
+        "",
+        "configmaps",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "each job's configuration: apply, repair drift, delete when the job ends",
+    ),
+    calls(
+        "rbac.authorization.k8s.io",
+        "roles",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "each job's worker Role (patch of its own status only; the operator holds that right itself)",
+    ),
+    calls(
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "binds the worker Role to the worker ServiceAccount",
+    ),
+    calls(
+        "",
+        "nodes",
+        &["get", "list", "watch"],
+        "node health for fail-over: Ready, GPU taints and conditions, allocatable GPUs",
+    ),
+    calls(
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        "Events explaining each decision",
+    ),
+    ApiCalls {
+        group: "apiextensions.k8s.io",
+        resource: "customresourcedefinitions",
+        verbs: &["get", "list", "watch"],
+        names: &[
+            "evalgates.anneal.dev",
+            "modelservers.anneal.dev",
+            "trainingjobs.anneal.dev",
+        ],
+        why: "wait at start until anneal's CRDs are Established",
+    },
+];
+
+/// Calls on node Leases, in `kube-node-lease` only (a Role there).
+pub const NODE_LEASES: &[ApiCalls] = &[calls(
+    "coordination.k8s.io",
+    "leases",
+    &["list", "watch"],
+    "node heartbeats: a stale Lease means a dead node",
+)];
+
+/// Calls on the leader Lease, in the operator's own namespace (a Role there).
+pub const LEADER_LEASE: &[ApiCalls] = &[
+    calls(
+        "coordination.k8s.io",
+        "leases",
+        &["create"],
+        "create the leader Lease (create cannot be limited by name)",
+    ),
+    ApiCalls {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "update"],
+        names: &["anneal-operator"],
+        why: "hold, renew and release the leader Lease",
+    },
+];
