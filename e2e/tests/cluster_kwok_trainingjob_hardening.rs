@@ -238,8 +238,14 @@ async fn kwok_a_stored_job_the_operator_cannot_read_does_not_stall_the_others() 
         .await?;
     // The schema allows any non-negative integer; the operator's type holds 32 bits.
     let bad = json!({"status": {"restarts": 5_000_000_000u64}});
-    jobs.patch_status("unreadable", &PatchParams::default(), &Patch::Merge(&bad))
-        .await?;
+    // The answer is the stored object, which this test's type cannot read either.
+    match jobs
+        .patch_status("unreadable", &PatchParams::default(), &Patch::Merge(&bad))
+        .await
+    {
+        Ok(_) | Err(kube::Error::SerdeError(_)) => {}
+        Err(err) => return Err(err.into()),
+    }
     jobs.create(&PostParams::default(), &example_job("readable")?)
         .await?;
     let _operator = anneal_e2e::operator::OperatorProcess::start(ns).await?;
