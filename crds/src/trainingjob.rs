@@ -367,9 +367,11 @@ pub struct FailoverPolicy {
     #[serde(default = "max_restarts")]
     #[schemars(range(min = 0, max = 1000))]
     pub max_restarts: u32,
-    /// A GPU node whose Lease is older than this is treated as failed.
+    /// A GPU node whose Lease is older than this is treated as failed. At least 15: a stock
+    /// kubelet renews its Lease every 10 s (a quarter of its 40 s lease duration), and 5 s more
+    /// covers API latency and clock skew, so a healthy node is never taken for a dead one.
     #[serde(default = "lease_timeout")]
-    #[schemars(range(min = 5, max = 600))]
+    #[schemars(range(min = 15, max = 600))]
     pub node_lease_timeout_seconds: u32,
 }
 
