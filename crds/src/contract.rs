@@ -35,3 +35,44 @@ pub const PVC_ROOT: &str = "/mnt/pvc";
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 /// The termination message is cut by the kubelet at 4096 bytes; results must fit.
 pub const TERMINATION_MESSAGE_MAX_BYTES: usize = 4096;
+
+/// What `anneal-runtime eval` writes to its termination message, as far as an EvalGate reads
+/// it. A value that is not finite is written as JSON `null` (and read as missing): a gate
+/// never passes on NaN or infinity.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EvalMessage {
+    /// sha256 of the weights evaluated (hex).
+    pub model_sha256: String,
+    /// Examples evaluated.
+    #[serde(default)]
+    pub examples: usize,
+    /// Mean next-token cross-entropy.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// exp(loss).
+    #[serde(default)]
+    pub perplexity: Option<f64>,
+    /// Teacher-forced next-token accuracy.
+    #[serde(default)]
+    pub token_accuracy: Option<f64>,
+    /// Exact match of greedy responses; null for free-text data.
+    #[serde(default)]
+    pub exact_match: Option<f64>,
+    /// The same for the baseline model, when one was asked for.
+    #[serde(default)]
+    pub baseline: Option<Box<EvalMessage>>,
+}
+
+impl EvalMessage {
+    /// The finite value of `metric`, if reported.
+    pub fn value(&self, metric: crate::evalgate::Metric) -> Option<f64> {
+        use crate::evalgate::Metric;
+        let v = match metric {
+            Metric::Loss => self.loss,
+            Metric::Perplexity => self.perplexity,
+            Metric::Accuracy => self.exact_match,
+            Metric::TokenAccuracy => self.token_accuracy,
+        };
+        v.filter(|x| x.is_finite())
+    }
+}

@@ -1,5 +1,5 @@
-//! `EvalGate`: evaluate a candidate model against metric thresholds and promote it into
-//! ModelServers only when every threshold holds.
+//! `EvalGate`: evaluate a candidate model against metric thresholds; a candidate that passes is
+//! the gate's promoted model, which the ModelServers that follow the gate serve.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
@@ -10,8 +10,11 @@ use crate::common::{
     ComputeResources, Condition, DatasetSpec, LocalObjectReference, SplitPart, StorageUri,
 };
 
-/// Evaluate a candidate model; promote it into the target ModelServers only if every
-/// threshold holds (and, optionally, it does not regress against the model served now).
+/// Evaluate a candidate model; when every threshold holds (and, with `noRegression`, it is not
+/// worse than the model served now) it becomes the gate's promoted model. The gate does not know
+/// who serves it: a ModelServer names the gate it follows (`spec.model.fromEvalGate`), so each
+/// object is owned by whoever applies it (GitOps), and a server never serves a model its gate did
+/// not pass.
 // Each printcolumn repeats `type_ = ...`, which clippy takes for a duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -30,7 +33,11 @@ use crate::common::{
         type_ = "string",
         json_path = ".status.candidate.source"
     ),
-    printcolumn(name = "Verdict", type_ = "string", json_path = ".status.verdict"),
+    printcolumn(
+        name = "Promoted",
+        type_ = "string",
+        json_path = ".status.promoted.sha256"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -39,7 +46,7 @@ use crate::common::{
     printcolumn(
         name = "Message",
         type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Passed\")].message",
+        json_path = ".status.conditions[?(@.type==\"Evaluated\")].message",
         priority = 1
     )
 )]
@@ -52,28 +59,39 @@ pub struct EvalGateSpec {
     /// Part of the data set evaluated.
     #[serde(default)]
     pub split: SplitPart,
-    /// Thresholds; the gate passes only when all hold.
+    /// Evaluate at most this many examples (the first of the split); all when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub max_examples: Option<u32>,
+    /// Thresholds; the gate passes only when all that are not `dryRun` hold.
     #[schemars(length(min = 1, max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["metric"]))]
     pub metrics: Vec<MetricThreshold>,
-    /// Also require no regression against the model the first target ModelServer serves now.
+    /// Also require that the candidate is not worse than the model a ModelServer serves now,
+    /// both measured in the same evaluation pod on the same data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_regression: Option<NoRegression>,
-    /// Give up (gate Failed) when the evaluation takes longer than this.
+    /// The gate fails when one evaluation (all its tries) takes longer than this.
     #[serde(default = "timeout_seconds")]
     #[schemars(range(min = 10, max = 86400))]
     pub timeout_seconds: u32,
-    /// ModelServers that serve the candidate once the gate passes.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
-    pub promote_to: Vec<LocalObjectReference>,
-    /// Compute of the evaluation pod.
+    /// Evaluation pods lost to an infrastructure failure (node lost, pod evicted or refused by
+    /// the kubelet, device fault, internal error) are started again this many times before the
+    /// gate fails.
+    #[serde(default = "retries")]
+    #[schemars(range(min = 0, max = 10))]
+    pub retries: u32,
+    /// Compute of the evaluation pod, and its placement.
     #[serde(default)]
     pub resources: ComputeResources,
     /// Runtime image; the operator's default when not set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,
+}
+
+fn retries() -> u32 {
+    2
 }
 
 fn timeout_seconds() -> u32 {
@@ -88,7 +106,8 @@ fn timeout_seconds() -> u32 {
     "message": "exactly one of candidate.trainingJob and candidate.uri must be set",
 }]))]
 pub struct Candidate {
-    /// A TrainingJob in this namespace; evaluated once its `status.artifact` appears.
+    /// A TrainingJob in this namespace; its `status.artifact` is evaluated once the job has
+    /// succeeded, and every new artifact (a re-run, a new round) is evaluated again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training_job: Option<LocalObjectReference>,
     /// A model directory or GGUF file.
@@ -104,13 +123,32 @@ pub enum Metric {
     Loss,
     /// exp(loss); lower is better.
     Perplexity,
-    /// Exact-match accuracy of greedy responses, in [0, 1]; higher is better.
+    /// Exact-match accuracy of greedy responses, in [0, 1]; higher is better. Only prompt/response
+    /// data has it: on free text it is missing, and a gate that asks for it fails.
     Accuracy,
     /// Next-token accuracy, in [0, 1]; higher is better.
     TokenAccuracy,
 }
 
 impl Metric {
+    /// Every metric, in the order the runtime reports them.
+    pub const ALL: [Metric; 4] = [
+        Metric::Loss,
+        Metric::Perplexity,
+        Metric::Accuracy,
+        Metric::TokenAccuracy,
+    ];
+
+    /// The name used in the spec and in Events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Loss => "loss",
+            Metric::Perplexity => "perplexity",
+            Metric::Accuracy => "accuracy",
+            Metric::TokenAccuracy => "tokenAccuracy",
+        }
+    }
+
     /// Whether a larger value is better (for the no-regression comparison).
     pub fn higher_is_better(self) -> bool {
         matches!(self, Metric::Accuracy | Metric::TokenAccuracy)
@@ -140,15 +178,18 @@ pub struct MetricThreshold {
     /// Highest value that passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
+    /// Measure and report this metric, but leave it out of the verdict (to try a new threshold).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// Compare against the model being served now.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NoRegression {
-    /// The ModelServer whose current model is the baseline; the first `promoteTo` when not set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_server: Option<LocalObjectReference>,
+    /// The ModelServer whose current model is the baseline. While it serves nothing there is
+    /// nothing to compare with, and only the thresholds decide (said in the status).
+    pub model_server: LocalObjectReference,
     /// Relative slack: the candidate may be this much worse (0.01 = 1%) and still pass.
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 1.0))]
@@ -158,23 +199,16 @@ pub struct NoRegression {
 /// Lifecycle phase of an EvalGate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum GatePhase {
-    /// Waiting for the candidate (e.g. its TrainingJob to succeed).
+    /// Waiting for a candidate (e.g. its TrainingJob to succeed).
     #[default]
     Pending,
-    /// The evaluation pod is running.
+    /// An evaluation pod is running.
     Evaluating,
-    /// Decided; see `verdict`.
-    Completed,
-    /// The evaluation could not run (timeout, bad candidate).
-    Error,
-}
-
-/// Outcome of a gate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum Verdict {
-    /// Every threshold held; the candidate was promoted.
+    /// The candidate passed and is the promoted model.
     Passed,
-    /// A threshold (or the no-regression check) failed; nothing was promoted.
+    /// The candidate failed (a threshold, a regression, or an evaluation that could not be
+    /// trusted: a missing or non-finite metric, another model's digest, a timeout, a pod that
+    /// could not run); the model promoted before, if any, stays promoted.
     Failed,
 }
 
@@ -182,31 +216,63 @@ pub enum Verdict {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EvalGateStatus {
-    /// Lifecycle phase.
+    /// Lifecycle phase of the current candidate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<GatePhase>,
-    /// `Passed`, `Promoted`, ... (Kubernetes API conventions).
+    /// `Evaluated` (a verdict on the current candidate exists) and `Promoted` (the current
+    /// candidate is the promoted model), as Kubernetes API conventions have them: `kubectl wait
+    /// --for=condition=Promoted evalgate/<name>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The resolved candidate.
+    /// The candidate of the current round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate: Option<ResolvedModel>,
-    /// Outcome, once decided.
+    /// Identifies the current round (candidate and gate generation); names its pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<Verdict>,
-    /// Each metric measured against its threshold.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub results: Vec<MetricResult>,
-    /// The model promoted by this gate (what following ModelServers serve).
+    pub round: Option<String>,
+    /// Evaluation pods started for the current round (1 + retries used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub promoted: Option<ResolvedModel>,
-    /// When the evaluation finished.
+    pub tries: Option<u32>,
+    /// When the current round's evaluation started (its timeout counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the verdict on the current round was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluated_at: Option<Time>,
+    /// Each metric of the current round against its bounds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<MetricResult>,
+    /// The model compared with (`noRegression`), when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<ResolvedModel>,
+    /// The last candidate that passed: what following ModelServers serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted: Option<ResolvedModel>,
+    /// When `promoted` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_at: Option<Time>,
+    /// Verdicts of the last rounds, newest last (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub history: Vec<GateRound>,
+}
+
+/// The verdict of one round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateRound {
+    /// The candidate.
+    pub candidate: ResolvedModel,
+    /// `Passed` or `Failed`.
+    pub phase: GatePhase,
+    /// Why, in a word (`Passed`, `ThresholdFailed`, `Timeout`, ...).
+    pub reason: String,
+    /// When.
+    pub at: Time,
 }
 
 /// A model pinned by content.
@@ -220,6 +286,17 @@ pub struct ResolvedModel {
     /// sha256 of its weights (hex), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The EvalGate that passed it, for a model a gate promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<String>,
+}
+
+impl ResolvedModel {
+    /// Whether `other` is the same model: the same place and, where both know it, the same
+    /// digest (a model overwritten in place is another model).
+    pub fn same_model(&self, other: &ResolvedModel) -> bool {
+        self.uri == other.uri && self.sha256 == other.sha256
+    }
 }
 
 /// One metric measured.
@@ -228,11 +305,21 @@ pub struct ResolvedModel {
 pub struct MetricResult {
     /// Which metric.
     pub metric: Metric,
-    /// Measured value of the candidate.
-    pub value: f64,
-    /// Baseline value (the served model), when compared.
+    /// Measured value of the candidate; missing when the evaluation did not report a finite one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// Lowest value that passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Highest value that passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// Value of the baseline model, when compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<f64>,
-    /// Whether the threshold (and baseline comparison) held.
+    /// Whether the bounds (and the baseline comparison) held.
     pub passed: bool,
+    /// Reported only; not part of the verdict.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }

@@ -1,5 +1,8 @@
 //! `ModelServer`: serve a model (pinned, or whatever an EvalGate last promoted) over an
 //! OpenAI-compatible API, rolling back a model whose pods do not become Ready in time.
+//!
+//! GitOps: the operator never writes a ModelServer's `spec`. Promotion and roll-back live in
+//! its `status` and in the Deployment it owns, so the user's manifests stay in sync.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
@@ -47,11 +50,18 @@ use crate::evalgate::ResolvedModel;
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "self.engine.maxTokens <= self.engine.contextLength",
-    "message": "engine.maxTokens must not exceed engine.contextLength",
-    "fieldPath": ".engine.maxTokens",
-}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.engine.maxTokens <= self.engine.contextLength",
+        "message": "engine.maxTokens must not exceed engine.contextLength",
+        "fieldPath": ".engine.maxTokens",
+    },
+    {
+        "rule": "self.engine.maxConcurrentRequests >= self.engine.maxBatchSize",
+        "message": "engine.maxConcurrentRequests counts the requests decoding (up to maxBatchSize) and those queued: it must be at least engine.maxBatchSize",
+        "fieldPath": ".engine.maxConcurrentRequests",
+    },
+]))]
 pub struct ModelServerSpec {
     /// What to serve.
     pub model: ModelSource,
@@ -86,7 +96,9 @@ fn rollback_deadline() -> u32 {
     600
 }
 
-/// Where the served model comes from: exactly one of `uri` and `fromEvalGate`.
+/// Where the served model comes from: exactly one of `uri` and `fromEvalGate`. To gate a pinned
+/// model, name it as the EvalGate's `candidate.uri` and follow the gate: a new URI in Git is then
+/// evaluated before it is served.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -97,7 +109,8 @@ pub struct ModelSource {
     /// A pinned model directory or GGUF file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<StorageUri>,
-    /// Serve what this EvalGate last promoted.
+    /// Serve what this EvalGate last promoted (by digest); nothing until it has promoted a model,
+    /// and the last passing model while a later candidate fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_eval_gate: Option<LocalObjectReference>,
 }
@@ -178,9 +191,11 @@ pub enum ServerPhase {
     RollingOut,
     /// All replicas serve the current model.
     Ready,
-    /// The last roll-out missed its deadline and the previous model is served again.
+    /// The last roll-out missed its deadline and the previous model is served again; the failed
+    /// model is not tried again until the model to serve changes.
     RolledBack,
-    /// Fewer replicas are Ready than asked for.
+    /// Fewer replicas are Ready than asked for, or a roll-out with nothing to roll back to missed
+    /// its deadline.
     Degraded,
 }
 
@@ -198,22 +213,56 @@ pub struct ModelServerStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The model served now.
+    /// The model the Deployment runs now (rolling out or served).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_model: Option<ResolvedModel>,
-    /// The model served before; the roll-back target.
+    /// The last model that was served by every replica before the current one: the roll-back
+    /// target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_model: Option<ResolvedModel>,
-    /// When the current model's roll-out started.
+    /// A model that missed its roll-out deadline and was rolled back; not tried again while it
+    /// is the model to serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<ResolvedModel>,
+    /// When the current roll-out started; absent once every replica is Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_started_at: Option<Time>,
+    /// Roll-outs, newest last (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub history: Vec<RolloutRecord>,
     /// Pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
     /// Pods Ready with the current model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<u32>,
-    /// In-cluster URL of the OpenAI-compatible API.
+    /// In-cluster base URL of the OpenAI-compatible API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+}
+
+/// How one roll-out ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutOutcome {
+    /// Every replica became Ready with the model.
+    Served,
+    /// The model missed its deadline and the previous one was restored.
+    RolledBack,
+    /// The model missed its deadline with nothing to roll back to.
+    DeadlineExceeded,
+}
+
+/// One roll-out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRecord {
+    /// The model rolled out.
+    pub model: ResolvedModel,
+    /// How it ended.
+    pub outcome: RolloutOutcome,
+    /// When the roll-out started.
+    pub started_at: Time,
+    /// When it ended.
+    pub finished_at: Time,
 }

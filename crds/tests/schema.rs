@@ -107,7 +107,7 @@ fn printer_columns_tell_the_state() {
     );
     assert_eq!(
         columns("EvalGate"),
-        ["Phase", "Candidate", "Verdict", "Age"]
+        ["Phase", "Candidate", "Promoted", "Age"]
     );
     assert_eq!(columns("ModelServer"), ["Phase", "Model", "Ready", "Age"]);
 }

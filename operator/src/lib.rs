@@ -1,16 +1,48 @@
-//! anneal's operator: the controllers that reconcile TrainingJob (and, in later issues, EvalGate
-//! and ModelServer), node-health judgement for GPU failover, and the builders of what they own.
+//! anneal's operator: the controllers that reconcile TrainingJob, EvalGate and ModelServer,
+//! node-health judgement for GPU failover, and the builders of what they own.
 //!
 //! Each controller is a pipeline (style.md #1): read what exists -> decide (pure) -> build the
 //! children (pure) -> apply them -> write status once, only when it changed.
 
 pub mod config;
+pub mod evalgate;
 pub mod labels;
 pub mod leader;
 pub mod metrics;
+pub mod modelserver;
 pub mod node_health;
+pub mod pod;
 pub mod rbac;
+pub mod reconcile;
 pub mod trainingjob;
+
+/// Runs every controller until a shutdown signal (each ends once its in-flight reconciles
+/// finish); with `namespace`, only for the resources of that namespace.
+pub async fn run_controllers(
+    client: kube::Client,
+    config: config::OperatorConfig,
+    namespace: Option<&str>,
+    metrics: std::sync::Arc<metrics::Metrics>,
+    gate: leader::WriteGate,
+) {
+    tokio::join!(
+        trainingjob::run(
+            client.clone(),
+            config.clone(),
+            namespace,
+            metrics.clone(),
+            gate.clone()
+        ),
+        evalgate::run(
+            client.clone(),
+            config.clone(),
+            namespace,
+            metrics.clone(),
+            gate.clone()
+        ),
+        modelserver::run(client, config, namespace, metrics, gate),
+    );
+}
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "anneal-operator";

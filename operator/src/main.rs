@@ -1,4 +1,4 @@
-//! `anneal-operator`: reconciles TrainingJob (EvalGate and ModelServer follow in later issues).
+//! `anneal-operator`: reconciles TrainingJob, EvalGate and ModelServer.
 
 use anneal_operator::config::OperatorConfig;
 use anneal_operator::leader::{LeaderElection, WriteGate};
@@ -110,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
             // upgrade can start the new replica while the old one still leads.
             metrics.set_ready(true);
             if !cli.leader_elect {
-                anneal_operator::trainingjob::run(
+                anneal_operator::run_controllers(
                     client,
                     config,
                     cli.namespace.as_deref(),
@@ -138,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             tracing::info!(%identity, "leading");
-            let controllers = anneal_operator::trainingjob::run(
+            let controllers = anneal_operator::run_controllers(
                 client,
                 config,
                 cli.namespace.as_deref(),

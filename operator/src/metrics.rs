@@ -17,8 +17,19 @@ use prometheus_client::registry::Registry;
 /// Labels of a reconcile outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
-    /// `ok` or the error category (bounded: see `trainingjob::Error::category`).
+    /// `trainingjob`, `evalgate` or `modelserver`.
+    pub controller: String,
+    /// `ok` or the error category (bounded: see `reconcile::Error::category`).
     pub result: String,
+}
+
+/// Labels of a gate verdict.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    /// `Passed` or `Failed`.
+    pub result: String,
+    /// Why, in a word (`Passed`, `ThresholdFailed`, `Regression`, `Timeout`, ...).
+    pub reason: String,
 }
 
 /// Labels of a failover.
@@ -47,6 +58,14 @@ pub struct Metrics {
     pub failover_seconds: Histogram,
     /// Write requests sent to the API server: a steady state sends none.
     pub writes: Family<WriteLabels, Counter>,
+    /// EvalGate verdicts, by result and reason.
+    pub verdicts: Family<VerdictLabels, Counter>,
+    /// Models a gate promoted.
+    pub promotions: Counter,
+    /// ModelServer roll-backs to the previous model.
+    pub rollbacks: Counter,
+    /// Seconds from the start of a ModelServer roll-out to every replica Ready.
+    pub rollout_seconds: Histogram,
     registry: Registry,
     ready: AtomicBool,
 }
@@ -57,7 +76,32 @@ impl Default for Metrics {
         let failovers = Family::<FailoverLabels, Counter>::default();
         let failover_seconds = Histogram::new([1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0]);
         let writes = Family::<WriteLabels, Counter>::default();
+        let verdicts = Family::<VerdictLabels, Counter>::default();
+        let promotions = Counter::default();
+        let rollbacks = Counter::default();
+        let rollout_seconds =
+            Histogram::new([1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]);
         let mut registry = Registry::with_prefix("anneal_operator");
+        registry.register(
+            "gate_verdicts",
+            "EvalGate verdicts, by result and reason",
+            verdicts.clone(),
+        );
+        registry.register(
+            "promotions",
+            "Models an EvalGate promoted",
+            promotions.clone(),
+        );
+        registry.register(
+            "rollbacks",
+            "ModelServer roll-backs to the previous model",
+            rollbacks.clone(),
+        );
+        registry.register(
+            "rollout_seconds",
+            "Seconds from the start of a ModelServer roll-out to every replica Ready",
+            rollout_seconds.clone(),
+        );
         registry.register(
             "api_writes",
             "Write requests the operator sent to the API server, by resource and verb",
@@ -79,6 +123,10 @@ impl Default for Metrics {
             failovers,
             failover_seconds,
             writes,
+            verdicts,
+            promotions,
+            rollbacks,
+            rollout_seconds,
             registry,
             ready: AtomicBool::new(false),
         }
@@ -86,10 +134,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one reconcile outcome.
-    pub fn reconciled(&self, result: &str) {
+    /// Counts one reconcile outcome of `controller`.
+    pub fn reconciled(&self, controller: &str, result: &str) {
         self.reconciles
             .get_or_create(&ReconcileLabels {
+                controller: controller.to_string(),
                 result: result.to_string(),
             })
             .inc();
@@ -150,7 +199,7 @@ mod tests {
     #[test]
     fn exports_counters_and_the_failover_histogram() {
         let m = Metrics::default();
-        m.reconciled("ok");
+        m.reconciled("trainingjob", "ok");
         m.failovers
             .get_or_create(&FailoverLabels {
                 reason: "NodeNotReady".into(),
@@ -160,7 +209,9 @@ mod tests {
         m.wrote("pods", "create");
         let text = m.render().unwrap();
         assert!(
-            text.contains(r#"anneal_operator_reconciles_total{result="ok"} 1"#),
+            text.contains(
+                r#"anneal_operator_reconciles_total{controller="trainingjob",result="ok"} 1"#
+            ),
             "{text}"
         );
         assert!(

@@ -38,8 +38,8 @@ pub const CLUSTER_WIDE: &[ApiCalls] = &[
     calls(
         "anneal.dev",
         "trainingjobs",
-        &["delete", "list", "watch"],
-        "reconcile TrainingJobs; delete one whose ttlSecondsAfterFinished passed",
+        &["delete", "get", "list", "watch"],
+        "reconcile TrainingJobs; delete one whose ttlSecondsAfterFinished passed; an EvalGate reads its candidate's artifact",
     ),
     calls(
         "anneal.dev",
@@ -48,16 +48,58 @@ pub const CLUSTER_WIDE: &[ApiCalls] = &[
         "write status (server-side apply); never the spec",
     ),
     calls(
+        "anneal.dev",
+        "evalgates",
+        &["get", "list", "watch"],
+        "reconcile EvalGates; a ModelServer reads the model its gate promoted",
+    ),
+    calls(
+        "anneal.dev",
+        "evalgates/status",
+        &["patch"],
+        "write the verdict and the promoted model (server-side apply); never the spec",
+    ),
+    calls(
+        "anneal.dev",
+        "modelservers",
+        &["get", "list", "watch"],
+        "reconcile ModelServers; an EvalGate reads the served model it compares with",
+    ),
+    calls(
+        "anneal.dev",
+        "modelservers/status",
+        &["patch"],
+        "write the roll-out, roll-back and current model (server-side apply); never the spec",
+    ),
+    calls(
+        "apps",
+        "deployments",
+        &["create", "get", "list", "patch", "watch"],
+        "each ModelServer's Deployment: apply, repair drift (garbage-collected with its owner)",
+    ),
+    calls(
+        "",
+        "services",
+        &["create", "get", "list", "patch", "watch"],
+        "each ModelServer's Service: apply, repair drift (garbage-collected with its owner)",
+    ),
+    calls(
+        "policy",
+        "poddisruptionbudgets",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "each ModelServer's PodDisruptionBudget while it has more than one replica",
+    ),
+    calls(
         "",
         "pods",
         &["create", "delete", "get", "list", "patch", "watch"],
-        "worker pods: apply, watch, delete on fail-over; list a node's pods to count the GPUs they hold",
+        "worker and evaluation pods: apply, watch, delete on fail-over or when done; list a node's pods to count the GPUs they hold",
     ),
     calls(
         "",
         "serviceaccounts",
         &["create", "delete", "get", "list", "patch", "watch"],
-        "each job's worker ServiceAccount: apply, repair drift, delete when the job ends",
+        "ServiceAccounts of workers, evaluation and serving pods: apply, repair drift, delete when a job ends",
     ),
     calls(
         "",

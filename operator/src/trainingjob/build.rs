@@ -11,8 +11,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::config::{GPU_PRODUCT_LABEL, GPU_RESOURCE, OperatorConfig};
+use crate::config::OperatorConfig;
 use crate::labels::{ATTEMPT, WORKER, trainingjob_labels};
+use crate::pod;
 
 /// Where the checkpoint volume is mounted in a worker.
 pub const CHECKPOINT_MOUNT: &str = "/checkpoints";
@@ -116,12 +117,6 @@ pub fn checkpoint_sub_path(prefix: &str, namespace: &str, name: &str, uid: &str)
     }
 }
 
-/// The claim of a `pvc://CLAIM/PATH` URI.
-fn claim_of(uri: &str) -> Option<&str> {
-    let claim = uri.strip_prefix("pvc://")?.split('/').next()?;
-    (!claim.is_empty()).then_some(claim)
-}
-
 /// Worker `worker` of `attempt`, placed on a node of the requested GPU type that this job has not
 /// excluded, admitted under the Pod Security "restricted" profile.
 pub fn worker_pod(
@@ -139,44 +134,6 @@ pub fn worker_pod(
     let labels = meta.labels.get_or_insert_with(BTreeMap::new);
     labels.insert(ATTEMPT.into(), attempt.to_string());
     labels.insert(WORKER.into(), worker.to_string());
-
-    let mut match_expressions = Vec::new();
-    if res.gpus > 0 {
-        match config.products(res.gpu_type) {
-            Some(products) => match_expressions
-                .push(json!({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products})),
-            None => match_expressions.push(json!({"key": GPU_PRODUCT_LABEL, "operator": "Exists"})),
-        }
-    }
-    let mut term = json!({"matchExpressions": match_expressions});
-    if !excluded_nodes.is_empty() {
-        term["matchFields"] =
-            json!([{"key": "metadata.name", "operator": "NotIn", "values": excluded_nodes}]);
-    }
-    let affinity = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}});
-
-    let grace = config.node_toleration_seconds;
-    let mut tolerations = vec![
-        json!({"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace}),
-        json!({"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace}),
-    ];
-    if res.gpus > 0 {
-        tolerations
-            .push(json!({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}));
-    }
-    tolerations.extend(res.tolerations.iter().map(|t| json!(t)));
-
-    let mut limits = serde_json::Map::new();
-    let mut requests = serde_json::Map::new();
-    if res.gpus > 0 {
-        limits.insert(GPU_RESOURCE.into(), json!(res.gpus.to_string()));
-    }
-    for (key, value) in [("cpu", &res.cpu), ("memory", &res.memory)] {
-        if let Some(q) = value {
-            limits.insert(key.into(), json!(q));
-            requests.insert(key.into(), json!(q));
-        }
-    }
 
     let uid = job.uid().ok_or(BuildError::Missing("uid"))?;
     let (checkpoint_volume, checkpoint_mount) = match spec
@@ -200,31 +157,23 @@ pub fn worker_pod(
     };
     // Claims named by `pvc://` URIs, mounted where the runtime looks for them; only the output's
     // is writable.
-    let mut claims: BTreeMap<&str, bool> = BTreeMap::new();
     let inputs = [Some(&spec.dataset.uri), spec.model.base_model.as_ref()];
-    for uri in inputs.into_iter().flatten() {
-        if let Some(claim) = claim_of(&uri.0) {
-            claims.entry(claim).or_insert(false);
-        }
-    }
-    if let Some(claim) = claim_of(&spec.output.uri.0) {
-        claims.insert(claim, true);
-    }
+    let (claim_volumes, claim_mounts) = pod::claim_volumes(
+        inputs.into_iter().flatten().map(|u| u.as_str()),
+        [spec.output.uri.as_str()],
+    );
     let mut volumes = vec![
         checkpoint_volume,
         json!({"name": "config", "configMap": {"name": config_map_name(&name)}}),
         json!({"name": "tmp", "emptyDir": {}}),
     ];
+    volumes.extend(claim_volumes);
     let mut mounts = vec![
         checkpoint_mount,
         json!({"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": true}),
         json!({"name": "tmp", "mountPath": "/tmp"}),
     ];
-    for (i, (claim, writable)) in claims.iter().enumerate() {
-        let volume = format!("data-{i}");
-        volumes.push(json!({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": !writable}}));
-        mounts.push(json!({"name": volume, "mountPath": format!("{}/{claim}", contract::PVC_ROOT), "readOnly": !writable}));
-    }
+    mounts.extend(claim_mounts);
 
     let env = json!([
         {"name": contract::ENV_JOB_NAME, "value": name},
@@ -245,30 +194,20 @@ pub fn worker_pod(
         "spec": {
             "restartPolicy": "Never",
             "serviceAccountName": trainer_account(&name),
-            "affinity": affinity,
+            "affinity": pod::affinity(res, excluded_nodes, config),
             "nodeSelector": res.node_selector,
-            "tolerations": tolerations,
-            "securityContext": {
-                "runAsNonRoot": true,
-                "runAsUser": 65532,
-                "runAsGroup": 65532,
-                "fsGroup": 65532,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            "tolerations": pod::tolerations(res, config),
+            "securityContext": pod::pod_security_context(),
             "containers": [{
                 "name": CONTAINER,
                 "image": spec.image.clone().unwrap_or_else(|| config.runtime_image.clone()),
                 "args": ["train", "--job-spec", format!("{CONFIG_MOUNT}/{CONFIG_FILE}"), "--device", "auto"],
                 "env": env,
                 "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-                "resources": {"limits": limits, "requests": requests},
+                "resources": pod::resources(res),
                 "terminationMessagePath": contract::TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": {
-                    "allowPrivilegeEscalation": false,
-                    "readOnlyRootFilesystem": true,
-                    "capabilities": {"drop": ["ALL"]},
-                },
+                "securityContext": pod::container_security_context(),
                 "volumeMounts": mounts,
             }],
             "volumes": volumes,
@@ -280,6 +219,7 @@ pub fn worker_pod(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{GPU_PRODUCT_LABEL, GPU_RESOURCE};
 
     fn job() -> TrainingJob {
         let text = include_str!("../../../manifests/examples/trainingjob.yaml");
@@ -406,8 +346,6 @@ mod tests {
                 .map(|vol| vol["persistentVolumeClaim"]["claimName"].clone())
         };
         assert_eq!(claim(data["name"].as_str().unwrap()), Some(json!("corpus")));
-        assert_eq!(claim_of("pvc:///x"), None);
-        assert_eq!(claim_of("builtin:arith"), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use anneal_crds::TrainingJob;
-use anneal_crds::common::{Condition, set_condition};
+use anneal_crds::common::set_condition;
 use anneal_crds::contract;
 use anneal_crds::trainingjob::{
     FailoverReason, FailoverRecord, ModelArtifact, TrainingJobStatus, TrainingPhase,
@@ -15,6 +15,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use crate::labels::ATTEMPT;
+use crate::pod;
+use crate::reconcile::condition;
 use crate::trainingjob::build::CONTAINER;
 
 /// A pod to delete; `force` skips the grace period (its node is gone and will never confirm).
@@ -83,10 +85,7 @@ fn node_of(pod: &Pod) -> Option<&str> {
 }
 
 fn phase_of(pod: &Pod) -> &str {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending")
+    pod::phase_of(pod)
 }
 
 /// UID of the object that controls `pod`.
@@ -97,39 +96,14 @@ pub fn controller_uid(pod: &Pod) -> Option<&str> {
         .map(|o| o.uid.as_str())
 }
 
-/// The worker container's end: exit code, termination message and when it finished.
-struct Exit {
-    code: i32,
-    message: String,
-    finished_at: Option<Timestamp>,
-}
-
 /// How the worker container ended, once it did.
-fn exit_of(pod: &Pod) -> Option<Exit> {
-    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    let worker = statuses.iter().find(|s| s.name == CONTAINER)?;
-    let terminated = worker.state.as_ref()?.terminated.as_ref()?;
-    Some(Exit {
-        code: terminated.exit_code,
-        message: terminated.message.clone().unwrap_or_default(),
-        finished_at: terminated.finished_at.as_ref().map(|t| t.0),
-    })
+fn exit_of(pod: &Pod) -> Option<pod::Exit> {
+    pod::exit_of(pod, CONTAINER)
 }
 
-/// Why a pod that failed without its worker ever ending failed (kubelet admission, eviction
-/// before start): `"Reason: message"`.
+/// Why a pod that failed without its worker ever ending failed.
 fn failed_before_start(pod: &Pod) -> Option<String> {
-    if phase_of(pod) != "Failed" || exit_of(pod).is_some() {
-        return None;
-    }
-    let status = pod.status.as_ref();
-    let reason = status.and_then(|s| s.reason.as_deref()).unwrap_or("Failed");
-    let message = status.and_then(|s| s.message.as_deref()).unwrap_or("");
-    Some(
-        format!("{reason}: {message}")
-            .trim_end_matches(": ")
-            .to_string(),
-    )
+    pod::failed_before_start(pod, CONTAINER)
 }
 
 /// Nodes a pod was told to avoid (its affinity's `metadata.name NotIn` list).
@@ -181,24 +155,6 @@ fn node_unreachable(reason: FailoverReason) -> bool {
 fn artifact_from(message: &str) -> Option<ModelArtifact> {
     let value: serde_json::Value = serde_json::from_str(message).ok()?;
     serde_json::from_value(value.get("artifact")?.clone()).ok()
-}
-
-fn condition(
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if status { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: Time(now),
-    }
 }
 
 /// Nodes excluded now: those a failover of this job happened on within `exclusion`; and when

@@ -14,58 +14,25 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::FIELD_MANAGER;
 use crate::config::OperatorConfig;
-use crate::labels::{ATTEMPT, MANAGED_BY, TRAININGJOB};
+use crate::labels::{ATTEMPT, TRAININGJOB};
 use crate::leader::WriteGate;
 use crate::metrics::{FailoverLabels, Metrics};
 use crate::node_health::{NodeView, gpus_lost, lease_deadline, node_failure, pod_gpus};
+use crate::reconcile::{
+    Applied, Backoff, Error, Writer, apply_child, apply_status, delete_child, ensure_created,
+    owned_by_operator, retry_after, scoped, watched_store,
+};
 use decide::{Observed, Plan, decide};
-
-/// Errors of one reconcile; the category names are metric and log labels.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The API server refused or failed a request (transient: retried with backoff).
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// The job cannot be turned into children (waits for a change).
-    #[error("invalid TrainingJob: {0}")]
-    Build(#[from] build::BuildError),
-    /// This replica lost the lease: it writes nothing more.
-    #[error(transparent)]
-    NotLeader(#[from] crate::leader::NotLeader),
-}
-
-impl Context {
-    /// Checks that this replica may write, and counts the write.
-    fn writing(&self, resource: &str, verb: &str) -> Result<(), crate::leader::NotLeader> {
-        self.gate.check()?;
-        self.metrics.wrote(resource, verb);
-        tracing::debug!(target: "anneal_operator::writes", resource, verb, "write");
-        Ok(())
-    }
-}
-
-impl Error {
-    /// Short stable category for metrics and logs.
-    pub fn category(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::Build(_) => "build",
-            Error::NotLeader(_) => "not_leader",
-        }
-    }
-}
 
 /// What every reconcile shares.
 pub struct Context {
@@ -77,51 +44,15 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// Node leases (`kube-node-lease`), kept current by a watch.
     pub leases: Store<Lease>,
-    /// Event recorder.
-    pub recorder: Recorder,
-    /// Prometheus metrics.
-    pub metrics: Arc<Metrics>,
-    /// Open while this replica may write (it leads, or runs alone).
-    pub gate: WriteGate,
+    /// Fenced, counted writes and Events.
+    pub writer: Writer,
     /// Consecutive failures per job, for exponential backoff.
-    pub failures:
-        std::sync::Mutex<std::collections::HashMap<ObjectRef<DeserializeGuard<TrainingJob>>, u32>>,
+    pub failures: Backoff<DeserializeGuard<TrainingJob>>,
 }
 
-/// Keeps a store of `K` current from a watch; returns the store once it holds the first listing.
-async fn watched_store<K>(api: Api<K>) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    );
-    tokio::spawn(stream.for_each(|event| async move {
-        if let Err(err) = event {
-            tracing::warn!(resource = %K::plural(&()), error = %err, "watch failed; retrying with backoff");
-        }
-    }));
-    // The operator must not judge nodes from an empty cache.
-    let _ = reader.wait_until_ready().await;
-    reader
-}
-
-/// `Api` over all namespaces, or over `namespace` only.
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+impl From<build::BuildError> for Error {
+    fn from(e: build::BuildError) -> Self {
+        Error::Build(e.to_string())
     }
 }
 
@@ -146,13 +77,14 @@ pub async fn run(
         config,
         nodes,
         leases,
-        recorder,
-        gate,
+        writer: Writer {
+            gate,
+            metrics,
+            recorder,
+        },
         failures: Default::default(),
-        metrics: metrics.clone(),
     });
-    let owned =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let owned = owned_by_operator();
     // A stored object the types cannot read (written under an older schema, say) must not stall
     // the watch of all the others: it is reconciled as an error of its own (style.md #6).
     let controller = Controller::new(
@@ -187,13 +119,8 @@ pub async fn run(
         .shutdown_on_signal()
         .run(reconcile_counted, error_policy, ctx)
         .for_each(|result| async move {
-            match result {
-                Ok(_) => {}
-                // Already logged by error_policy.
-                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
-                Err(err) => {
-                    tracing::warn!(resource = "trainingjobs", error = %err, "controller watch");
-                }
+            if let Err(err) = result {
+                crate::reconcile::log_controller_error("trainingjobs", &err);
             }
         })
         .await;
@@ -205,163 +132,19 @@ async fn reconcile_counted(
 ) -> Result<Action, Error> {
     let result = match &guard.0 {
         Ok(job) => reconcile(Arc::new(job.clone()), ctx.clone()).await,
-        Err(invalid) => report_invalid(&guard, invalid, &ctx).await,
+        Err(invalid) => crate::reconcile::report_invalid(&*guard, invalid, &ctx.writer).await,
     };
-    ctx.metrics
-        .reconciled(result.as_ref().map_or_else(Error::category, |_| "ok"));
+    ctx.writer.metrics.reconciled(
+        "trainingjob",
+        result.as_ref().map_or_else(Error::category, |_| "ok"),
+    );
     result
 }
 
-/// A stored TrainingJob the operator cannot read: say so on it, and wait for a change.
-async fn report_invalid(
-    guard: &DeserializeGuard<TrainingJob>,
-    invalid: &kube::core::error_boundary::InvalidObject,
-    ctx: &Context,
-) -> Result<Action, Error> {
-    let meta = &invalid.metadata;
-    tracing::warn!(
-        resource = "trainingjobs",
-        namespace = meta.namespace.as_deref().unwrap_or_default(),
-        name = meta.name.as_deref().unwrap_or_default(),
-        error = %invalid.error,
-        "cannot read a stored TrainingJob; skipped until it changes"
-    );
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "InvalidObject".into(),
-        note: Some(format!(
-            "the operator cannot read this TrainingJob: {}",
-            invalid.error
-        )),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    ctx.writing("events", "create")?;
-    if let Err(err) = ctx.recorder.publish(&event, &guard.object_ref(&())).await {
-        tracing::warn!(error = %err, "recording an event");
-    }
-    Ok(Action::await_change())
-}
-
 fn error_policy(job: Arc<DeserializeGuard<TrainingJob>>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = ObjectRef::from_obj(&*job);
-    let failures = {
-        let mut map = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(key).or_insert(0);
-        *n += 1;
-        *n
-    };
+    let failures = ctx.failures.failed(ObjectRef::from_obj(&*job));
     tracing::warn!(job = %job.name_any(), category = err.category(), error = %err, failures, "reconcile failed");
-    match err {
-        // An object the operator cannot build waits for the user to change it.
-        Error::Build(_) => Action::await_change(),
-        Error::Kube(_) | Error::NotLeader(_) => Action::requeue(Duration::from_millis(
-            250 * 2u64.saturating_pow(failures.min(8)),
-        )),
-    }
-}
-
-/// Creates `obj` (a pod: immutable once made) when no object of its name exists.
-async fn ensure_created<K>(api: &Api<K>, obj: &K, ctx: &Context) -> Result<(), Error>
-where
-    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    if api.get_opt(&name).await?.is_none() {
-        ctx.writing(&K::plural(&()), "apply")?;
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(obj),
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-/// What [`apply_child`] found.
-enum Applied<K> {
-    /// It existed as wanted: nothing was written.
-    Unchanged,
-    /// It was missing and is created.
-    Created,
-    /// It differed (a spec change, or someone edited it) and is applied again; the old copy.
-    Repaired(K),
-}
-
-impl<K> Applied<K> {
-    /// Whether this was drift: an edited child, or a missing one once the job had started.
-    fn drifted(&self, started: bool) -> bool {
-        match self {
-            Applied::Unchanged => false,
-            Applied::Created => started,
-            Applied::Repaired(_) => true,
-        }
-    }
-}
-
-/// True when every field of `want` is in `have` with the same value (lists: same length, each
-/// element contained). Fields the API server or other managers added are not drift.
-fn contains(have: &serde_json::Value, want: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match (have, want) {
-        (Value::Object(h), Value::Object(w)) => w
-            .iter()
-            .all(|(k, wv)| wv.is_null() || h.get(k).is_some_and(|hv| contains(hv, wv))),
-        (Value::Array(h), Value::Array(w)) => {
-            h.len() == w.len() && h.iter().zip(w).all(|(a, b)| contains(a, b))
-        }
-        _ => have == want,
-    }
-}
-
-/// Applies a child with server-side apply (field manager `anneal-operator`) when it is missing
-/// or differs from `obj` in a field the operator sets, so that drift is repaired and a steady
-/// state makes no writes.
-async fn apply_child<K>(api: &Api<K>, obj: &K, ctx: &Context) -> Result<Applied<K>, Error>
-where
-    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    let existing = api.get_opt(&name).await?;
-    let want = serde_json::to_value(obj).map_err(build::BuildError::from)?;
-    let outcome = match existing {
-        None => Applied::Created,
-        Some(have) => {
-            let have_json = serde_json::to_value(&have).map_err(build::BuildError::from)?;
-            if contains(&have_json, &want) {
-                return Ok(Applied::Unchanged);
-            }
-            Applied::Repaired(have)
-        }
-    };
-    ctx.writing(&K::plural(&()), "apply")?;
-    let mut body = want;
-    body["apiVersion"] = K::api_version(&()).into();
-    body["kind"] = K::kind(&()).into();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await?;
-    Ok(outcome)
-}
-
-/// Deletes a child if it exists.
-async fn delete_child<K>(api: &Api<K>, name: &str, ctx: &Context) -> Result<(), Error>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    if api.get_opt(name).await?.is_some() {
-        ctx.writing(&K::plural(&()), "delete")?;
-        match api.delete(name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
+    retry_after(err, failures)
 }
 
 /// Top-level spec fields that differ between two renderings of the workers' configuration.
@@ -506,9 +289,7 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
     execute(&job, &plan, &pods_api, &ctx).await?;
     // Success: the next failure of this job starts the backoff from the beginning.
     ctx.failures
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&ObjectRef::new(&name).within(&namespace));
+        .succeeded(&ObjectRef::new(&name).within(&namespace));
 
     // A TTL on a finished job: delete it when due.
     if let (Some(ttl), Some(done)) = (
@@ -520,7 +301,7 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
             .checked_add(SignedDuration::from_secs(i64::from(ttl)))
             .unwrap_or(done.0);
         if due <= now {
-            ctx.writing("trainingjobs", "delete")?;
+            ctx.writer.writing("trainingjobs", "delete")?;
             Api::<TrainingJob>::namespaced(client.clone(), &namespace)
                 .delete(&name, &DeleteParams::background())
                 .await?;
@@ -555,21 +336,7 @@ async fn execute(
     current.last_checkpoint = None;
     if current != plan.status {
         let api: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
-        let body = serde_json::json!({
-            "apiVersion": format!("{}/{}", anneal_crds::GROUP, anneal_crds::VERSION),
-            "kind": "TrainingJob",
-            // Optimistic concurrency: a decision made from a stale copy of the job fails here
-            // (409) instead of overwriting newer status, and nothing of it is carried out.
-            "metadata": {"resourceVersion": job.resource_version()},
-            "status": plan.status,
-        });
-        ctx.writing("trainingjobs/status", "apply")?;
-        api.patch_status(
-            &job.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await?;
+        apply_status(&api, job, &plan.status, &ctx.writer).await?;
     }
     for deletion in &plan.delete {
         let params = if deletion.force {
@@ -580,7 +347,7 @@ async fn execute(
         } else {
             DeleteParams::background()
         };
-        ctx.writing("pods", "delete")?;
+        ctx.writer.writing("pods", "delete")?;
         match pods_api.delete(&deletion.pod, &params).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -607,15 +374,16 @@ async fn execute(
     ) {
         // A finished job's workers are gone: what they needed goes too.
         let account = build::trainer_account(&job.name_any());
-        delete_child::<RoleBinding>(&Api::namespaced(client.clone(), &namespace), &account, ctx)
+        let w = &ctx.writer;
+        delete_child::<RoleBinding>(&Api::namespaced(client.clone(), &namespace), &account, w)
             .await?;
-        delete_child::<Role>(&Api::namespaced(client.clone(), &namespace), &account, ctx).await?;
-        delete_child::<ServiceAccount>(&Api::namespaced(client.clone(), &namespace), &account, ctx)
+        delete_child::<Role>(&Api::namespaced(client.clone(), &namespace), &account, w).await?;
+        delete_child::<ServiceAccount>(&Api::namespaced(client.clone(), &namespace), &account, w)
             .await?;
         delete_child::<ConfigMap>(
             &Api::namespaced(client.clone(), &namespace),
             &build::config_map_name(&job.name_any()),
-            ctx,
+            w,
         )
         .await?;
     }
@@ -623,28 +391,21 @@ async fn execute(
         let excluded = &plan.status.excluded_nodes;
         for worker in 0..job.spec.workers {
             let pod = build::worker_pod(job, attempt, worker, excluded, &ctx.config)?;
-            ensure_created(pods_api, &pod, ctx).await?;
+            ensure_created(pods_api, &pod, &ctx.writer).await?;
         }
     }
     let reference = job.object_ref(&());
     for notice in &notices {
-        let event = Event {
-            type_: if notice.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: notice.reason.clone(),
-            note: Some(notice.message.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        ctx.writing("events", "create")?;
-        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %err, "recording an event");
-        }
+        ctx.writer
+            .event(
+                &reference,
+                notice.warning,
+                &notice.reason,
+                notice.message.clone(),
+            )
+            .await?;
     }
-    record_failover_metrics(job, plan, &ctx.metrics);
+    record_failover_metrics(job, plan, &ctx.writer.metrics);
     if let Some(reason) = plan.failover {
         tracing::info!(job = %job.name_any(), ?reason, attempt = ?plan.status.attempt, "failing over");
     }
@@ -673,21 +434,21 @@ async fn apply_workers_children(
     let sa = apply_child(
         &Api::namespaced(client.clone(), ns()),
         &build::service_account(job)?,
-        ctx,
+        &ctx.writer,
     )
     .await?;
     note("ServiceAccount", sa.drifted(started));
     let role = apply_child(
         &Api::<Role>::namespaced(client.clone(), ns()),
         &build::role(job)?,
-        ctx,
+        &ctx.writer,
     )
     .await?;
     note("Role", role.drifted(started));
     let binding = apply_child(
         &Api::<RoleBinding>::namespaced(client.clone(), ns()),
         &build::role_binding(job)?,
-        ctx,
+        &ctx.writer,
     )
     .await?;
     note("RoleBinding", binding.drifted(started));
@@ -695,7 +456,7 @@ async fn apply_workers_children(
     let applied = apply_child(
         &Api::<ConfigMap>::namespaced(client.clone(), ns()),
         &config,
-        ctx,
+        &ctx.writer,
     )
     .await?;
     if let Applied::Repaired(old) = &applied {

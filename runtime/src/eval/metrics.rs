@@ -33,6 +33,9 @@ pub struct EvalReport {
     /// Share of prompt/response examples whose greedy response equals the reference
     /// (whitespace-trimmed); null for free-text data.
     pub exact_match: Option<f64>,
+    /// The same measured for `--baseline`, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Box<EvalReport>>,
 }
 
 /// Scores `examples` with `loaded`.
@@ -89,5 +92,6 @@ pub fn evaluate(
         perplexity: loss.exp(),
         token_accuracy: correct as f64 / tokens.max(1) as f64,
         exact_match,
+        baseline: None,
     })
 }

@@ -21,9 +21,16 @@ pub struct Args {
     /// Model directory written by `train` (path, `file://` or `pvc://`).
     #[arg(long)]
     pub model: String,
+    /// A second model (the one served now) evaluated on the same examples in the same process,
+    /// reported as `baseline`, so that a gate compares like with like.
+    #[arg(long)]
+    pub baseline: Option<String>,
     /// Data URI (`file://`, `pvc://`, `builtin:`), split like training data.
     #[arg(long)]
     pub data: String,
+    /// File format of the data: auto (from the file name), text or jsonl.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    pub format: data::DatasetFormat,
     /// Which split to evaluate.
     #[arg(long, value_enum, default_value = "test")]
     pub split: Split,
@@ -82,6 +89,11 @@ impl From<EvalError> for RuntimeError {
     }
 }
 
+fn parse_format(s: &str) -> Result<data::DatasetFormat, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?}: expected auto, text or jsonl"))
+}
+
 fn parse_ratios(s: &str) -> Result<SplitRatios, EvalError> {
     let bad = || {
         EvalError::Args(format!(
@@ -124,25 +136,41 @@ pub fn run(args: Args) -> crate::error::Result<()> {
 
 fn run_eval(args: &Args, device: &candle_core::Device) -> Result<EvalReport, EvalError> {
     let ratios = parse_ratios(&args.split_ratios)?;
-    let dir = data::resolve_path(&args.model)?
-        .ok_or_else(|| EvalError::Args(format!("--model {}: not a directory", args.model)))?;
-    if !dir.is_dir() {
-        return Err(EvalError::Args(format!(
-            "--model {}: no such model directory",
-            dir.display()
-        )));
-    }
-    let loaded = model_dir::load(&dir, device)?;
-    let mut examples = data::split(data::load(&args.data)?, &ratios, args.split);
+    let mut examples = data::split(data::load_as(&args.data, args.format)?, &ratios, args.split);
     if let Some(n) = args.max_examples {
         examples.truncate(n);
     }
     if examples.is_empty() {
         return Err(DataError::Empty(args.data.clone()).into());
     }
+    let mut report = eval_model("--model", &args.model, &examples, args, device)?;
+    if let Some(baseline) = &args.baseline {
+        let base = eval_model("--baseline", baseline, &examples, args, device)?;
+        report.baseline = Some(Box::new(base));
+    }
+    Ok(report)
+}
+
+/// Loads the model directory named by `flag` = `uri` and scores `examples` with it.
+fn eval_model(
+    flag: &str,
+    uri: &str,
+    examples: &[data::Example],
+    args: &Args,
+    device: &candle_core::Device,
+) -> Result<EvalReport, EvalError> {
+    let dir = data::resolve_path(uri)?
+        .ok_or_else(|| EvalError::Args(format!("{flag} {uri}: not a directory")))?;
+    if !dir.is_dir() {
+        return Err(EvalError::Args(format!(
+            "{flag} {}: no such model directory",
+            dir.display()
+        )));
+    }
+    let loaded = model_dir::load(&dir, device)?;
     let mut report = evaluate(
         &loaded,
-        &examples,
+        examples,
         args.batch_size.max(1),
         args.max_new_tokens,
         device,

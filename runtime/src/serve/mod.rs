@@ -32,9 +32,19 @@ use std::time::Duration;
 /// Arguments of `anneal-runtime serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// A GGUF file (llama family).
+    /// A GGUF file (llama family) or a model directory written by `train`: a path, `file://`
+    /// or `pvc://` URI.
     #[arg(long, env = "ANNEAL_MODEL")]
     pub model: PathBuf,
+    /// Refuse to serve (exit 65) unless the weights have this sha256 (hex): of
+    /// `model.safetensors` for a model directory, of the file for GGUF. The operator pins the
+    /// model its gate passed this way.
+    #[arg(long)]
+    pub model_sha256: Option<String>,
+    /// Largest `max_tokens` a request may ask for (at most the context length minus one);
+    /// larger is refused with 422.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -196,16 +206,22 @@ async fn until_server_or_engine_ends(
 fn load(args: &Args, state: &AppState) -> Result<()> {
     let started = std::time::Instant::now();
     let device = crate::device::parse_device(&args.device)?;
-    let model = loaded_model::load(&args.model, args.q4_1, Some(args.max_seq_len), &device)?;
+    let path = model_path(&args.model)?;
+    if let Some(want) = &args.model_sha256 {
+        check_digest(&path, want)?;
+    }
+    let model = loaded_model::load(&path, args.q4_1, Some(args.max_seq_len), &device)?;
     tracing::info!(model = %model.id, secs = started.elapsed().as_secs_f64(), "loaded");
+    let max_tokens = model
+        .transformer
+        .config
+        .max_seq_len
+        .saturating_sub(1)
+        .min(args.max_tokens.unwrap_or(usize::MAX))
+        .max(1);
     let limits = Limits {
-        max_tokens: model
-            .transformer
-            .config
-            .max_seq_len
-            .saturating_sub(1)
-            .max(1),
-        default_max_tokens: args.default_max_tokens,
+        max_tokens,
+        default_max_tokens: args.default_max_tokens.min(max_tokens),
         vocab_size: model.tokenizer.vocab_size(),
         min_priority: args.min_priority,
         max_priority: args.max_priority,
@@ -231,6 +247,35 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
         limits,
     };
     let _ = state.served.set(served);
+    Ok(())
+}
+
+/// The file or directory `--model` names (a `file://` or `pvc://` URI, or a path).
+fn model_path(model: &std::path::Path) -> Result<PathBuf> {
+    let text = model.to_string_lossy();
+    if text.starts_with("file://") || text.starts_with("pvc://") {
+        let path =
+            crate::data::resolve_path(&text).map_err(|e| RuntimeError::User(e.to_string()))?;
+        return path.ok_or_else(|| RuntimeError::User(format!("--model {text}: not a model")));
+    }
+    Ok(model.to_path_buf())
+}
+
+/// Refuses a model whose weights are not the ones pinned by `want`.
+fn check_digest(path: &std::path::Path, want: &str) -> Result<()> {
+    let weights = if path.is_dir() {
+        path.join(crate::checkpoint::model_dir::WEIGHTS)
+    } else {
+        path.to_path_buf()
+    };
+    let got = crate::checkpoint::atomic::sha256_file(&weights)
+        .map_err(|e| RuntimeError::User(format!("--model-sha256: {e}")))?;
+    if !got.eq_ignore_ascii_case(want) {
+        return Err(RuntimeError::User(format!(
+            "{}: sha256 {got} is not the pinned {want} (--model-sha256): the model was replaced after it was gated",
+            weights.display()
+        )));
+    }
     Ok(())
 }
 
