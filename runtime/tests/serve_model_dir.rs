@@ -12,6 +12,11 @@ use serve_support::{args, chat_body, request, start};
 use std::collections::HashMap;
 
 fn tiny_model_dir(root: &std::path::Path) -> std::path::PathBuf {
+    tiny_model_dir_with_digest(root).0
+}
+
+/// The directory and its weights' sha256.
+fn tiny_model_dir_with_digest(root: &std::path::Path) -> (std::path::PathBuf, String) {
     let config = ModelConfig {
         vocab_size: 258,
         hidden_size: 64,
@@ -33,8 +38,48 @@ fn tiny_model_dir(root: &std::path::Path) -> std::path::PathBuf {
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     let dir = root.join("model");
-    model_dir::save(&dir, &config, &tensors, &TokenizerSpec::Byte, root).unwrap();
-    dir
+    let sha = model_dir::save(&dir, &config, &tensors, &TokenizerSpec::Byte, root).unwrap();
+    (dir, sha)
+}
+
+#[tokio::test]
+async fn a_model_pinned_by_digest_is_served_only_with_those_weights_and_max_tokens_is_bounded() {
+    let root = std::env::temp_dir().join(format!("anneal-serve-pinned-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let (dir, sha) = tiny_model_dir_with_digest(&root);
+    // Other weights than the gate passed: refused before loading, as a user error (exit 65).
+    let mut wrong = args(dir.clone());
+    wrong.model_sha256 = Some("0".repeat(64));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = anneal_runtime::serve::serve_on(listener, wrong, None, std::future::pending())
+        .await
+        .expect_err("a model with another digest must not be served");
+    assert_eq!(refused.exit_code(), anneal_crds::contract::EXIT_USER_ERROR);
+    assert!(refused.to_string().contains(&sha), "{refused}");
+    // The pinned weights, named by a file:// URI as the operator does, with max_tokens 4.
+    let mut pinned = args(format!("file://{}", dir.display()).into());
+    pinned.model_sha256 = Some(sha.to_uppercase());
+    pinned.max_seq_len = 256;
+    pinned.max_tokens = Some(4);
+    let addr = start(pinned, None);
+    let too_long = chat_body("s", "Hi", json!({"max_tokens": 8}));
+    let r = request(addr, "POST", "/v1/chat/completions", Some(&too_long), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.body.contains("max_tokens"), "{}", r.body);
+    let fits = chat_body(
+        "s",
+        "Hi",
+        json!({"max_tokens": 4, "ignore_eos": true, "temperature": 0}),
+    );
+    let r = request(addr, "POST", "/v1/chat/completions", Some(&fits), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 4);
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[tokio::test]

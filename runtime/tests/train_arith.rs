@@ -77,4 +77,36 @@ fn tiny_model_learns_two_digit_addition() {
     let logged = std::fs::read_to_string(&log).unwrap();
     assert_eq!(logged.trim(), stdout.trim());
     assert!(logged.len() < 4096);
+
+    // With a baseline (what an EvalGate's noRegression asks for), both models are measured on
+    // the same examples, and the report is what the operator reads.
+    let model_uri = format!("file://{}", model.display());
+    let out = run(
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--baseline",
+            &model_uri,
+            "--data",
+            "builtin:arith",
+            "--format",
+            "auto",
+            "--max-examples",
+            "16",
+            "--termination-log",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ok(&out);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let read: anneal_crds::contract::EvalMessage = serde_json::from_str(logged.trim()).unwrap();
+    let base = read.baseline.as_deref().expect("baseline reported");
+    assert_eq!(read.examples, 16);
+    assert_eq!(base.model_sha256, read.model_sha256);
+    for metric in anneal_crds::evalgate::Metric::ALL {
+        assert!(read.value(metric).is_some(), "{metric:?} reported");
+        assert_eq!(base.value(metric), read.value(metric), "{metric:?}");
+    }
 }

@@ -653,3 +653,329 @@ fn describe(model: &ResolvedModel) -> String {
         None => model.source.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OperatorConfig;
+    use crate::evalgate::build::eval_pod;
+    use anneal_crds::evalgate::NoRegression;
+    use serde_json::json;
+
+    const SHA: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const BASE_SHA: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn gate() -> EvalGate {
+        let text = include_str!("../../../manifests/examples/evalgate.yaml");
+        let mut gate: EvalGate = serde_yaml::from_str(text).unwrap();
+        gate.metadata.namespace = Some("ml".into());
+        gate.metadata.uid = Some("gate-uid".into());
+        gate.metadata.generation = Some(1);
+        // accuracy >= 0.9, loss <= 0.5, tokenAccuracy >= 0.95 (dry run); no baseline here.
+        gate.spec.no_regression = None;
+        gate
+    }
+
+    fn model() -> ResolvedModel {
+        ResolvedModel {
+            source: "trainingjob/arith".into(),
+            uri: "pvc://anneal-models/arith".into(),
+            sha256: Some(SHA.into()),
+            gate: None,
+        }
+    }
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    /// The round's pod as the gate made it, with its container ended as given.
+    fn pod_of(gate: &EvalGate, try_: u32, exit: Option<(i32, &str)>) -> Pod {
+        let status = gate.status.as_ref().unwrap();
+        let mut pod = eval_pod(
+            gate,
+            status.round.as_deref().unwrap(),
+            try_,
+            status.candidate.as_ref().unwrap(),
+            status.baseline.as_ref(),
+            &OperatorConfig::default(),
+        )
+        .unwrap();
+        pod.status = Some(
+            serde_json::from_value(match exit {
+                None => json!({"phase": "Running", "containerStatuses": [{"name": CONTAINER, "image": "x", "imageID": "", "ready": true, "restartCount": 0, "state": {"running": {}}}]}),
+                Some((code, message)) => json!({
+                    "phase": if code == 0 { "Succeeded" } else { "Failed" },
+                    "containerStatuses": [{"name": CONTAINER, "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                        "state": {"terminated": {"exitCode": code, "message": message}}}],
+                }),
+            })
+            .unwrap(),
+        );
+        pod
+    }
+
+    fn report(sha: &str, accuracy: Option<f64>, loss: f64) -> String {
+        json!({"model_sha256": sha, "examples": 100, "loss": loss, "perplexity": loss.exp(),
+               "token_accuracy": 0.97, "exact_match": accuracy})
+        .to_string()
+    }
+
+    /// Starts a round at t(0) and returns the gate as stored after it.
+    fn started(mut gate: EvalGate, baseline: &Baseline) -> EvalGate {
+        let plan = decide(&gate, &Candidate::Ready(model()), baseline, &[], t(0));
+        assert_eq!(plan.status.phase, Some(GatePhase::Evaluating));
+        assert_eq!(plan.create_try, Some(1));
+        gate.status = Some(plan.status);
+        gate
+    }
+
+    fn verdict(gate: &EvalGate, message: &str) -> Plan {
+        let pod = pod_of(gate, 1, Some((0, message)));
+        decide(
+            gate,
+            &Candidate::Ready(model()),
+            &Baseline::NotAsked,
+            &[pod],
+            t(60),
+        )
+    }
+
+    fn condition_of<'a>(plan: &'a Plan, type_: &str) -> &'a anneal_crds::Condition {
+        plan.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_candidate_within_every_bound_is_promoted_and_its_pod_removed() {
+        let gate = started(gate(), &Baseline::NotAsked);
+        // Again before the pod reports: the same pod, never a second one.
+        let again = decide(
+            &gate,
+            &Candidate::Ready(model()),
+            &Baseline::NotAsked,
+            &[],
+            t(5),
+        );
+        assert_eq!(again.create_try, Some(1));
+        assert_eq!(again.status, *gate.status.as_ref().unwrap());
+        let plan = verdict(&gate, &report(SHA, Some(0.95), 0.2));
+        assert_eq!(plan.status.phase, Some(GatePhase::Passed));
+        let promoted = plan.status.promoted.as_ref().unwrap();
+        assert_eq!(promoted.sha256.as_deref(), Some(SHA));
+        assert_eq!(promoted.gate.as_deref(), Some("arith"));
+        assert_eq!(condition_of(&plan, "Promoted").status, "True");
+        assert_eq!(condition_of(&plan, "Evaluated").status, "True");
+        assert_eq!(plan.delete.len(), 1);
+        assert_eq!(plan.verdict, Some((GatePhase::Passed, "Passed".into())));
+        assert_eq!(plan.status.results.len(), 3);
+        assert_eq!(plan.status.history.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_bound_names_the_metric_its_value_and_the_bound_and_promotes_nothing() {
+        let gate = started(gate(), &Baseline::NotAsked);
+        let plan = verdict(&gate, &report(SHA, Some(0.82), 0.2));
+        assert_eq!(plan.status.phase, Some(GatePhase::Failed));
+        assert_eq!(plan.status.promoted, None);
+        let evaluated = condition_of(&plan, "Evaluated");
+        assert_eq!(evaluated.reason, "ThresholdFailed");
+        assert!(
+            evaluated
+                .message
+                .contains("accuracy 0.8200 is below the minimum 0.9"),
+            "{}",
+            evaluated.message
+        );
+        assert!(
+            plan.notices
+                .iter()
+                .any(|n| n.warning && n.message.contains("accuracy 0.82"))
+        );
+        // Per-metric results are kept for a failed round too.
+        let accuracy = plan
+            .status
+            .results
+            .iter()
+            .find(|r| r.metric == Metric::Accuracy)
+            .unwrap();
+        assert_eq!((accuracy.value, accuracy.passed), (Some(0.82), false));
+    }
+
+    #[test]
+    fn nan_missing_metrics_bad_reports_and_other_weights_fail_closed() {
+        let gate = started(gate(), &Baseline::NotAsked);
+        let nan = verdict(&gate, &report(SHA, None, f64::NAN));
+        assert_eq!(nan.status.phase, Some(GatePhase::Failed));
+        assert!(
+            condition_of(&nan, "Evaluated")
+                .message
+                .contains("no finite value")
+        );
+        let other = verdict(&gate, &report(BASE_SHA, Some(1.0), 0.1));
+        assert_eq!(condition_of(&other, "Evaluated").reason, "DigestMismatch");
+        let garbage = verdict(&gate, "panicked at ...");
+        assert_eq!(condition_of(&garbage, "Evaluated").reason, "BadReport");
+        for plan in [nan, other, garbage] {
+            assert_eq!(plan.status.promoted, None);
+        }
+    }
+
+    #[test]
+    fn a_dry_run_metric_is_reported_but_not_part_of_the_verdict() {
+        let gate = started(gate(), &Baseline::NotAsked);
+        let mut message: serde_json::Value =
+            serde_json::from_str(&report(SHA, Some(0.95), 0.2)).unwrap();
+        message["token_accuracy"] = json!(0.5);
+        let plan = verdict(&gate, &message.to_string());
+        assert_eq!(plan.status.phase, Some(GatePhase::Passed));
+        let dry = plan.status.results.iter().find(|r| r.dry_run).unwrap();
+        assert_eq!((dry.metric, dry.passed), (Metric::TokenAccuracy, false));
+    }
+
+    #[test]
+    fn a_regression_against_the_served_model_fails_within_bounds() {
+        let mut gate = gate();
+        gate.spec.no_regression = Some(NoRegression {
+            model_server: anneal_crds::common::LocalObjectReference {
+                name: "arith".into(),
+            },
+            tolerance: 0.01,
+        });
+        let served = ResolvedModel {
+            source: "trainingjob/arith".into(),
+            uri: "pvc://anneal-models/arith-v1".into(),
+            sha256: Some(BASE_SHA.into()),
+            gate: Some("arith".into()),
+        };
+        let gate = started(gate, &Baseline::Model(served.clone()));
+        assert_eq!(gate.status.as_ref().unwrap().baseline, Some(served));
+        let pod = pod_of(&gate, 1, None);
+        let args = &pod.spec.as_ref().unwrap().containers[0].args;
+        assert!(args.as_ref().unwrap().contains(&"--baseline".to_string()));
+        let mut message: serde_json::Value =
+            serde_json::from_str(&report(SHA, Some(0.95), 0.30)).unwrap();
+        message["baseline"] = serde_json::from_str(&report(BASE_SHA, Some(0.95), 0.20)).unwrap();
+        let plan = verdict(&gate, &message.to_string());
+        assert_eq!(condition_of(&plan, "Evaluated").reason, "Regression");
+        let loss = plan
+            .status
+            .results
+            .iter()
+            .find(|r| r.metric == Metric::Loss)
+            .unwrap();
+        assert_eq!(loss.baseline, Some(0.2));
+        // Within the tolerance of the served model it passes.
+        message["loss"] = json!(0.201);
+        message["perplexity"] = json!(0.201f64.exp());
+        let plan = verdict(&gate, &message.to_string());
+        assert_eq!(
+            plan.status.phase,
+            Some(GatePhase::Passed),
+            "{:?}",
+            plan.status.conditions
+        );
+    }
+
+    #[test]
+    fn lost_pods_are_retried_a_bounded_number_of_times_then_the_gate_fails() {
+        let mut gate = started(gate(), &Baseline::NotAsked);
+        gate.spec.retries = 1;
+        let lost = pod_of(&gate, 1, Some((75, "CUDA error")));
+        let plan = decide(
+            &gate,
+            &Candidate::Ready(model()),
+            &Baseline::NotAsked,
+            std::slice::from_ref(&lost),
+            t(10),
+        );
+        assert_eq!((plan.status.tries, plan.create_try), (Some(2), Some(2)));
+        assert!(plan.delete.contains(&lost.name_any()));
+        gate.status = Some(plan.status);
+        let lost = pod_of(&gate, 2, Some((1, "internal")));
+        let plan = decide(
+            &gate,
+            &Candidate::Ready(model()),
+            &Baseline::NotAsked,
+            &[lost],
+            t(20),
+        );
+        assert_eq!(plan.status.phase, Some(GatePhase::Failed));
+        assert_eq!(
+            condition_of(&plan, "Evaluated").reason,
+            "InfrastructureFailure"
+        );
+        // A refused input (exit 65) is not retried.
+        let gate = started(self::gate(), &Baseline::NotAsked);
+        let refused = pod_of(&gate, 1, Some((65, "no such model directory")));
+        let plan = decide(
+            &gate,
+            &Candidate::Ready(model()),
+            &Baseline::NotAsked,
+            &[refused],
+            t(10),
+        );
+        assert_eq!(condition_of(&plan, "Evaluated").reason, "EvaluationRefused");
+    }
+
+    #[test]
+    fn no_verdict_before_the_timeout_fails_the_gate_and_removes_the_pod() {
+        let gate = started(gate(), &Baseline::NotAsked);
+        let running = pod_of(&gate, 1, None);
+        let before = decide(
+            &gate,
+            &Candidate::Ready(model()),
+            &Baseline::NotAsked,
+            std::slice::from_ref(&running),
+            t(10),
+        );
+        assert_eq!(before.requeue_at, Some(t(900)));
+        let after = decide(
+            &gate,
+            &Candidate::Ready(model()),
+            &Baseline::NotAsked,
+            &[running],
+            t(900),
+        );
+        assert_eq!(condition_of(&after, "Evaluated").reason, "Timeout");
+        assert_eq!(after.delete.len(), 1);
+    }
+
+    #[test]
+    fn a_new_artifact_is_a_new_round_and_a_deleted_job_leaves_the_verdict_standing() {
+        let gate0 = started(gate(), &Baseline::NotAsked);
+        let mut gate = gate0.clone();
+        gate.status = Some(verdict(&gate0, &report(SHA, Some(0.95), 0.2)).status);
+        let decided = gate.status.clone().unwrap();
+        // The TrainingJob deleted (a TTL): nothing changes.
+        let gone = decide(&gate, &Candidate::Gone, &Baseline::NotAsked, &[], t(100));
+        assert_eq!(gone.status, decided);
+        // Re-run: waiting keeps the promoted model.
+        let waiting = Candidate::Waiting {
+            reason: "WaitingForTraining".into(),
+            message: "running".into(),
+        };
+        let plan = decide(&gate, &waiting, &Baseline::NotAsked, &[], t(100));
+        assert_eq!(plan.status.phase, Some(GatePhase::Pending));
+        assert_eq!(plan.status.promoted, decided.promoted);
+        // A new artifact: a new round, a new pod name.
+        let next = ResolvedModel {
+            sha256: Some(BASE_SHA.into()),
+            ..model()
+        };
+        let plan = decide(
+            &gate,
+            &Candidate::Ready(next),
+            &Baseline::NotAsked,
+            &[],
+            t(200),
+        );
+        assert_eq!(plan.status.phase, Some(GatePhase::Evaluating));
+        assert_ne!(plan.status.round, decided.round);
+        assert_eq!(plan.create_try, Some(1));
+        assert_eq!(plan.status.promoted, decided.promoted);
+    }
+}

@@ -370,3 +370,179 @@ fn push_history(
     let excess = st.history.len().saturating_sub(HISTORY);
     st.history.drain(..excess);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OperatorConfig;
+    use crate::modelserver::build::deployment;
+    use serde_json::json;
+
+    fn server() -> ModelServer {
+        let text = include_str!("../../../manifests/examples/modelserver.yaml");
+        let mut server: ModelServer = serde_yaml::from_str(text).unwrap();
+        server.metadata.namespace = Some("ml".into());
+        server.metadata.uid = Some("server-uid".into());
+        server.metadata.generation = Some(1);
+        server.spec.rollback_deadline_seconds = 60;
+        server
+    }
+
+    fn model(n: u8) -> ResolvedModel {
+        ResolvedModel {
+            source: "trainingjob/arith".into(),
+            uri: format!("pvc://anneal-models/v{n}"),
+            sha256: Some(format!("{n}").repeat(64)),
+            gate: Some("arith".into()),
+        }
+    }
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    /// The Deployment running `m` with `ready` of its replicas Ready.
+    fn running(server: &ModelServer, m: &ResolvedModel, ready: i32) -> Deployment {
+        let mut d = deployment(server, m, &OperatorConfig::default()).unwrap();
+        d.metadata.generation = Some(1);
+        let r = server.spec.replicas as i32;
+        d.status = Some(serde_json::from_value(json!({"observedGeneration": 1, "replicas": r, "updatedReplicas": r, "readyReplicas": ready})).unwrap());
+        d
+    }
+
+    fn step(
+        server: &mut ModelServer,
+        desired: &Desired,
+        dep: Option<&Deployment>,
+        now: Timestamp,
+    ) -> Plan {
+        let plan = decide(server, desired, dep, "http://x", now);
+        server.status = Some(plan.status.clone());
+        plan
+    }
+
+    fn cond<'a>(plan: &'a Plan, type_: &str) -> &'a anneal_crds::Condition {
+        plan.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap()
+    }
+
+    #[test]
+    fn nothing_is_deployed_before_the_gate_promotes_a_model() {
+        let mut s = server();
+        let waiting = Desired::Waiting {
+            reason: "NoPromotedModel".into(),
+            message: "EvalGate arith has promoted no model yet".into(),
+        };
+        let plan = step(&mut s, &waiting, None, t(0));
+        assert_eq!(plan.deploy, None);
+        assert_eq!(plan.status.phase, Some(ServerPhase::Pending));
+    }
+
+    #[test]
+    fn a_model_rolls_out_then_a_bad_one_is_rolled_back_in_one_step_and_not_retried() {
+        let mut s = server();
+        let (v1, v2) = (model(1), model(2));
+        let plan = step(&mut s, &Desired::Model(v1.clone()), None, t(0));
+        assert_eq!(plan.deploy, Some(v1.clone()));
+        assert_eq!(plan.status.phase, Some(ServerPhase::RollingOut));
+        assert_eq!(plan.requeue_at, Some(t(60)));
+        let plan = step(
+            &mut s,
+            &Desired::Model(v1.clone()),
+            Some(&running(&server(), &v1, 2)),
+            t(20),
+        );
+        assert_eq!(plan.status.phase, Some(ServerPhase::Ready));
+        assert_eq!(plan.rollout_seconds, Some(20.0));
+        assert_eq!(cond(&plan, "Ready").status, "True");
+        // Steady: the same status, so no write.
+        let again = decide(
+            &s,
+            &Desired::Model(v1.clone()),
+            Some(&running(&server(), &v1, 2)),
+            "http://x",
+            t(30),
+        );
+        assert_eq!(Some(again.status), s.status.clone());
+        // The gate promotes v2, whose pods never become Ready.
+        let plan = step(
+            &mut s,
+            &Desired::Model(v2.clone()),
+            Some(&running(&server(), &v1, 2)),
+            t(100),
+        );
+        assert_eq!(plan.deploy, Some(v2.clone()));
+        assert_eq!(plan.status.previous_model, Some(v1.clone()));
+        let stuck = running(&server(), &v2, 0);
+        let plan = step(&mut s, &Desired::Model(v2.clone()), Some(&stuck), t(159));
+        assert_eq!(plan.status.phase, Some(ServerPhase::RollingOut));
+        let plan = step(&mut s, &Desired::Model(v2.clone()), Some(&stuck), t(160));
+        assert!(plan.rolled_back);
+        assert_eq!(
+            plan.deploy,
+            Some(v1.clone()),
+            "one step back to the last Ready model"
+        );
+        assert_eq!(plan.status.phase, Some(ServerPhase::RolledBack));
+        assert_eq!(cond(&plan, "RolledBack").status, "True");
+        assert_eq!(plan.status.rolled_back_from, Some(v2.clone()));
+        // v1 Ready again; v2 is still what the gate promoted, and is not tried again.
+        let plan = step(
+            &mut s,
+            &Desired::Model(v2.clone()),
+            Some(&running(&server(), &v1, 2)),
+            t(170),
+        );
+        assert_eq!(plan.deploy, Some(v1.clone()));
+        assert_eq!(plan.status.phase, Some(ServerPhase::RolledBack));
+        assert!(!plan.rolled_back);
+        let outcomes: Vec<_> = plan.status.history.iter().map(|h| h.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [RolloutOutcome::Served, RolloutOutcome::RolledBack]
+        );
+        // A new model (v3) clears the roll-back and rolls out.
+        let v3 = model(3);
+        let plan = step(
+            &mut s,
+            &Desired::Model(v3.clone()),
+            Some(&running(&server(), &v1, 2)),
+            t(200),
+        );
+        assert_eq!(plan.deploy, Some(v3));
+        assert_eq!(plan.status.rolled_back_from, None);
+        assert_eq!(plan.status.previous_model, Some(v1));
+        assert_eq!(cond(&plan, "RolledBack").status, "False");
+    }
+
+    #[test]
+    fn a_first_model_that_misses_its_deadline_has_nothing_to_roll_back_to() {
+        let mut s = server();
+        let v1 = model(1);
+        step(&mut s, &Desired::Model(v1.clone()), None, t(0));
+        let plan = step(
+            &mut s,
+            &Desired::Model(v1.clone()),
+            Some(&running(&server(), &v1, 0)),
+            t(61),
+        );
+        assert!(!plan.rolled_back);
+        assert_eq!(plan.deploy, Some(v1.clone()));
+        assert_eq!(plan.status.phase, Some(ServerPhase::Degraded));
+        assert_eq!(
+            cond(&plan, "Progressing").reason,
+            "ProgressDeadlineExceeded"
+        );
+        // When its pods come up after all, it serves.
+        let plan = step(
+            &mut s,
+            &Desired::Model(v1.clone()),
+            Some(&running(&server(), &v1, 2)),
+            t(90),
+        );
+        assert_eq!(plan.status.phase, Some(ServerPhase::Ready));
+    }
+}

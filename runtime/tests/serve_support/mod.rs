@@ -32,6 +32,8 @@ pub fn smollm2() -> PathBuf {
 pub fn args(model: PathBuf) -> Args {
     Args {
         model,
+        model_sha256: None,
+        max_tokens: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         api_key_file: None,
         max_batch: 8,
