@@ -7,6 +7,7 @@
 //! - [`wait`]: waiting on a condition of an object, with a deadline (a watch, never a blind sleep);
 //! - [`namespace`]: a temporary namespace per test, deleted when the test ends, pass or fail;
 //! - [`faults`]: dead nodes, unhealthy GPUs, container exits, as `e2e/cluster/fault.sh` does them;
+//! - [`node_lease`]: a node's Lease renewed by the test at a stock kubelet's interval instead of by kwok;
 //! - [`operator`]: the real operator binary as a process, scoped to a test namespace;
 //! - [`trainingjob`]: the example TrainingJob, a restricted namespace, waiting for workers.
 //!
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod crds;
 pub mod faults;
 pub mod namespace;
+pub mod node_lease;
 pub mod operator;
 pub mod tools;
 pub mod trainingjob;
