@@ -95,6 +95,18 @@ SCHEDULER_PORT="${ANNEAL_SCHEDULER_PORT:-16259}"
 KWOK_PORT="${ANNEAL_KWOK_PORT:-16247}"
 APISERVER_URL="https://127.0.0.1:$APISERVER_PORT"
 
+# How the control plane judges node liveness (README.md, "Profiles"): `test` (the default) marks a node whose
+# Lease stops NotReady after 10 s and has kwok renew Leases every 2.5 s; `stock` keeps kube-controller-manager's
+# defaults (grace period 50 s) and renews every 10 s with a 40 s Lease, as a stock kubelet does.
+CLUSTER_PROFILE="${ANNEAL_CLUSTER_PROFILE:-test}"
+case "$CLUSTER_PROFILE" in
+  test | stock) ;;
+  *) die "ANNEAL_CLUSTER_PROFILE=$CLUSTER_PROFILE: expected test or stock" ;;
+esac
+# The profile the running cluster was started with (written by up.sh; a cluster started before profiles
+# existed ran the test profile).
+running_profile() { cat "$CLUSTER_STATE/profile" 2>/dev/null || echo test; }
+
 # Components in start order; down.sh stops them in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 

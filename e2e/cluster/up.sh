@@ -113,8 +113,15 @@ start_apiserver() {
 }
 
 # Tuned for a test cluster (see README.md): a node whose lease stops being renewed is marked Unknown after
-# 10 s instead of 50 s, so failover tests see a dead node the way production does, only sooner.
+# 10 s instead of 50 s, so failover tests see a dead node the way production does, only sooner. The stock
+# profile leaves kube-controller-manager's node monitoring and API rate limits at their defaults.
 start_controllers() {
+  local tuning=(--node-monitor-period 1s --node-monitor-grace-period 10s --kube-api-qps 100 --kube-api-burst 200)
+  local lease_seconds=10
+  if [[ "$CLUSTER_PROFILE" == stock ]]; then
+    tuning=()
+    lease_seconds=40
+  fi
   start kube-controller-manager --kubeconfig "$PKI_DIR/kube-controller-manager.kubeconfig" \
     --authentication-kubeconfig "$PKI_DIR/kube-controller-manager.kubeconfig" \
     --authorization-kubeconfig "$PKI_DIR/kube-controller-manager.kubeconfig" \
@@ -122,17 +129,17 @@ start_controllers() {
     --cluster-signing-cert-file "$PKI_DIR/ca.crt" --cluster-signing-key-file "$PKI_DIR/ca.key" \
     --root-ca-file "$PKI_DIR/ca.crt" --service-account-private-key-file "$PKI_DIR/sa.key" \
     --use-service-account-credentials=true --service-cluster-ip-range 10.96.0.0/16 \
-    --node-monitor-period 1s --node-monitor-grace-period 10s \
-    --kube-api-qps 100 --kube-api-burst 200 --profiling=false
+    "${tuning[@]}" --profiling=false
   start kube-scheduler --kubeconfig "$PKI_DIR/kube-scheduler.kubeconfig" \
     --authentication-kubeconfig "$PKI_DIR/kube-scheduler.kubeconfig" \
     --authorization-kubeconfig "$PKI_DIR/kube-scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$SCHEDULER_PORT" --leader-elect=false --profiling=false
-  # Leases last 10 s and are renewed every 2.5 s (kwok renews at a quarter of the duration, like a kubelet).
+  # Leases last 10 s and are renewed every 2.5 s (kwok renews at a quarter of the duration, like a kubelet);
+  # stock: 40 s, renewed every 10 s.
   start kwok --kubeconfig "$PKI_DIR/kwok.kubeconfig" \
     --manage-all-nodes=false \
     --manage-nodes-with-label-selector "$KWOK_MANAGED_LABEL_KEY=$KWOK_MANAGED_LABEL_VALUE" \
-    --node-lease-duration-seconds 10 --server-address "127.0.0.1:$KWOK_PORT" --v WARN \
+    --node-lease-duration-seconds "$lease_seconds" --server-address "127.0.0.1:$KWOK_PORT" --v WARN \
     --config "$CLUSTER_DIR/kwok/node-stages.yaml" --config "$CLUSTER_DIR/kwok/pod-stages.yaml"
   wait_for kwok 30 kwok_healthy
 }
@@ -149,12 +156,15 @@ main() {
   [[ -x "$TOOLS_BIN/kube-apiserver" ]] || die "tools missing in $TOOLS_BIN after build-tools.sh"
   lock "$CLUSTER_STATE/.lock"
 
-  if all_running && apiserver_ready; then
-    log "cluster already running ($APISERVER_URL)"
+  if all_running && apiserver_ready && [[ "$(running_profile)" == "$CLUSTER_PROFILE" ]]; then
+    log "cluster already running ($APISERVER_URL, profile $CLUSTER_PROFILE)"
   else
+    [[ "$(running_profile)" == "$CLUSTER_PROFILE" ]] || ! all_running ||
+      log "the running cluster has profile $(running_profile); starting it again with $CLUSTER_PROFILE"
     # Whatever is left of an earlier cluster (a crash, a half-finished up) goes first.
     "$CLUSTER_DIR/down.sh"
     mkdir -p "$LOG_DIR" "$PID_DIR"
+    echo "$CLUSTER_PROFILE" >"$CLUSTER_STATE/profile"
     "$CLUSTER_DIR/pki.sh"
     start_etcd
     start_apiserver
