@@ -29,6 +29,10 @@ pub fn affinity(
             None => match_expressions.push(json!({"key": GPU_PRODUCT_LABEL, "operator": "Exists"})),
         }
     }
+    if match_expressions.is_empty() && excluded_nodes.is_empty() {
+        // An empty node selector term matches no node: a CPU pod anywhere has no affinity.
+        return Value::Null;
+    }
     let mut term = json!({"matchExpressions": match_expressions});
     if !excluded_nodes.is_empty() {
         term["matchFields"] =
@@ -194,6 +198,16 @@ pub fn cannot_start(pod: &Pod, container: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_pod_may_run_on_any_node() {
+        let cpu = ComputeResources::default();
+        assert_eq!(affinity(&cpu, &[], &OperatorConfig::default()), Value::Null);
+        let away = affinity(&cpu, &["n1".into()], &OperatorConfig::default());
+        let term = &away["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0];
+        assert_eq!(term["matchFields"][0]["values"], json!(["n1"]));
+    }
 
     #[test]
     fn claims_are_mounted_once_and_writable_only_when_written() {

@@ -270,13 +270,20 @@ impl<K> Applied<K> {
 }
 
 /// True when every field of `want` is in `have` with the same value (lists: same length, each
-/// element contained). Fields the API server or other managers added are not drift.
+/// element contained). Fields the API server or other managers added are not drift, and an
+/// empty map or list the API server drops (`nodeSelector: {}`) is not missing.
 pub fn contains(have: &serde_json::Value, want: &serde_json::Value) -> bool {
     use serde_json::Value;
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::Object(o) => o.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    };
     match (have, want) {
         (Value::Object(h), Value::Object(w)) => w
             .iter()
-            .all(|(k, wv)| wv.is_null() || h.get(k).is_some_and(|hv| contains(hv, wv))),
+            .all(|(k, wv)| wv.is_null() || h.get(k).map_or(empty(wv), |hv| contains(hv, wv))),
         (Value::Array(h), Value::Array(w)) => {
             h.len() == w.len() && h.iter().zip(w).all(|(a, b)| contains(a, b))
         }
@@ -404,5 +411,11 @@ mod tests {
         assert!(!contains(&have, &json!({"a": 2})));
         assert!(!contains(&have, &json!({"b": {"c": [1]}})));
         assert!(!contains(&have, &json!({"missing": true})));
+        // What the API server drops is not missing; what it keeps must match.
+        assert!(contains(
+            &have,
+            &json!({"nodeSelector": {}, "tolerations": []})
+        ));
+        assert!(!contains(&json!({"t": [1]}), &json!({"t": []})));
     }
 }
