@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job, on a fresh machine: bring up the local cluster (built from pinned upstream sources
-# on first use), install anneal with Helm, run the operator, apply the pipeline example and watch
-# the TrainingJob's worker land on an H100 node (kwok simulates the GPU nodes); then run the real
-# runtime on this CPU: train a tiny model on builtin:arith, evaluate it like an EvalGate would, and
-# serve it over the OpenAI-compatible API. What is not built yet is said as such.
+# on first use), install anneal with Helm, run the operator, apply the pipeline example and follow
+# it through the three controllers: the TrainingJob's worker lands on an H100 node, the EvalGate
+# evaluates what it produced and promotes it, and the ModelServer rolls it out by digest. kwok
+# simulates the GPU nodes, so the pods' work is done here, on this CPU, by the real runtime with
+# the arguments the pods carry, and its results reach the operator as the pods' termination
+# messages (as a kubelet reports them). Then the promoted model answers over the OpenAI API.
 #
 #   e2e/demo.sh             run it; the cluster stays up afterwards (e2e/cluster/down.sh stops it)
 set -euo pipefail
@@ -55,26 +57,55 @@ YAML
 kubectl apply -n anneal-demo -f manifests/examples/models-pvc.yaml
 kubectl wait -n anneal-demo pvc/anneal-models --for=jsonpath='{.status.phase}'=Bound --timeout=60s >/dev/null
 kubectl apply -n anneal-demo -f manifests/examples/pipeline.yaml
-kubectl wait -n anneal-demo trainingjob/arith --for=jsonpath='{.status.phase}'=Running --timeout=120s
+kubectl wait -n anneal-demo trainingjob/arith --for=jsonpath='{.status.phase}'=Running --timeout=120s >/dev/null
 kubectl get anneal -n anneal-demo
 kubectl get pods -n anneal-demo -o wide
-echo "(the worker pod runs on a kwok-simulated H100 node; the EvalGate and ModelServer controllers are not built yet)"
 
-say "the runtime, for real on this CPU: the TrainingJob's own spec, as the worker pod reads it"
-# What the operator mounted into the worker (ConfigMap arith-config, /etc/anneal/trainingjob.json),
-# trained here on the CPU: pvc://anneal-models/... is read under ANNEAL_PVC_ROOT as in the pod.
+# The arguments of the container of pod spec $2 (.spec, .spec.template.spec) of object $1, one per line.
+container_args() {
+  kubectl get -n anneal-demo "$1" -o go-template="{{range $2.containers}}{{range .args}}{{.}}{{\"\\n\"}}{{end}}{{end}}"
+}
+# What a container says when it ends, reported through kwok as a kubelet would.
+report() { e2e/cluster/fault.sh exit-pod "anneal-demo/$1" 0 "$(cat "$2")"; }
+
+say "training: the worker's own spec, run here on the CPU"
+# What the operator mounted into the worker (ConfigMap arith-config, /etc/anneal/trainingjob.json):
+# pvc://anneal-models/... is read under ANNEAL_PVC_ROOT as in the pod.
 kubectl get configmap arith-config -n anneal-demo -o jsonpath='{.data.trainingjob\.json}' >"$work/trainingjob.json"
 rm -rf "$work/pvc" "$work/checkpoints"
 mkdir -p "$work/pvc/anneal-models" "$work/checkpoints"
-ANNEAL_PVC_ROOT="$work/pvc" ANNEAL_CHECKPOINT_DIR="$work/checkpoints" \
+export ANNEAL_PVC_ROOT="$work/pvc"
+: >"$work/train.termination"
+ANNEAL_CHECKPOINT_DIR="$work/checkpoints" ANNEAL_TERMINATION_LOG="$work/train.termination" \
   "$bin/anneal-runtime" train --job-spec "$work/trainingjob.json" --device auto
-model="$work/pvc/anneal-models/arith"
+echo "worker arith-a1-w0 ends: $(cat "$work/train.termination")"
+report arith-a1-w0 "$work/train.termination"
+kubectl wait -n anneal-demo trainingjob/arith --for=jsonpath='{.status.phase}'=Succeeded --timeout=60s >/dev/null
 
-say "evaluate it on the held-out test split (what an EvalGate reads)"
-"$bin/anneal-runtime" eval --model "$model" --data builtin:arith | tee "$work/eval.json"
+say "evaluation: the EvalGate's pod, its arguments run here on the CPU"
+kubectl wait -n anneal-demo evalgate/arith --for=jsonpath='{.status.phase}'=Evaluating --timeout=60s >/dev/null
+round="$(kubectl get -n anneal-demo evalgate/arith -o jsonpath='{.status.round}')"
+eval_pod="arith-eval-$round-t1"
+kubectl wait -n anneal-demo "pod/$eval_pod" --for=jsonpath='{.status.phase}'=Running --timeout=60s >/dev/null
+mapfile -t args < <(container_args "pod/$eval_pod" .spec)
+echo "pod $eval_pod runs: anneal-runtime ${args[*]}"
+: >"$work/eval.termination"
+ANNEAL_TERMINATION_LOG="$work/eval.termination" "$bin/anneal-runtime" "${args[@]}" >/dev/null
+report "$eval_pod" "$work/eval.termination"
+kubectl wait -n anneal-demo evalgate/arith --for=condition=Evaluated --timeout=60s >/dev/null
+kubectl get -n anneal-demo evalgate/arith -o jsonpath='{range .status.conditions[*]}{.type}={.status} ({.reason}): {.message}{"\n"}{end}'
 
-say "serve it and ask over the OpenAI-compatible API"
-"$bin/anneal-runtime" serve --model "$model" --listen 127.0.0.1:18080 --max-seq-len 64 >"$work/serve.log" 2>&1 &
+say "serving: the ModelServer rolls out what the gate promoted"
+kubectl wait -n anneal-demo evalgate/arith --for=condition=Promoted --timeout=60s >/dev/null
+kubectl wait -n anneal-demo modelserver/arith --for=jsonpath='{.status.phase}'=Ready --timeout=120s >/dev/null
+kubectl get anneal -n anneal-demo
+kubectl get deployment,service -n anneal-demo -l anneal.dev/modelserver=arith
+
+say "the promoted model answers: the Deployment's arguments, run here on the CPU"
+mapfile -t args < <(container_args deployment/arith .spec.template.spec)
+for i in "${!args[@]}"; do [[ "${args[$i]}" == --listen ]] && args[i+1]=127.0.0.1:18080; done
+echo "deployment arith runs: anneal-runtime ${args[*]}"
+"$bin/anneal-runtime" "${args[@]}" >"$work/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 1 120); do
   curl -sf localhost:18080/readyz >/dev/null && break

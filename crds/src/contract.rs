@@ -33,6 +33,17 @@ pub const PVC_ROOT: &str = "/mnt/pvc";
 
 /// Where the runtime writes its result JSON for the operator (the container's termination message).
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// Env: another path for [`TERMINATION_LOG`] (outside a pod: the demo, tests).
+pub const ENV_TERMINATION_LOG: &str = "ANNEAL_TERMINATION_LOG";
+
+/// Where the result JSON goes: [`ENV_TERMINATION_LOG`], else [`TERMINATION_LOG`]. It is written
+/// only where that file exists.
+pub fn termination_log() -> std::path::PathBuf {
+    std::env::var_os(ENV_TERMINATION_LOG)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| TERMINATION_LOG.into())
+}
+
 /// The termination message is cut by the kubelet at 4096 bytes; results must fit.
 pub const TERMINATION_MESSAGE_MAX_BYTES: usize = 4096;
 

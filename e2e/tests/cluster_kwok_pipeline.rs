@@ -6,7 +6,15 @@
 //!
 //! Cluster tier: `e2e/cluster/up.sh && cargo test -p anneal-e2e -- --include-ignored`.
 
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::runtime::{WatchStreamExt, watcher};
+use support::chaos::{Chaos, Rng};
 
 use anneal_crds::evalgate::GatePhase;
 use anneal_crds::modelserver::ServerPhase;
@@ -809,6 +817,152 @@ spec:
     ensure!(
         fixed.status.and_then(|s| s.rolled_back_from).is_none(),
         "roll-back kept"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs e2e/cluster/up.sh"]
+async fn kwok_operator_sigkilled_during_evaluation_and_promotion_evaluates_once_and_serves_only_passed_models()
+-> Result<()> {
+    let seed = support::chaos::seed();
+    println!("chaos seed {seed} (replay with ANNEAL_CHAOS_SEED={seed})");
+    let client = client().await?;
+    let namespace =
+        anneal_e2e::trainingjob::restricted_namespace_only(&client, "gate-chaos").await?;
+    let ns = namespace.name().to_string();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+
+    // Every pod UID ever created, by name; every model a server pod template ever named.
+    let created: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+    let served: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let recorders = {
+        let (created, served) = (created.clone(), served.clone());
+        let pods = pods.clone();
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        [
+            tokio::spawn(async move {
+                let mut stream =
+                    std::pin::pin!(watcher(pods, watcher::Config::default()).applied_objects());
+                while let Some(Ok(pod)) = stream.next().await {
+                    if let Some(uid) = pod.uid() {
+                        let mut map = created.lock().unwrap_or_else(|p| p.into_inner());
+                        map.entry(pod.name_any()).or_default().insert(uid);
+                    }
+                }
+            }),
+            tokio::spawn(async move {
+                let mut stream = std::pin::pin!(
+                    watcher(deployments, watcher::Config::default()).applied_objects()
+                );
+                while let Some(Ok(d)) = stream.next().await {
+                    let sha = d
+                        .spec
+                        .and_then(|s| s.template.metadata)
+                        .and_then(|m| m.annotations)
+                        .and_then(|a| a.get("anneal.dev/model-sha256").cloned());
+                    if let Some(sha) = sha {
+                        served.lock().unwrap_or_else(|p| p.into_inner()).insert(sha);
+                    }
+                }
+            }),
+        ]
+    };
+    let mut chaos = Chaos {
+        ns: ns.clone(),
+        operator: Some(OperatorProcess::start(&ns).await?),
+        rng: Rng(seed),
+        kills: Vec::new(),
+    };
+    let yaml = pipeline_yaml()?;
+    let outcome: Result<()> = async {
+        // Round 1 passes, round 2 fails; the operator dies somewhere after every step.
+        for (n, accuracy) in [(1u8, 0.97), (2, 0.4)] {
+            if n > 1 {
+                jobs.delete("arith", &Default::default()).await?;
+                wait_for(&jobs, "arith", TIMEOUT, |j: Option<&TrainingJob>| {
+                    j.is_none()
+                })
+                .await?;
+            }
+            apply(&ns, &yaml).await?;
+            chaos.kill_somewhere().await?;
+            running_worker(&pods, "arith", 1, TIMEOUT).await?;
+            let artifact =
+                json!({"artifact": {"uri": "pvc://anneal-models/arith", "sha256": sha(n)}});
+            exit_pod(&client, &ns, &worker("arith", 1), 0, &artifact.to_string()).await?;
+            chaos.kill_somewhere().await?;
+            let pod = eval_pod(&client, &ns, "arith").await?;
+            chaos.kill_somewhere().await?;
+            exit_pod(
+                &client,
+                &ns,
+                &pod.name_any(),
+                0,
+                &report(&sha(n), Some(accuracy), 0.1),
+            )
+            .await?;
+            chaos.kill_somewhere().await?;
+            let expect = if n == 1 {
+                GatePhase::Passed
+            } else {
+                GatePhase::Failed
+            };
+            let gates: Api<EvalGate> = Api::namespaced(client.clone(), &ns);
+            wait_for(&gates, "arith", TIMEOUT, |g: Option<&EvalGate>| {
+                g.and_then(|g| g.status.as_ref()).is_some_and(|s| {
+                    s.phase == Some(expect)
+                        && s.candidate.as_ref().and_then(|c| c.sha256.as_deref())
+                            == Some(sha(n).as_str())
+                })
+            })
+            .await?;
+            chaos.kill_somewhere().await?;
+            server_serving(&client, &ns, "arith", ServerPhase::Ready, &sha(1)).await?;
+        }
+        Ok(())
+    }
+    .await;
+    for r in &recorders {
+        r.abort();
+    }
+    let outcome = outcome.with_context(|| format!("seed {seed}, kills (ms) {:?}", chaos.kills));
+    outcome?;
+    // Exactly one evaluation pod per candidate, each created once, never a second try.
+    let created = created.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let evals: Vec<_> = created
+        .keys()
+        .filter(|k| k.starts_with("arith-eval-"))
+        .collect();
+    ensure!(evals.len() == 2, "evaluation pods: {evals:?}");
+    for name in &evals {
+        ensure!(name.ends_with("-t1"), "a retry without a lost pod: {name}");
+        ensure!(
+            created[*name].len() == 1,
+            "{name} created {} times",
+            created[*name].len()
+        );
+    }
+    // Exactly one promotion, and no model that did not pass was ever in a pod template.
+    let gate: EvalGate = Api::namespaced(client.clone(), &ns).get("arith").await?;
+    let history: Vec<_> = gate
+        .status
+        .context("status")?
+        .history
+        .iter()
+        .map(|r| (r.candidate.sha256.clone().unwrap_or_default(), r.phase))
+        .collect();
+    ensure!(
+        history == [(sha(1), GatePhase::Passed), (sha(2), GatePhase::Failed)],
+        "{history:?}"
+    );
+    let served = served.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    ensure!(served == BTreeSet::from([sha(1)]), "served: {served:?}");
+    println!(
+        "{} operator kills at {:?} ms; one evaluation per candidate, one promotion",
+        chaos.kills.len(),
+        chaos.kills
     );
     Ok(())
 }

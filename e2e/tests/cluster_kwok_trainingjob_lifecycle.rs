@@ -6,6 +6,8 @@
 //!
 //! Cluster tier: `e2e/cluster/up.sh && cargo test -p anneal-e2e -- --include-ignored`.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +35,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+
+use support::chaos::{Chaos, Rng};
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=anneal-operator";
 
@@ -376,47 +380,6 @@ async fn kwok_running_and_finished_jobs_cause_no_writes_in_a_steady_state() -> R
     Ok(())
 }
 
-/// A tiny deterministic generator for the kill points (xorshift64*), seeded from the clock unless
-/// `ANNEAL_CHAOS_SEED` pins it; the seed is printed so that a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// One operator, killed and restarted by the chaos test.
-struct Chaos {
-    ns: String,
-    operator: Option<OperatorProcess>,
-    rng: Rng,
-    kills: Vec<u64>,
-}
-
-impl Chaos {
-    /// SIGKILLs the operator at a random point of the next 1.5 s (the reconcile of what was just
-    /// done may not have started, may be half way, or may be over), then starts a new one.
-    async fn kill_somewhere(&mut self) -> Result<()> {
-        let delay = self.rng.below(1500);
-        self.kills.push(delay);
-        // The random point itself: what is tested is a crash at an arbitrary moment.
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-        if let Some(operator) = self.operator.take() {
-            operator.kill().await?;
-        }
-        self.operator = Some(OperatorProcess::start(&self.ns).await?);
-        Ok(())
-    }
-}
-
 /// Checks what the job owns: one of each RBAC object and ConfigMap, every one owned by the job.
 async fn owned_once(client: &Client, ns: &str, job: &TrainingJob) -> Result<()> {
     let uid = job.uid().context("uid")?;
@@ -572,15 +535,7 @@ async fn chaos_round(
 #[tokio::test]
 #[ignore = "cluster tier: needs e2e/cluster/up.sh"]
 async fn kwok_operator_sigkilled_at_random_points_converges_without_duplicates() -> Result<()> {
-    let seed = std::env::var("ANNEAL_CHAOS_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        });
+    let seed = support::chaos::seed();
     let rounds: usize = std::env::var("ANNEAL_CHAOS_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -303,7 +303,7 @@ pub fn train(
         }),
     };
     write_termination_message(
-        Path::new(contract::TERMINATION_LOG),
+        &contract::termination_log(),
         &termination_message(&artifact, resumed),
     );
     Ok(())

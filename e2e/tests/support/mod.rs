@@ -1,0 +1,3 @@
+//! Helpers shared by some cluster-tier test files (each includes this module).
+
+pub mod chaos;
