@@ -183,7 +183,7 @@ async fn kubectl_get_shows_state_columns() -> Result<()> {
         "RESTARTS",
         "AGE",
         "CANDIDATE",
-        "VERDICT",
+        "PROMOTED",
         "MODEL",
         "READY",
     ] {

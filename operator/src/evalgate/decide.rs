@@ -922,6 +922,33 @@ mod tests {
     }
 
     #[test]
+    fn an_evaluation_pod_that_cannot_start_fails_the_gate_with_the_kubelets_reason() {
+        let gate = started(gate(), &Baseline::NotAsked);
+        let mut pod = pod_of(&gate, 1, None);
+        pod.status = Some(
+            serde_json::from_value(json!({"phase": "Pending", "containerStatuses": [{
+                "name": CONTAINER, "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\""}}}]}))
+            .unwrap(),
+        );
+        let plan = decide(
+            &gate,
+            &Candidate::Ready(model()),
+            &Baseline::NotAsked,
+            &[pod],
+            t(10),
+        );
+        let evaluated = condition_of(&plan, "Evaluated");
+        assert_eq!(evaluated.reason, "PodCannotStart");
+        assert!(
+            evaluated.message.contains("ImagePullBackOff"),
+            "{}",
+            evaluated.message
+        );
+        assert_eq!(plan.status.promoted, None);
+    }
+
+    #[test]
     fn no_verdict_before_the_timeout_fails_the_gate_and_removes_the_pod() {
         let gate = started(gate(), &Baseline::NotAsked);
         let running = pod_of(&gate, 1, None);
