@@ -113,6 +113,6 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 curl -s localhost:18080/v1/completions -H 'content-type: application/json' \
-  -d '{"model": "model", "prompt": "12+35=", "max_tokens": 4, "temperature": 0, "stop": ["\n"]}'
+  -d '{"model": "arith", "prompt": "12+35=", "max_tokens": 4, "temperature": 0, "stop": ["\n"]}'
 echo
 say "done: the cluster is still up (source e2e/cluster/env.sh; e2e/cluster/down.sh stops it)"

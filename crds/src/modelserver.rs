@@ -135,6 +135,41 @@ pub struct EngineSettings {
     #[serde(default = "max_tokens")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_tokens: u32,
+    /// Whole answers to deterministic requests (temperature 0, or a seed), served again without
+    /// the engine; never shared across API keys. Clients opt out with `Cache-Control: no-cache`.
+    #[serde(default)]
+    pub response_cache: ResponseCacheSettings,
+}
+
+/// The response cache of each serving pod.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResponseCacheSettings {
+    /// Seconds an answer is kept; 0 turns the cache off.
+    #[serde(default = "cache_ttl")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub ttl_seconds: u32,
+    /// Memory the cache may hold per pod, in MiB (least recently used answers go first).
+    #[serde(default = "cache_mib")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_mebibytes: u32,
+}
+
+impl Default for ResponseCacheSettings {
+    fn default() -> Self {
+        Self {
+            ttl_seconds: cache_ttl(),
+            max_mebibytes: cache_mib(),
+        }
+    }
+}
+
+fn cache_ttl() -> u32 {
+    300
+}
+
+fn cache_mib() -> u32 {
+    64
 }
 
 impl Default for EngineSettings {
@@ -144,6 +179,7 @@ impl Default for EngineSettings {
             max_concurrent_requests: max_concurrent_requests(),
             context_length: context_length(),
             max_tokens: max_tokens(),
+            response_cache: ResponseCacheSettings::default(),
         }
     }
 }

@@ -125,3 +125,95 @@ async fn trained_model_directory_is_served() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The `anneal_serve_*` metric `name` from `/metrics`.
+async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let r = request(addr, "GET", "/metrics", None, &[]).await.unwrap();
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn deterministic_answers_come_from_the_response_cache_and_other_model_names_are_404() {
+    let root = std::env::temp_dir().join(format!("anneal-serve-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let mut a = args(tiny_model_dir(&root));
+    a.max_seq_len = 256;
+    a.served_model_name = Some("arith".into());
+    a.response_cache_ttl_secs = 300;
+    a.response_cache_max_bytes = 1 << 20;
+    let addr = start(a, None);
+
+    // The served name is listed and used; another name is OpenAI's 404 model_not_found.
+    let r = request(addr, "GET", "/v1/models", None, &[]).await.unwrap();
+    assert_eq!(r.json()["data"][0]["id"], "arith", "{}", r.body);
+    let other = chat_body("s", "Hi", json!({"model": "gpt-4", "max_tokens": 4}));
+    let r = request(addr, "POST", "/v1/chat/completions", Some(&other), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+
+    let greedy = chat_body(
+        "s",
+        "Hi",
+        json!({"model": "arith", "temperature": 0, "max_tokens": 6, "ignore_eos": true}),
+    );
+    let post = |body: Vec<u8>, headers: &'static [(&'static str, &'static str)]| async move {
+        request(addr, "POST", "/v1/chat/completions", Some(&body), headers)
+            .await
+            .unwrap()
+    };
+    let generated = || metric(addr, "anneal_serve_generated_tokens_total");
+    let first = post(greedy.clone(), &[]).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.header("x-anneal-cache"), Some("miss"));
+    let engine_tokens = generated().await;
+    let second = post(greedy.clone(), &[]).await;
+    assert_eq!(second.header("x-anneal-cache"), Some("hit"));
+    let content =
+        |r: &serve_support::Response| r.json()["choices"][0]["message"]["content"].clone();
+    assert_eq!(content(&second), content(&first));
+    assert_eq!(second.json()["usage"], first.json()["usage"]);
+    assert_eq!(generated().await, engine_tokens, "a hit ran the engine");
+
+    // Streamed from the cache, it still streams: the same text, then [DONE].
+    let mut streamed: serde_json::Value = serde_json::from_slice(&greedy).unwrap();
+    streamed["stream"] = json!(true);
+    let s = post(serde_json::to_vec(&streamed).unwrap(), &[]).await;
+    assert_eq!(s.header("x-anneal-cache"), Some("hit"));
+    let data = s.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let text: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(json!(text), content(&first));
+
+    // Opting out, or sampling without a seed: the engine answers, nothing is marked.
+    let fresh = post(greedy.clone(), &[("Cache-Control", "no-cache")]).await;
+    assert_eq!(fresh.header("x-anneal-cache"), None);
+    assert_eq!(content(&fresh), content(&first));
+    let sampled = chat_body("s", "Hi", json!({"temperature": 1.0, "max_tokens": 4}));
+    let r = post(sampled, &[]).await;
+    assert_eq!((r.status, r.header("x-anneal-cache")), (200, None));
+    assert!(generated().await > engine_tokens);
+    assert_eq!(
+        metric(addr, "anneal_serve_response_cache_hits_total").await,
+        2.0
+    );
+    assert_eq!(
+        metric(addr, "anneal_serve_response_cache_entries").await,
+        1.0
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -106,6 +106,13 @@ pub fn deployment(
         engine.max_tokens.to_string(),
         "--drain-delay-secs".into(),
         DRAIN_SECONDS.to_string(),
+        // Clients name the model by the ModelServer's name (OpenAI's `model`).
+        "--served-model-name".into(),
+        name.clone(),
+        "--response-cache-ttl-secs".into(),
+        engine.response_cache.ttl_seconds.to_string(),
+        "--response-cache-max-bytes".into(),
+        (u64::from(engine.response_cache.max_mebibytes) << 20).to_string(),
     ];
     if let Some(sha) = &model.sha256 {
         args.extend(["--model-sha256".into(), sha.clone()]);

@@ -37,6 +37,14 @@ pub struct Metrics {
     pub kv_caches_free: Gauge,
     /// Requests in the engine, queued or running: each holds a place until it ends.
     pub requests_in_engine: Gauge,
+    /// Deterministic requests answered from the response cache.
+    pub response_cache_hits: Counter,
+    /// Deterministic requests the response cache did not hold (answered by the engine).
+    pub response_cache_misses: Counter,
+    /// Answers in the response cache.
+    pub response_cache_entries: Gauge,
+    /// Bytes the response cache holds.
+    pub response_cache_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -46,6 +54,28 @@ impl Default for Metrics {
         let latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let generated_tokens = Counter::default();
+        let [response_cache_hits, response_cache_misses]: [Counter; 2] = Default::default();
+        let [response_cache_entries, response_cache_bytes]: [Gauge; 2] = Default::default();
+        registry.register(
+            "response_cache_hits",
+            "Deterministic requests answered from the response cache",
+            response_cache_hits.clone(),
+        );
+        registry.register(
+            "response_cache_misses",
+            "Deterministic requests the response cache did not hold",
+            response_cache_misses.clone(),
+        );
+        registry.register(
+            "response_cache_entries",
+            "Answers in the response cache",
+            response_cache_entries.clone(),
+        );
+        registry.register(
+            "response_cache_bytes",
+            "Bytes the response cache holds",
+            response_cache_bytes.clone(),
+        );
         let [
             batch_size,
             queue_depth,
@@ -112,6 +142,10 @@ impl Default for Metrics {
             kv_caches_in_use,
             kv_caches_free,
             requests_in_engine,
+            response_cache_hits,
+            response_cache_misses,
+            response_cache_entries,
+            response_cache_bytes,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod http;
 pub mod kv_pool;
 pub mod loaded_model;
 pub mod metrics;
+pub mod response_cache;
 pub mod sampling;
 pub mod scheduler;
 pub mod text_stream;
@@ -45,6 +46,17 @@ pub struct Args {
     /// larger is refused with 422.
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    /// The model's name in `/v1/models` and in requests (a request naming another model is
+    /// answered 404 `model_not_found`); the model's own name when not given.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Seconds a deterministic request's answer (temperature 0, or a seed) is kept and served
+    /// again without the engine; 0 turns the response cache off.
+    #[arg(long, default_value_t = 300)]
+    pub response_cache_ttl_secs: u64,
+    /// Bytes the response cache may hold (least recently used answers go first).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub response_cache_max_bytes: usize,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -153,6 +165,10 @@ pub async fn serve_on(
         metrics: Default::default(),
         api_key,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
+        response_cache: response_cache::ResponseCache::new(
+            Duration::from_secs(args.response_cache_ttl_secs),
+            args.response_cache_max_bytes,
+        ),
     });
     tracing::info!(addr = ?listener.local_addr().ok(), "listening; loading {}", args.model.display());
     let load_args = args.clone();
@@ -243,7 +259,7 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
         engine,
         tokenizer: model.tokenizer,
         chat_template: model.chat_template,
-        model_id: model.id,
+        model_id: args.served_model_name.clone().unwrap_or(model.id),
         limits,
     };
     let _ = state.served.set(served);

@@ -34,6 +34,9 @@ pub fn args(model: PathBuf) -> Args {
         model,
         model_sha256: None,
         max_tokens: None,
+        served_model_name: None,
+        response_cache_ttl_secs: 0,
+        response_cache_max_bytes: 0,
         listen: "127.0.0.1:0".parse().unwrap(),
         api_key_file: None,
         max_batch: 8,
@@ -216,7 +219,6 @@ fn dechunk(mut s: &str) -> String {
 /// A chat request body.
 pub fn chat_body(system: &str, user: &str, extra: serde_json::Value) -> Vec<u8> {
     let mut v = serde_json::json!({
-        "model": "smollm2",
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
     });
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds after which a retry may succeed (429, 503).
     pub retry_after: Option<u32>,
+    /// OpenAI's machine-readable code (`model_not_found`), where there is one.
+    pub code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -25,6 +27,19 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            code: None,
+        }
+    }
+
+    /// 404 `model_not_found`, as OpenAI answers a request naming a model it does not serve.
+    pub fn model_not_found(asked: &str, served: &str) -> Self {
+        Self {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                format!("The model `{asked}` does not exist; this server serves `{served}`"),
+            )
         }
     }
 
@@ -60,7 +75,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": null}});
+        let body = json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}});
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut()

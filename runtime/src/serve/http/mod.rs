@@ -49,6 +49,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Longest a generation request may take.
     pub request_timeout: Duration,
+    /// Whole answers to deterministic requests, when turned on.
+    pub response_cache: Option<crate::serve::response_cache::ResponseCache>,
 }
 
 impl AppState {
@@ -132,6 +134,14 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(cache) = &state.response_cache {
+        let usage = cache.usage();
+        state
+            .metrics
+            .response_cache_entries
+            .set(usage.entries as i64);
+        state.metrics.response_cache_bytes.set(usage.bytes as i64);
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -155,6 +165,7 @@ mod tests {
             metrics: Default::default(),
             api_key: None,
             request_timeout: Duration::from_secs(1),
+            response_cache: None,
         };
         let served = Served {
             engine,
