@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Builds the pinned upstream tools (versions.env, tools/*/go.mod) into ~/.cache/anneal/tools/<key>/bin,
 # one at a time, and does nothing when they are all there already. Prints the bin directory on stdout.
+#
+#   e2e/cluster/build-tools.sh         the control plane, kubectl, etcd, kwok, helm
+#   e2e/cluster/build-tools.sh node    kubelet and kube-proxy for real nodes (tools/node, own directory)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 check_pins() {
   local group version
-  for group in kubernetes etcd kwok helm; do
+  for group in "$@"; do
     case "$group" in
       kubernetes) version="k8s.io/kubernetes $KUBERNETES_VERSION" ;;
+      node) version="k8s.io/kubernetes $KUBELET_VERSION" ;;
       etcd) version="go.etcd.io/etcd/server/v3 $ETCD_VERSION" ;;
       kwok) version="sigs.k8s.io/kwok $KWOK_VERSION" ;;
       helm) version="helm.sh/helm/v3 $HELM_VERSION" ;;
@@ -20,14 +24,21 @@ check_pins() {
 
 missing_tools() {
   local entry group name pkg
-  for entry in "${TOOL_PACKAGES[@]}"; do
+  for entry in "${PACKAGES[@]}"; do
     read -r group name pkg <<<"$entry"
     [[ -x "$TOOLS_BIN/$name" ]] || echo "$entry"
   done
 }
 
 main() {
-  check_pins
+  if [[ "${1:-}" == node ]]; then
+    PACKAGES=("${NODE_TOOL_PACKAGES[@]}")
+    TOOLS_DIR="$NODE_TOOLS_DIR" TOOLS_BIN="$NODE_TOOLS_BIN"
+    check_pins node
+  else
+    PACKAGES=("${TOOL_PACKAGES[@]}")
+    check_pins kubernetes etcd kwok helm
+  fi
   local todo entry group name pkg i=0 n start
   todo="$(missing_tools)"
   if [[ -z "$todo" ]]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops every process of the local test cluster and deletes its etcd data. Keeps the logs (for debugging) and
+# Stops every process of the local test cluster (real nodes too: nodes-down.sh) and deletes its etcd data. Keeps the logs (for debugging) and
 # the certificates (so the next up.sh is faster and kubeconfigs stay valid). Safe to call at any time: when
 # nothing runs, after a half-finished up.sh, and from an EXIT trap.
 set -euo pipefail
@@ -26,6 +26,8 @@ stop() {
 main() {
   local i name pid stopped=0
   lock "$CLUSTER_STATE/.lock"
+  # Real nodes (nodes-up.sh) go first, while the API server still answers their last requests.
+  if [[ -d "$CLUSTER_STATE/nodes" ]]; then "$CLUSTER_DIR/nodes-down.sh"; fi
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     name="${COMPONENTS[i]}"
     pid="$(component_pid "$name")"

@@ -26,6 +26,14 @@ TOOL_PACKAGES=(
   "helm helm helm.sh/helm/v3/cmd/helm"
 )
 
+# The node tier's binaries (real nodes: nodes-up.sh), built only when asked (`build-tools.sh node`), from a
+# module of their own (tools/node): the kubelet's packages need go.sum entries the control plane's do not, and
+# the control-plane tools must not be rebuilt because of them.
+NODE_TOOL_PACKAGES=(
+  "node kubelet k8s.io/kubernetes/cmd/kubelet"
+  "node kube-proxy k8s.io/kubernetes/cmd/kube-proxy"
+)
+
 GO_BUILD_FLAGS=(-mod=readonly -trimpath)
 
 # ldflags GROUP: strip symbols, and stamp the version the upstream release builds stamp. Without it the API
@@ -33,11 +41,13 @@ GO_BUILD_FLAGS=(-mod=readonly -trimpath)
 ldflags() {
   local flags="-s -w" minor pkg
   case "$1" in
-    kubernetes)
-      minor="${KUBERNETES_VERSION#v1.}"
+    kubernetes | node)
+      local version="$KUBERNETES_VERSION"
+      [[ "$1" == kubernetes ]] || version="$KUBELET_VERSION"
+      minor="${version#v1.}"
       minor="${minor%%.*}"
       for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-        flags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+        flags+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
         flags+=" -X $pkg.gitTreeState=clean"
       done
       ;;
@@ -61,21 +71,27 @@ ldflags() {
 
 # The tools directory is keyed by everything that goes into the binaries: the pinned versions, the go.sum files,
 # the build flags and the Go version. A change of any of them builds into a fresh directory; an unchanged pin
-# reuses the old one.
+# reuses the old one. `tools_key GROUP...` hashes those groups' go.sum files (the default: the control plane's).
 tools_key() {
-  local go_version group
+  local go_version group groups=("$@") flag_groups=("$@") prefix="k8s"
+  # go.sum files in the order of the glob this once was; ldflags in the order of TOOL_PACKAGES (same key).
+  ((${#groups[@]})) || { groups=(etcd helm kubernetes kwok); flag_groups=(kubernetes etcd kwok helm); }
+  [[ "${groups[*]}" != node ]] || prefix="node"
   go_version="$(go env GOVERSION)"
   {
     grep -E '^[A-Z_]+=' "$CLUSTER_DIR/versions.env"
-    cat "$CLUSTER_DIR"/tools/*/go.sum
+    for group in "${groups[@]}"; do cat "$CLUSTER_DIR/tools/$group/go.sum"; done
     echo "${GO_BUILD_FLAGS[*]}"
-    for group in kubernetes etcd kwok helm; do ldflags "$group"; done
+    for group in "${flag_groups[@]}"; do ldflags "$group"; done
     echo "$go_version"
-  } | sha256sum | cut -c1-12 | sed "s/^/k8s-${KUBERNETES_VERSION}-/"
+  } | sha256sum | cut -c1-12 | sed "s/^/$prefix-${KUBERNETES_VERSION}-/"
 }
 
 TOOLS_DIR="${ANNEAL_TOOLS_DIR:-$ANNEAL_CACHE/tools/$(tools_key)}"
 TOOLS_BIN="${ANNEAL_TOOLS_BIN:-$TOOLS_DIR/bin}"
+# kubelet and kube-proxy (the node tier), in a directory keyed by their own module.
+NODE_TOOLS_DIR="${ANNEAL_NODE_TOOLS_DIR:-$ANNEAL_CACHE/tools/$( [[ -f "$CLUSTER_DIR/tools/node/go.sum" ]] && tools_key node || echo node-unpinned)}"
+NODE_TOOLS_BIN="$NODE_TOOLS_DIR/bin"
 
 # Where a running cluster keeps its state. Everything a component reads or writes is under CLUSTER_STATE,
 # so `pgrep -f "$CLUSTER_STATE/"` finds exactly this cluster's processes.
@@ -106,6 +122,28 @@ esac
 # The profile the running cluster was started with (written by up.sh; a cluster started before profiles
 # existed ran the test profile).
 running_profile() { cat "$CLUSTER_STATE/profile" 2>/dev/null || echo test; }
+
+# Real nodes (nodes-up.sh exports ANNEAL_REAL_NODES=1): the API server must be reachable from pods, so it
+# listens on every address and advertises this machine's primary IPv4 address (the `kubernetes` Service's
+# endpoint, which kube-proxy sends pods to), authorizes kubelets with the Node authorizer, and the simulated
+# nodes of kwok/nodes.yaml are left out (a GPU pod must not land on a kwok node). The default stays loopback.
+REAL_NODES="${ANNEAL_REAL_NODES:-0}"
+case "$REAL_NODES" in
+  0 | 1) ;;
+  *) die "ANNEAL_REAL_NODES=$REAL_NODES: expected 0 or 1" ;;
+esac
+# host_address: the source address of this machine's default route (else its first global IPv4 address).
+host_address() {
+  local address
+  address="$(ip -4 route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')"
+  [[ -n "$address" ]] || address="$(ip -4 -o addr show scope global 2>/dev/null | awk '{sub("/.*", "", $4); print $4; exit}')"
+  [[ -n "$address" ]] || die "no IPv4 address on this machine for pods to reach the API server at"
+  echo "$address"
+}
+APISERVER_ADVERTISE_ADDRESS=127.0.0.1
+if ((REAL_NODES)); then APISERVER_ADVERTISE_ADDRESS="$(host_address)"; fi
+# The address the running cluster's API server advertises (written by up.sh; 127.0.0.1 before real nodes).
+running_advertise_address() { cat "$CLUSTER_STATE/apiserver-address" 2>/dev/null || echo 127.0.0.1; }
 
 # Components in start order; down.sh stops them in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)

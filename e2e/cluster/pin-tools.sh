@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Rewrites tools/<module>/go.mod and go.sum from versions.env. Run it after changing a version, then commit.
 # Needs the Go module proxy; build-tools.sh does not run it.
+#
+#   e2e/cluster/pin-tools.sh             every group: kubernetes etcd kwok helm node
+#   e2e/cluster/pin-tools.sh node        only the named groups (node: kubelet and kube-proxy of the node tier)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -15,7 +18,7 @@ write_module() {
 # add_tools GROUP VERSION: go get -tool every package of that group at VERSION.
 add_tools() {
   local group="$1" version="$2" entry g pkg
-  for entry in "${TOOL_PACKAGES[@]}"; do
+  for entry in "${TOOL_PACKAGES[@]}" "${NODE_TOOL_PACKAGES[@]}"; do
     read -r g _ pkg <<<"$entry"
     [[ "$g" == "$group" ]] || continue
     log "pin $pkg@$version"
@@ -24,27 +27,29 @@ add_tools() {
 }
 
 # k8s.io/kubernetes refers to its staging modules as v0.0.0 with local replaces; point them at the
-# published staging versions instead.
+# published staging versions instead. pin_kubernetes_staging GROUP VERSION.
 pin_kubernetes_staging() {
-  local mod staging
-  mod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')"
+  local group="$1" version="$2" mod staging
+  mod="$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')"
   staging="$(grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$mod" | awk '{print $1}')"
   [[ -n "$staging" ]] || die "no staging replaces found in $mod"
   for m in $staging; do
-    (cd "$CLUSTER_DIR/tools/kubernetes" && go mod edit -replace "$m=$m@$KUBERNETES_STAGING_VERSION")
+    (cd "$CLUSTER_DIR/tools/$group" && go mod edit -replace "$m=$m@$KUBERNETES_STAGING_VERSION")
   done
 }
 
-write_module kubernetes
-pin_kubernetes_staging
-add_tools kubernetes "$KUBERNETES_VERSION"
-write_module etcd
-add_tools etcd "$ETCD_VERSION"
-write_module kwok
-add_tools kwok "$KWOK_VERSION"
-write_module helm
-add_tools helm "$HELM_VERSION"
-for group in kubernetes etcd kwok helm; do
+groups=("$@")
+((${#groups[@]})) || groups=(kubernetes etcd kwok helm node)
+for group in "${groups[@]}"; do
+  write_module "$group"
+  case "$group" in
+    kubernetes) pin_kubernetes_staging kubernetes "$KUBERNETES_VERSION" && add_tools kubernetes "$KUBERNETES_VERSION" ;;
+    node) pin_kubernetes_staging node "$KUBELET_VERSION" && add_tools node "$KUBELET_VERSION" ;;
+    etcd) add_tools etcd "$ETCD_VERSION" ;;
+    kwok) add_tools kwok "$KWOK_VERSION" ;;
+    helm) add_tools helm "$HELM_VERSION" ;;
+    *) die "unknown tool group $group (kubernetes, etcd, kwok, helm, node)" ;;
+  esac
   (cd "$CLUSTER_DIR/tools/$group" && go mod tidy)
 done
-log "pinned; tools key $(tools_key)"
+log "pinned; tools key $(tools_key), node tools key $(tools_key node)"

@@ -68,8 +68,21 @@ fi
 [[ -f "$PKI_DIR/sa.key" ]] || new_key "$PKI_DIR/sa.key"
 [[ -f "$PKI_DIR/sa.pub" ]] || openssl pkey -in "$PKI_DIR/sa.key" -pubout -out "$PKI_DIR/sa.pub"
 
-issue kube-apiserver "/CN=kube-apiserver" \
-  "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.96.0.1"
+apiserver_sans="DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.96.0.1"
+if [[ "$APISERVER_ADVERTISE_ADDRESS" != 127.0.0.1 ]]; then
+  # With real nodes, pods reach the API server at this machine's address (the `kubernetes` Service's endpoint);
+  # a certificate issued before (or for another address) is issued again.
+  apiserver_sans+=",IP:$APISERVER_ADVERTISE_ADDRESS"
+  if [[ -f "$PKI_DIR/kube-apiserver.crt" ]] &&
+    ! openssl x509 -in "$PKI_DIR/kube-apiserver.crt" -noout -ext subjectAltName |
+    grep -qF "IP Address:$APISERVER_ADVERTISE_ADDRESS"; then
+    log "issuing the API server's certificate again, for $APISERVER_ADVERTISE_ADDRESS"
+    rm -f "$PKI_DIR/kube-apiserver.crt"
+  fi
+fi
+issue kube-apiserver "/CN=kube-apiserver" "$apiserver_sans"
+# How the API server authenticates to kubelets (logs, exec, port-forward); kubelets authorize it by this group.
+issue kube-apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
 # Identities the bootstrap RBAC policy already grants what each component needs.
 issue admin "/O=system:masters/CN=anneal-admin"
 issue kube-controller-manager "/CN=system:kube-controller-manager"
@@ -81,3 +94,18 @@ kubeconfig admin "$KUBECONFIG_PATH"
 for component in kube-controller-manager kube-scheduler kwok; do
   kubeconfig "$component" "$PKI_DIR/$component.kubeconfig"
 done
+
+# Real nodes (nodes-up.sh): `pki.sh node NAME ADDRESS...` gives node NAME a client certificate in the group
+# system:nodes (the Node authorizer and NodeRestriction know it by that), a serving certificate for its kubelet
+# and a kubeconfig; kube-proxy gets the identity the bootstrap RBAC binds to system:node-proxier.
+if [[ "${1:-}" == node ]]; then
+  node="$2"
+  shift 2
+  sans="DNS:$node"
+  for address in "$@"; do sans+=",IP:$address"; done
+  issue "node-$node" "/O=system:nodes/CN=system:node:$node"
+  issue "node-$node-serving" "/CN=system:node:$node" "$sans"
+  kubeconfig "node-$node" "$PKI_DIR/node-$node.kubeconfig"
+  issue kube-proxy "/CN=system:kube-proxy"
+  kubeconfig kube-proxy "$PKI_DIR/kube-proxy.kubeconfig"
+fi

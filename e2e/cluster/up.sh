@@ -101,14 +101,25 @@ start_etcd() {
 }
 
 start_apiserver() {
-  start kube-apiserver --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+  local bind=127.0.0.1 authorization=(--authorization-mode RBAC)
+  if ((REAL_NODES)); then
+    # Pods reach it through the `kubernetes` Service at the advertised address; it reaches kubelets (logs, exec,
+    # port-forward) at their InternalIP (their names resolve nowhere) as a client they authorize.
+    bind=0.0.0.0
+    authorization=(--authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
+      --kubelet-client-certificate "$PKI_DIR/kube-apiserver-kubelet-client.crt"
+      --kubelet-client-key "$PKI_DIR/kube-apiserver-kubelet-client.key"
+      --kubelet-preferred-address-types InternalIP)
+  fi
+  start kube-apiserver --bind-address "$bind" --advertise-address "$APISERVER_ADVERTISE_ADDRESS" \
+    --secure-port "$APISERVER_PORT" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --tls-cert-file "$PKI_DIR/kube-apiserver.crt" --tls-private-key-file "$PKI_DIR/kube-apiserver.key" \
     --client-ca-file "$PKI_DIR/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI_DIR/sa.pub" --service-account-signing-key-file "$PKI_DIR/sa.key" \
     --service-cluster-ip-range 10.96.0.0/16 \
-    --authorization-mode RBAC --allow-privileged=true --profiling=false
+    "${authorization[@]}" --allow-privileged=true --profiling=false
   wait_for kube-apiserver 60 apiserver_ready
 }
 
@@ -156,22 +167,29 @@ main() {
   [[ -x "$TOOLS_BIN/kube-apiserver" ]] || die "tools missing in $TOOLS_BIN after build-tools.sh"
   lock "$CLUSTER_STATE/.lock"
 
-  if all_running && apiserver_ready && [[ "$(running_profile)" == "$CLUSTER_PROFILE" ]]; then
+  if all_running && apiserver_ready && [[ "$(running_profile)" == "$CLUSTER_PROFILE" ]] &&
+    [[ "$(running_advertise_address)" == "$APISERVER_ADVERTISE_ADDRESS" ]]; then
     log "cluster already running ($APISERVER_URL, profile $CLUSTER_PROFILE)"
   else
     [[ "$(running_profile)" == "$CLUSTER_PROFILE" ]] || ! all_running ||
       log "the running cluster has profile $(running_profile); starting it again with $CLUSTER_PROFILE"
+    [[ "$(running_advertise_address)" == "$APISERVER_ADVERTISE_ADDRESS" ]] || ! all_running ||
+      log "the running API server advertises $(running_advertise_address); starting it again for $APISERVER_ADVERTISE_ADDRESS"
     # Whatever is left of an earlier cluster (a crash, a half-finished up) goes first.
     "$CLUSTER_DIR/down.sh"
     mkdir -p "$LOG_DIR" "$PID_DIR"
     echo "$CLUSTER_PROFILE" >"$CLUSTER_STATE/profile"
+    echo "$APISERVER_ADVERTISE_ADDRESS" >"$CLUSTER_STATE/apiserver-address"
     "$CLUSTER_DIR/pki.sh"
     start_etcd
     start_apiserver
     start_controllers
   fi
-  kubectl_ apply -f "$CLUSTER_DIR/kwok/nodes.yaml" >&2
-  nodes_ready
+  # With real nodes (nodes-up.sh) the simulated ones stay out: a GPU pod must run where it runs for real.
+  if ((!REAL_NODES)); then
+    kubectl_ apply -f "$CLUSTER_DIR/kwok/nodes.yaml" >&2
+    nodes_ready
+  fi
   wait_for kube-controller-manager 30 default_service_account
   log "cluster up in $((SECONDS - begin))s; kubeconfig: $KUBECONFIG_PATH"
   log "use it with: source $CLUSTER_DIR/env.sh"
