@@ -85,6 +85,9 @@ pub struct GenRequest {
     pub priority: i32,
     /// Generate `max_tokens` even past end-of-sequence (benchmarks).
     pub ignore_eos: bool,
+    /// Whose request this is (a hash of the caller's credentials): cached prompt prefixes are
+    /// reused only for the same caller.
+    pub cache_owner: u64,
     /// Where events go; dropping the receiver cancels the request.
     pub events: UnboundedSender<Event>,
     /// When the request arrived (for time to first token).
@@ -177,6 +180,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Most requests waiting for a slot.
     pub max_queue: usize,
+    /// Reuse the keys and values of a finished sequence's prompt prefix (CPU kernels).
+    pub prefix_cache: bool,
 }
 
 /// What the engine needs of a loaded model.
@@ -260,6 +265,8 @@ struct Sequence {
     generated: usize,
     text: TextStream,
     last: u32,
+    /// Tokens whose keys and values the cache holds (the prompt, then every token fed back).
+    history: Vec<u32>,
 }
 
 struct Engine {
@@ -273,6 +280,7 @@ struct Engine {
     scheduler: Scheduler<Submitted>,
     running: Vec<Sequence>,
     metrics: Arc<Metrics>,
+    prefix_cache: bool,
 }
 
 impl Engine {
@@ -312,7 +320,13 @@ impl Engine {
             scheduler: Scheduler::new(config.max_batch),
             running: Vec::new(),
             metrics,
+            prefix_cache: config.prefix_cache,
         }
+    }
+
+    /// A finished sequence's cache goes back to the pool with what it holds.
+    fn finish(&mut self, seq: Sequence) {
+        self.pool.keep(seq.cache, seq.history, seq.req.cache_owner);
     }
 
     fn run(mut self, rx: mpsc::Receiver<Submitted>) {
@@ -403,6 +417,7 @@ impl Engine {
             .ttft
             .observe(req.arrived.elapsed().as_secs_f64());
         let text = TextStream::new(self.model.tokenizer.clone(), req.stop.clone());
+        let history = req.prompt.clone();
         let mut seq = Sequence {
             req,
             _place: place,
@@ -411,11 +426,12 @@ impl Engine {
             generated: 0,
             text,
             last: first,
+            history,
         };
         if self.accept(&mut seq, first) {
             self.running.push(seq);
         } else {
-            self.pool.give_back(seq.cache);
+            self.finish(seq);
         }
     }
 
@@ -490,11 +506,12 @@ impl Engine {
             }
         };
         for (mut seq, row) in running.into_iter().zip(logits) {
+            seq.history.push(seq.last);
             let token = seq.sampler.sample(&row);
             if self.accept(&mut seq, token) {
                 self.running.push(seq);
             } else {
-                self.pool.give_back(seq.cache);
+                self.finish(seq);
             }
         }
     }
@@ -519,8 +536,16 @@ impl Engine {
                     .send(Event::Error(format!("prefill failed: {e}")));
                 continue;
             }
-            match self.pool.take() {
-                Ok(cache) => fresh.push((submitted, cache)),
+            let taken = if self.prefix_cache {
+                self.pool.take_for(&req.prompt, req.cache_owner)
+            } else {
+                self.pool.take().map(|c| (c, 0))
+            };
+            match taken {
+                Ok((cache, reused)) => {
+                    self.metrics.prefix_cache_tokens.inc_by(reused as u64);
+                    fresh.push((submitted, cache, reused));
+                }
                 Err(e) => {
                     let _ = req
                         .events
@@ -539,6 +564,10 @@ impl Engine {
         let result = {
             let mut segments = Vec::with_capacity(expected);
             for s in running.iter_mut() {
+                // Fed now: its keys and values go into the cache.
+                s.history.push(s.last);
+            }
+            for s in running.iter_mut() {
                 let start = s.req.prompt.len() + s.generated - 1;
                 if let SeqCache::Cpu(cache) = &mut s.cache {
                     let tokens = std::slice::from_ref(&s.last);
@@ -549,12 +578,13 @@ impl Engine {
                     });
                 }
             }
-            for (submitted, cache) in fresh.iter_mut() {
+            for (submitted, cache, reused) in fresh.iter_mut() {
                 if let SeqCache::Cpu(cache) = cache {
-                    let tokens = submitted.req.prompt.as_slice();
+                    // A reused prefix is in the cache already: only the rest is computed.
+                    let tokens = &submitted.req.prompt[*reused..];
                     segments.push(Segment {
                         tokens,
-                        start: 0,
+                        start: *reused,
                         cache,
                     });
                 }
@@ -574,7 +604,7 @@ impl Engine {
                     .send(Event::Error(format!("decode failed: {e}")));
                 self.pool.give_back(s.cache);
             }
-            for (submitted, cache) in fresh {
+            for (submitted, cache, _) in fresh {
                 let _ = submitted
                     .req
                     .events
@@ -591,10 +621,10 @@ impl Engine {
             if self.accept(&mut seq, token) {
                 self.running.push(seq);
             } else {
-                self.pool.give_back(seq.cache);
+                self.finish(seq);
             }
         }
-        for ((submitted, cache), row) in fresh.into_iter().zip(rows) {
+        for ((submitted, cache, _), row) in fresh.into_iter().zip(rows) {
             self.start_sequence(submitted, cache, row);
         }
         self.logits = logits;
@@ -615,6 +645,7 @@ mod tests {
             stop: Vec::new(),
             priority: 0,
             ignore_eos: false,
+            cache_owner: 0,
             events,
             arrived: Instant::now(),
         };

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub response_cache_hits: Counter,
     /// Deterministic requests the response cache did not hold (answered by the engine).
     pub response_cache_misses: Counter,
+    /// Prompt tokens whose keys and values came from the prefix cache (not computed again).
+    pub prefix_cache_tokens: Counter,
     /// Answers in the response cache.
     pub response_cache_entries: Gauge,
     /// Bytes the response cache holds.
@@ -54,7 +56,16 @@ impl Default for Metrics {
         let latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let generated_tokens = Counter::default();
-        let [response_cache_hits, response_cache_misses]: [Counter; 2] = Default::default();
+        let [
+            response_cache_hits,
+            response_cache_misses,
+            prefix_cache_tokens,
+        ]: [Counter; 3] = Default::default();
+        registry.register(
+            "prefix_cache_tokens",
+            "Prompt tokens whose keys and values were reused from a cached prefix",
+            prefix_cache_tokens.clone(),
+        );
         let [response_cache_entries, response_cache_bytes]: [Gauge; 2] = Default::default();
         registry.register(
             "response_cache_hits",
@@ -144,6 +155,7 @@ impl Default for Metrics {
             requests_in_engine,
             response_cache_hits,
             response_cache_misses,
+            prefix_cache_tokens,
             response_cache_entries,
             response_cache_bytes,
         }

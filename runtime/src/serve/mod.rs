@@ -54,6 +54,11 @@ pub struct Args {
     /// again without the engine; 0 turns the response cache off.
     #[arg(long, default_value_t = 300)]
     pub response_cache_ttl_secs: u64,
+    /// Reuse the keys and values of a finished request's prompt for a new prompt that starts the
+    /// same way (the same caller only; CPU kernels): `--prefix-cache false` computes every prompt
+    /// whole.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
     /// Bytes the response cache may hold (least recently used answers go first).
     #[arg(long, default_value_t = 64 << 20)]
     pub response_cache_max_bytes: usize,
@@ -251,6 +256,7 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
         engine::EngineConfig {
             max_batch: args.max_batch,
             max_queue: args.max_queue,
+            prefix_cache: args.prefix_cache,
         },
         state.metrics.clone(),
     )

@@ -36,6 +36,7 @@ pub fn args(model: PathBuf) -> Args {
         max_tokens: None,
         served_model_name: None,
         response_cache_ttl_secs: 0,
+        prefix_cache: true,
         response_cache_max_bytes: 0,
         listen: "127.0.0.1:0".parse().unwrap(),
         api_key_file: None,

@@ -135,6 +135,16 @@ fn cache_key(model: &str, ep: Endpoint, prompt: &[u32], v: &Validated, headers: 
     key.field(b"auth").field(credentials).finish()
 }
 
+/// Whose request this is, for the prefix cache: a hash of the caller's credentials.
+fn owner(headers: &HeaderMap) -> u64 {
+    let credentials = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    let key = KeyBuilder::default().field(credentials).finish();
+    u64::from_le_bytes(key[..8].try_into().unwrap_or_default())
+}
+
 fn with_cache_header(mut resp: Response, value: &'static str) -> Response {
     resp.headers_mut()
         .insert(CACHE_HEADER, HeaderValue::from_static(value));
@@ -212,6 +222,7 @@ async fn generate(
         stop: v.stop,
         priority: v.priority,
         ignore_eos: v.ignore_eos,
+        cache_owner: owner(headers),
         events: tx,
         arrived,
     };
