@@ -197,6 +197,15 @@ fn trained_model_exports_to_gguf_that_serve_loads() {
         assert_eq!(gguf8.tokenizer.decode(&ids).unwrap(), text);
     }
     assert_eq!(gguf8.stop_ids, reference.stop_ids);
+    // llama.cpp requires the merges as an array of strings, even when there are none.
+    for path in [&q8.path, &q4.path] {
+        let file = anneal_runtime::gguf::GgufFile::open(path).unwrap();
+        let merges = file.header.get("tokenizer.ggml.merges").unwrap();
+        assert!(
+            matches!(merges.as_array(), Some(anneal_runtime::gguf::value::Array::String(m)) if m.is_empty()),
+            "{merges:?}"
+        );
+    }
 
     let (diff8, agree8) = compare_logits(&reference, &gguf8);
     eprintln!(

@@ -114,13 +114,48 @@ pub fn export(model_dir: &Path, quant: GgufQuantization) -> Result<GgufExport, C
     let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> =
         qtensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    atomic::write_file_atomic(&path, |f| {
-        let mut w = std::io::BufWriter::new(f);
-        gguf_file::write(&mut w, &meta_refs, &tensor_refs)?;
-        w.flush().map_err(|e| io(&path, e))
-    })?;
+    let empty_string_arrays: Vec<&str> = metadata
+        .iter()
+        .filter(|(k, v)| k.as_str() == MERGES && matches!(v, Value::Array(a) if a.is_empty()))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    // Written in memory first (candle's writer seeks), then typed and written out.
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut bytes, &meta_refs, &tensor_refs)?;
+    let mut bytes = bytes.into_inner();
+    type_empty_string_arrays(&mut bytes, &empty_string_arrays).map_err(|e| corrupt(&path, &e))?;
+    atomic::write_file_atomic(&path, |f| f.write_all(&bytes).map_err(|e| io(&path, e)))?;
     let sha256 = atomic::add_to_manifest(model_dir, &file)?;
     Ok(GgufExport { path, sha256 })
+}
+
+/// The key of the BPE merges, a string array that llama.cpp requires (empty for the byte-level
+/// tokenizer).
+const MERGES: &str = "tokenizer.ggml.merges";
+
+/// GGUF's type tags of an array and of a string.
+const GGUF_ARRAY: u32 = 9;
+const GGUF_STRING: u32 = 8;
+
+/// candle's writer gives an empty array the element type u32; llama.cpp refuses a `merges` that
+/// is not an array of strings ("invalid gguf type for tokenizer.ggml.merges"). The element type of
+/// each empty array named in `keys` is rewritten in place as string (the same four bytes).
+fn type_empty_string_arrays(gguf: &mut [u8], keys: &[&str]) -> Result<(), String> {
+    for key in keys {
+        let mut pattern = (key.len() as u64).to_le_bytes().to_vec();
+        pattern.extend_from_slice(key.as_bytes());
+        pattern.extend_from_slice(&GGUF_ARRAY.to_le_bytes());
+        let element_type_at = pattern.len();
+        pattern.extend_from_slice(&4u32.to_le_bytes());
+        pattern.extend_from_slice(&0u64.to_le_bytes());
+        let found = gguf
+            .windows(pattern.len())
+            .position(|w| w == pattern.as_slice())
+            .ok_or_else(|| format!("the empty array {key} is not in the written header"))?;
+        let at = found + element_type_at;
+        gguf[at..at + 4].copy_from_slice(&GGUF_STRING.to_le_bytes());
+    }
+    Ok(())
 }
 
 /// One tensor in the export's type: block-quantized where its rows fit whole blocks, else F32.
@@ -208,7 +243,7 @@ fn tokenizer_metadata(
             "tokenizer.ggml.token_type".into(),
             Value::Array(v.types.into_iter().map(Value::I32).collect()),
         ),
-        ("tokenizer.ggml.merges".into(), strings(v.merges)),
+        (MERGES.into(), strings(v.merges)),
     ];
     if let Some(bos) = v.bos {
         out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)));
