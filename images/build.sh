@@ -205,10 +205,10 @@ build_image() {
   digest="$(content_digest "$ctx" "$ref")"
   tool="$(builder)"
   unchanged=0
-  if [[ -f "$archive" && "$(cat "$IMAGES_DIR/$image.digest" 2>/dev/null)" == "$digest" ]]; then
+  # A push builds again (the storage keeps no image between runs).
+  if [[ -f "$archive" && "$(cat "$IMAGES_DIR/$image.digest" 2>/dev/null)" == "$digest" &&
+    "${ANNEAL_IMAGE_PUSH:-0}" != 1 ]]; then
     unchanged=1
-    # A push needs the image in the storage, not only the archive.
-    [[ "${ANNEAL_IMAGE_PUSH:-0}" != 1 ]] || "$tool" "${STORAGE[@]}" image exists "$ref" || unchanged=0
   fi
   if ((unchanged)); then
     log "$ref unchanged ($archive)"
@@ -234,12 +234,13 @@ build_image() {
     esac
     mv "$archive.partial" "$archive"
     echo "$digest" >"$IMAGES_DIR/$image.digest"
-    # The image this one replaced under the same reference: only the archive matters here.
-    "$tool" "${STORAGE[@]}" image prune -f >/dev/null
     if [[ "${ANNEAL_IMAGE_PUSH:-0}" == 1 ]]; then
       log "pushing $ref"
       "$tool" "${STORAGE[@]}" push "$ref" >&2
     fi
+    # The archive is what is kept: vfs storage holds a second full copy of every image (500 MB for cuda).
+    "$tool" "${STORAGE[@]}" rmi -f "$ref" >/dev/null
+    "$tool" "${STORAGE[@]}" image prune -f >/dev/null
   fi
   echo "$ref" >"$IMAGES_DIR/$image.ref"
   size="$(du -m "$archive" | cut -f1)"

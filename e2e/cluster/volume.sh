@@ -25,6 +25,7 @@ dir="$VOLUMES_DIR/$namespace/$claim"
 if ((delete)); then
   kubectl_ delete persistentvolume "$name" --ignore-not-found --wait=false >&2
   rm -rf --one-file-system "$dir"
+  rmdir "$(dirname "$dir")" 2>/dev/null || true
   exit 0
 fi
 

@@ -1,0 +1,358 @@
+//! The node tier: real nodes (containerd + kubelet on this machine, `e2e/cluster/nodes-up.sh`), the operator
+//! installed by Helm and running in-cluster from the locally built image, and pods that really run: a
+//! TrainingJob's worker trains on the CPU of the real node whose GPU label it asked for and writes its model to
+//! a volume both nodes mount; the whole `manifests/examples/pipeline.yaml` trains, evaluates, promotes and
+//! serves, and the served model answers through its Service. Nothing is simulated but the GPUs: the nodes
+//! advertise `nvidia.com/gpu` and the pods that request one run on the CPU.
+//!
+//! Node tier: `e2e/cluster/nodes-up.sh && cargo test -p anneal-e2e --test cluster_node_pipeline --
+//! --include-ignored` (the kwok tests need a cluster without real nodes, and these need one with them).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anneal_crds::evalgate::GatePhase;
+use anneal_crds::modelserver::ServerPhase;
+use anneal_crds::trainingjob::TrainingPhase;
+use anneal_crds::{EvalGate, ModelServer, TrainingJob};
+use anneal_e2e::nodes::{
+    NodeVolume, RELEASE_NAMESPACE, apply_file, install_operator, operator_pods, real_nodes,
+    restrict, sha256_of,
+};
+use anneal_e2e::tools::run;
+use anneal_e2e::trainingjob::node_of;
+use anneal_e2e::wait::{wait_for, wait_for_matching};
+use anneal_e2e::{TestNamespace, client};
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::api::PostParams;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde::Deserialize;
+
+/// The claim the examples write models to.
+const MODELS: &str = "anneal-models";
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// The TrainingJob of `manifests/examples/pipeline.yaml`.
+fn pipeline_job() -> Result<TrainingJob> {
+    let text = std::fs::read_to_string(repo().join("manifests/examples/pipeline.yaml"))?;
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(document)?;
+        if value.get("kind").and_then(|k| k.as_str()) == Some("TrainingJob") {
+            return Ok(serde_yaml::from_value(value)?);
+        }
+    }
+    anyhow::bail!("no TrainingJob in pipeline.yaml")
+}
+
+/// `nvidia.com/gpu.product` of each node.
+fn products(nodes: &[Node]) -> BTreeMap<String, String> {
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let product = n.labels().get("nvidia.com/gpu.product")?;
+            Some((n.name_any(), product.clone()))
+        })
+        .collect()
+}
+
+/// The pod selected by `labels` in `ns` once it has a running container, with the node it runs on.
+async fn running_pod(client: &Client, ns: &str, labels: &str, timeout: Duration) -> Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    wait_for_matching(
+        &pods,
+        watcher::Config::default().labels(labels),
+        &format!("a running container of a pod {labels}"),
+        timeout,
+        |pod: &Pod| {
+            let statuses = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref());
+            statuses.is_some_and(|s| {
+                s.iter().any(|c| {
+                    c.state.as_ref().is_some_and(|st| st.running.is_some())
+                        && c.container_id
+                            .as_deref()
+                            .is_some_and(|id| id.starts_with("containerd://"))
+                })
+            })
+        },
+    )
+    .await
+}
+
+async fn job_phase(
+    jobs: &Api<TrainingJob>,
+    name: &str,
+    phase: TrainingPhase,
+    timeout: Duration,
+) -> Result<TrainingJob> {
+    wait_for(jobs, name, timeout, move |j: Option<&TrainingJob>| {
+        j.and_then(|j| j.status.as_ref()).and_then(|s| s.phase) == Some(phase)
+    })
+    .await?
+    .context("the job vanished")
+}
+
+#[tokio::test]
+#[ignore = "node tier: needs e2e/cluster/nodes-up.sh"]
+async fn real_node_operator_from_helm_trains_a_job_in_a_real_container() -> Result<()> {
+    let begin = Instant::now();
+    let client = client().await?;
+    let nodes = real_nodes(&client).await?;
+    let products = products(&nodes);
+    ensure!(nodes.len() >= 2, "two real nodes expected: {products:?}");
+
+    // The operator: a Deployment from the chart, its pod Ready on a real node of a restricted namespace,
+    // leading through its Lease.
+    install_operator().await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let deployment = deployments.get("anneal-operator").await?;
+    let container = &deployment
+        .spec
+        .as_ref()
+        .context("spec")?
+        .template
+        .spec
+        .as_ref()
+        .context("pod spec")?
+        .containers[0];
+    ensure!(
+        container.liveness_probe.is_some() && container.readiness_probe.is_some(),
+        "the operator has probes: {container:?}"
+    );
+    let operators = operator_pods(&client).await?;
+    let operator = operators.first().context("no operator pod")?;
+    let ready = operator
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    ensure!(ready, "the operator pod is Ready: {:?}", operator.status);
+    ensure!(
+        products.contains_key(&node_of(operator)?),
+        "the operator runs on a real node, not {:?}",
+        node_of(operator)
+    );
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let holders: Vec<String> = operators.iter().map(ResourceExt::name_any).collect();
+    wait_for(
+        &leases,
+        "anneal-operator",
+        Duration::from_secs(60),
+        move |l: Option<&Lease>| {
+            l.and_then(|l| l.spec.as_ref())
+                .and_then(|s| s.holder_identity.as_ref())
+                .is_some_and(|h| holders.contains(h))
+        },
+    )
+    .await
+    .context("the in-cluster operator leads")?;
+    eprintln!(
+        "operator in-cluster and leading after {:?}",
+        begin.elapsed()
+    );
+
+    // A short run of the pipeline's model on the H100 node, its model written to a volume both nodes mount.
+    let namespace = TestNamespace::create(&client, "node-train").await?;
+    let ns = namespace.name();
+    restrict(&client, ns).await?;
+    let volume = NodeVolume::create(&client, ns, MODELS).await?;
+    let mut job = pipeline_job()?;
+    job.metadata.name = Some("arith-short".into());
+    job.spec.hyperparameters.steps = 120;
+    job.spec.hyperparameters.warmup_steps = 10;
+    job.spec.checkpoint.every_steps = 40;
+    job.spec.output.uri.0 = format!("pvc://{MODELS}/arith-short");
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &job).await?;
+
+    let worker = running_pod(
+        &client,
+        ns,
+        "anneal.dev/trainingjob=arith-short",
+        Duration::from_secs(120),
+    )
+    .await?;
+    let node = node_of(&worker)?;
+    ensure!(
+        products.get(&node).is_some_and(|p| p.contains("H100")),
+        "the H100 job's worker runs on the real H100 node, not {node} ({products:?})"
+    );
+    let done = job_phase(
+        &jobs,
+        "arith-short",
+        TrainingPhase::Succeeded,
+        Duration::from_secs(300),
+    )
+    .await?;
+    let status = done.status.context("status")?;
+    ensure!(
+        status.progress.as_ref().map(|p| p.step) == Some(120),
+        "all 120 steps reported: {:?}",
+        status.progress
+    );
+    let artifact = status
+        .artifact
+        .context("a succeeded job names its artifact")?;
+    ensure!(
+        artifact.uri == format!("pvc://{MODELS}/arith-short"),
+        "artifact uri {}",
+        artifact.uri
+    );
+    let weights = volume.dir().join("arith-short/model.safetensors");
+    let written = sha256_of(&weights)
+        .await
+        .context("the model is on the volume")?;
+    ensure!(
+        written == artifact.sha256,
+        "the artifact's sha256 {} is that of the weights the pod wrote ({written})",
+        artifact.sha256
+    );
+    eprintln!(
+        "trained on {node} in a real container; done after {:?}",
+        begin.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "node tier: needs e2e/cluster/nodes-up.sh"]
+async fn real_node_pipeline_example_trains_gates_serves_and_answers() -> Result<()> {
+    let begin = Instant::now();
+    let client = client().await?;
+    let nodes = real_nodes(&client).await?;
+    let products = products(&nodes);
+    install_operator().await?;
+
+    let namespace = TestNamespace::create(&client, "node-pipeline").await?;
+    let ns = namespace.name();
+    restrict(&client, ns).await?;
+    let _volume = NodeVolume::create(&client, ns, MODELS).await?;
+    apply_file(ns, &repo().join("manifests/examples/pipeline.yaml")).await?;
+
+    let worker = running_pod(
+        &client,
+        ns,
+        "anneal.dev/trainingjob=arith",
+        Duration::from_secs(120),
+    )
+    .await?;
+    let train_node = node_of(&worker)?;
+    ensure!(
+        products
+            .get(&train_node)
+            .is_some_and(|p| p.contains("H100")),
+        "the worker runs on the real H100 node, not {train_node}"
+    );
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
+    let job = job_phase(
+        &jobs,
+        "arith",
+        TrainingPhase::Succeeded,
+        Duration::from_secs(600),
+    )
+    .await?;
+    let trained = begin.elapsed();
+    let artifact = job.status.and_then(|s| s.artifact).context("artifact")?;
+
+    let gates: Api<EvalGate> = Api::namespaced(client.clone(), ns);
+    let gate = wait_for(
+        &gates,
+        "arith",
+        Duration::from_secs(300),
+        |g: Option<&EvalGate>| {
+            g.and_then(|g| g.status.as_ref()).and_then(|s| s.phase) == Some(GatePhase::Passed)
+        },
+    )
+    .await?
+    .context("gate")?;
+    let promoted = gate
+        .status
+        .and_then(|s| s.promoted)
+        .context("a passed gate promotes")?;
+    ensure!(
+        promoted.sha256.as_deref() == Some(artifact.sha256.as_str()),
+        "the gate promoted the trained weights: {promoted:?} vs {artifact:?}"
+    );
+
+    let servers: Api<ModelServer> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        &servers,
+        "arith",
+        Duration::from_secs(300),
+        |m: Option<&ModelServer>| {
+            m.and_then(|m| m.status.as_ref()).and_then(|s| s.phase) == Some(ServerPhase::Ready)
+        },
+    )
+    .await?;
+    let server = running_pod(
+        &client,
+        ns,
+        "anneal.dev/modelserver=arith",
+        Duration::from_secs(60),
+    )
+    .await?;
+    let serve_node = node_of(&server)?;
+    ensure!(
+        products
+            .get(&serve_node)
+            .is_some_and(|p| p.contains("A100")),
+        "the A100 server runs on the real A100 node, not {serve_node}"
+    );
+    let served = begin.elapsed();
+
+    // Through the Service: its cluster IP, which kube-proxy's rules send to the server pod.
+    let service = Api::<Service>::namespaced(client.clone(), ns)
+        .get("arith")
+        .await?;
+    let ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("the server's Service has a cluster IP")?;
+    let sums = [(12, 35), (40, 2), (7, 8), (23, 19), (50, 44)];
+    let mut right = 0;
+    let mut answers = Vec::new();
+    for (a, b) in sums {
+        let answer = complete(&ip, &format!("{a}+{b}=")).await?;
+        if answer.trim() == (a + b).to_string() {
+            right += 1;
+        }
+        answers.push(format!("{a}+{b}={answer}"));
+    }
+    ensure!(
+        right >= 4,
+        "the served model (gate: accuracy >= 0.9) answers at least 4 of 5 sums right: {answers:?}"
+    );
+    eprintln!(
+        "trained on {train_node} in {trained:?}, served on {serve_node} at {served:?}, answers {answers:?}"
+    );
+    Ok(())
+}
+
+/// `POST /v1/completions` at `http://ip/` (greedy, up to 4 tokens, up to the end of the line): the text.
+async fn complete(ip: &str, prompt: &str) -> Result<String> {
+    let body = serde_json::json!({
+        "model": "arith", "prompt": prompt, "max_tokens": 4, "temperature": 0, "stop": ["\n"],
+    });
+    let out = run(tokio::process::Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--max-time", "30"])
+        .args(["-H", "content-type: application/json", "-d"])
+        .arg(body.to_string())
+        .arg(format!("http://{ip}/v1/completions")))
+    .await?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("reply {out}"))?;
+    reply["choices"][0]["text"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no text in {reply}"))
+}
