@@ -159,7 +159,8 @@ impl Metrics {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    fn render(&self) -> Result<String, std::fmt::Error> {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)

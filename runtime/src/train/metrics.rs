@@ -25,6 +25,7 @@ pub struct TrainMetrics {
     tokens_per_second: FloatGauge,
     tokens: Counter,
     checkpoints: Counter,
+    last_checkpoint: FloatGauge,
 }
 
 impl Default for TrainMetrics {
@@ -38,6 +39,7 @@ impl Default for TrainMetrics {
         let tokens_per_second = FloatGauge::default();
         let tokens = Counter::default();
         let checkpoints = Counter::default();
+        let last_checkpoint = FloatGauge::default();
         registry.register("step", "Optimizer steps done", step.clone());
         registry.register(
             "total_steps",
@@ -66,6 +68,11 @@ impl Default for TrainMetrics {
         );
         registry.register("tokens", "Training tokens processed", tokens.clone());
         registry.register("checkpoints", "Checkpoints written", checkpoints.clone());
+        registry.register(
+            "last_checkpoint_timestamp_seconds",
+            "When the last checkpoint was written (Unix time; the age is time() minus this)",
+            last_checkpoint.clone(),
+        );
         Self {
             registry,
             step,
@@ -76,6 +83,7 @@ impl Default for TrainMetrics {
             tokens_per_second,
             tokens,
             checkpoints,
+            last_checkpoint,
         }
     }
 }
@@ -96,6 +104,10 @@ impl TrainMetrics {
     /// Records a checkpoint.
     pub fn checkpoint(&self) {
         self.checkpoints.inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_checkpoint.set(now);
     }
 
     /// The Prometheus text.
