@@ -130,8 +130,9 @@ cargo_binaries() {
 # The pause binary from the pinned Kubernetes module's own source, statically linked as upstream builds it.
 pause_source() {
   local mod
-  mod="$(cd "$REPO/e2e/cluster/tools/kubernetes" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" |
-    sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')"
+  # Outside any module (nothing's go.sum is touched); from the module cache when the tools were built.
+  mod="$(cd / && PATH="/usr/local/go/bin:$PATH" GOTOOLCHAIN=local GOFLAGS='' \
+    go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')"
   [[ -f "$mod/build/pause/linux/pause.c" ]] || die "no build/pause/linux/pause.c in $mod"
   echo "$mod/build/pause/linux/pause.c"
 }

@@ -24,8 +24,8 @@ stop() {
 # kill_pods NODE: SIGKILL to every process in the node's cgroups until none is left (a dying container may have
 # forked), then the cgroups themselves.
 kill_pods() {
-  local node="$1" pids h try
-  for try in $(seq 50); do
+  local node="$1" pids h
+  for _ in $(seq 50); do
     pids="$(cgroup_pids "$node")"
     [[ -n "$pids" ]] || break
     # shellcheck disable=SC2086 # one argument per pid
@@ -83,8 +83,9 @@ kubelet_chains() {
             # shellcheck disable=SC2086 # the rule's own words
             "$tool" -t "$table" ${rule/-A/-D} || true
           done
-        "$tool" -t "$table" -F "$chain" && "$tool" -t "$table" -X "$chain" ||
+        if ! { "$tool" -t "$table" -F "$chain" && "$tool" -t "$table" -X "$chain"; }; then
           log "warning: cannot delete $tool chain $table/$chain"
+        fi
       done
     done
   done

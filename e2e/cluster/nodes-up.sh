@@ -210,6 +210,10 @@ start_containerd() {
     die "containerd of $node does not answer; see $LOG_DIR/$node-containerd.log"
 }
 
+# Images imported again under the same reference (a rebuild of the same tag): pods started before still run the
+# old one, so the Deployments that run them are restarted once the nodes are up.
+REIMPORTED=()
+
 import_images() {
   local node="$1" dir image ref digest sock
   dir="$(node_dir "$node")"
@@ -222,6 +226,7 @@ import_images() {
       ctr --address "$sock" -n k8s.io images ls -q "name==$ref" | grep -qx "$ref"; then
       continue
     fi
+    [[ ! -f "$dir/imported/$image" ]] || REIMPORTED+=("$ref")
     log "importing $ref into $node"
     ctr --address "$sock" -n k8s.io images import "$IMAGES_DIR/$image.oci.tar" >&2
     ctr --address "$sock" -n k8s.io images ls -q "name==$ref" | grep -qx "$ref" ||
@@ -287,6 +292,22 @@ advertise() {
     die "node $node does not keep nvidia.com/gpu in its status"
 }
 
+# restart_reimported: `kubectl rollout restart` of every Deployment whose pods run an image imported again.
+restart_reimported() {
+  ((${#REIMPORTED[@]})) || return 0
+  local ref line
+  for ref in $(printf '%s\n' "${REIMPORTED[@]}" | sort -u); do
+    kubectl_ get deployments -A -o jsonpath='{range .items[*]}{.metadata.namespace} {.metadata.name} {.spec.template.spec.containers[*].image}{"\n"}{end}' |
+      while read -r line; do
+        # shellcheck disable=SC2086 # namespace, name, images
+        set -- $line
+        [[ " ${*:3} " == *" $ref "* ]] || continue
+        log "$ref changed: restarting deployment $2 in $1"
+        kubectl_ rollout restart deployment "$2" -n "$1" >/dev/null
+      done
+  done
+}
+
 main() {
   local begin=$SECONDS entry node product pool
   [[ $EUID -eq 0 ]] || die "real nodes need root (containerd, cgroups, bridges, iptables)"
@@ -319,6 +340,7 @@ main() {
   # shellcheck disable=SC2046 # one argument per node
   kubectl_ wait --for condition=Ready --timeout 120s $(node_names | sed 's|^|node/|') >&2 ||
     die "real nodes not Ready; see $LOG_DIR/*-kubelet.log"
+  restart_reimported
   # The claim the examples write models to, for whoever applies them in the default namespace.
   "$CLUSTER_DIR/volume.sh" default anneal-models >/dev/null
   log "real nodes up in $((SECONDS - begin))s: $(node_names | tr '\n' ' ')"

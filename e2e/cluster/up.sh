@@ -106,6 +106,7 @@ start_apiserver() {
     # Pods reach it through the `kubernetes` Service at the advertised address; it reaches kubelets (logs, exec,
     # port-forward) at their InternalIP (their names resolve nowhere) as a client they authorize.
     bind=0.0.0.0
+    # shellcheck disable=SC2054 # Node,RBAC is one argument
     authorization=(--authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
       --kubelet-client-certificate "$PKI_DIR/kube-apiserver-kubelet-client.crt"
       --kubelet-client-key "$PKI_DIR/kube-apiserver-kubelet-client.key"

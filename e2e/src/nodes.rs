@@ -200,3 +200,31 @@ pub async fn apply_file(namespace: &str, path: &Path) -> Result<()> {
     run(kubectl()?.args(["apply", "-n", namespace, "-f"]).arg(path)).await?;
     Ok(())
 }
+
+/// What a person needs when a node-tier wait fails: the pods and events of `namespace`, and the end of the
+/// in-cluster operator's log (it runs in a pod, so its log is not in the cluster's logs directory).
+pub async fn diagnose(namespace: &str) -> String {
+    let mut report = String::new();
+    let commands: [&[&str]; 3] = [
+        &["get", "pods", "-o", "wide", "-n", namespace],
+        &["get", "events", "--sort-by=.lastTimestamp", "-n", namespace],
+        &[
+            "logs",
+            "-n",
+            RELEASE_NAMESPACE,
+            "deploy/anneal-operator",
+            "--tail",
+            "30",
+        ],
+    ];
+    for args in commands {
+        let out = match kubectl() {
+            Ok(mut command) => run(command.args(args))
+                .await
+                .unwrap_or_else(|e| e.to_string()),
+            Err(e) => e.to_string(),
+        };
+        report.push_str(&format!("\n$ kubectl {}\n{out}", args.join(" ")));
+    }
+    report
+}

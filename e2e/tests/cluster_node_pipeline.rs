@@ -17,8 +17,8 @@ use anneal_crds::modelserver::ServerPhase;
 use anneal_crds::trainingjob::TrainingPhase;
 use anneal_crds::{EvalGate, ModelServer, TrainingJob};
 use anneal_e2e::nodes::{
-    NodeVolume, RELEASE_NAMESPACE, apply_file, install_operator, operator_pods, real_nodes,
-    restrict, sha256_of,
+    NodeVolume, RELEASE_NAMESPACE, apply_file, diagnose, install_operator, operator_pods,
+    real_nodes, restrict, sha256_of,
 };
 use anneal_e2e::tools::run;
 use anneal_e2e::trainingjob::node_of;
@@ -66,7 +66,7 @@ fn products(nodes: &[Node]) -> BTreeMap<String, String> {
 /// The pod selected by `labels` in `ns` once it has a running container, with the node it runs on.
 async fn running_pod(client: &Client, ns: &str, labels: &str, timeout: Duration) -> Result<Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    wait_for_matching(
+    let running = wait_for_matching(
         &pods,
         watcher::Config::default().labels(labels),
         &format!("a running container of a pod {labels}"),
@@ -86,7 +86,16 @@ async fn running_pod(client: &Client, ns: &str, labels: &str, timeout: Duration)
             })
         },
     )
-    .await
+    .await;
+    or_diagnose(ns, running).await
+}
+
+/// `outcome`, or its error with the namespace's pods, events and the operator's log added.
+async fn or_diagnose<T>(ns: &str, outcome: Result<T>) -> Result<T> {
+    match outcome {
+        Ok(value) => Ok(value),
+        Err(e) => Err(e.context(diagnose(ns).await)),
+    }
 }
 
 async fn job_phase(
@@ -95,11 +104,13 @@ async fn job_phase(
     phase: TrainingPhase,
     timeout: Duration,
 ) -> Result<TrainingJob> {
-    wait_for(jobs, name, timeout, move |j: Option<&TrainingJob>| {
+    let done = wait_for(jobs, name, timeout, move |j: Option<&TrainingJob>| {
         j.and_then(|j| j.status.as_ref()).and_then(|s| s.phase) == Some(phase)
     })
-    .await?
-    .context("the job vanished")
+    .await;
+    or_diagnose(jobs.namespace().unwrap_or_default(), done)
+        .await?
+        .context("the job vanished")
 }
 
 #[tokio::test]
@@ -273,8 +284,8 @@ async fn real_node_pipeline_example_trains_gates_serves_and_answers() -> Result<
             g.and_then(|g| g.status.as_ref()).and_then(|s| s.phase) == Some(GatePhase::Passed)
         },
     )
-    .await?
-    .context("gate")?;
+    .await;
+    let gate = or_diagnose(ns, gate).await?.context("gate")?;
     let promoted = gate
         .status
         .and_then(|s| s.promoted)
@@ -285,7 +296,7 @@ async fn real_node_pipeline_example_trains_gates_serves_and_answers() -> Result<
     );
 
     let servers: Api<ModelServer> = Api::namespaced(client.clone(), ns);
-    wait_for(
+    let ready = wait_for(
         &servers,
         "arith",
         Duration::from_secs(300),
@@ -293,7 +304,8 @@ async fn real_node_pipeline_example_trains_gates_serves_and_answers() -> Result<
             m.and_then(|m| m.status.as_ref()).and_then(|s| s.phase) == Some(ServerPhase::Ready)
         },
     )
-    .await?;
+    .await;
+    or_diagnose(ns, ready).await?;
     let server = running_pod(
         &client,
         ns,
