@@ -56,6 +56,9 @@ spec:
 YAML
 kubectl apply -n anneal-demo -f manifests/examples/models-pvc.yaml
 kubectl wait -n anneal-demo pvc/anneal-models --for=jsonpath='{.status.phase}'=Bound --timeout=60s >/dev/null
+# A run before this one left its pipeline behind: start from a fresh one.
+kubectl delete -n anneal-demo -f manifests/examples/pipeline.yaml --ignore-not-found --wait=true >/dev/null
+kubectl wait -n anneal-demo pods -l app.kubernetes.io/managed-by=anneal-operator --for=delete --timeout=60s >/dev/null 2>&1 || true
 kubectl apply -n anneal-demo -f manifests/examples/pipeline.yaml
 kubectl wait -n anneal-demo trainingjob/arith --for=jsonpath='{.status.phase}'=Running --timeout=120s >/dev/null
 kubectl get anneal -n anneal-demo
