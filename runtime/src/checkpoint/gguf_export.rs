@@ -268,7 +268,7 @@ fn byte_vocabulary() -> Vocabulary {
         tokens,
         types,
         merges: Vec::new(),
-        pre: "gpt2",
+        pre: GPT2_PRE,
         bos: ByteTokenizer.bos_id(),
         eos: ByteTokenizer.eos_id(),
     }
@@ -359,6 +359,10 @@ fn hf_vocabulary(path: &Path) -> Result<Vocabulary, CheckpointError> {
     })
 }
 
+/// llama.cpp's name of GPT-2's byte-level pre-tokenizer (`tokenizer.ggml.pre`); it refuses "gpt2"
+/// ("unknown pre-tokenizer type").
+const GPT2_PRE: &str = "gpt-2";
+
 /// The `tokenizer.ggml.pre` name of a `tokenizer.json` pre-tokenizer, if the GGUF loader has it.
 fn pre_tokenizer(p: &Json) -> Option<&'static str> {
     // The loader's byte-level step: no prefix space, GPT-2's regex.
@@ -366,7 +370,7 @@ fn pre_tokenizer(p: &Json) -> Option<&'static str> {
         b["type"] == "ByteLevel" && b["add_prefix_space"] != true && b["use_regex"] != false
     };
     if byte_level(p) {
-        return Some("gpt2");
+        return Some(GPT2_PRE);
     }
     match (
         p["type"].as_str(),
@@ -420,7 +424,7 @@ mod tests {
     #[test]
     fn only_pre_tokenizers_the_loader_has_are_exported() {
         let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": true});
-        assert_eq!(pre_tokenizer(&byte_level), Some("gpt2"));
+        assert_eq!(pre_tokenizer(&byte_level), Some("gpt-2"));
         let smollm = json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level]});
         assert_eq!(pre_tokenizer(&smollm), Some("smollm"));
