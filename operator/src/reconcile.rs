@@ -101,6 +101,32 @@ impl Writer {
     }
 }
 
+/// An Event a controller's decision asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// `Warning` or `Normal`.
+    pub warning: bool,
+    /// Short CamelCase reason.
+    pub reason: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl Writer {
+    /// Publishes the Events a decision asked for, in order.
+    pub async fn notices(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        notices: &[Notice],
+    ) -> Result<(), Error> {
+        for n in notices {
+            self.event(reference, n.warning, &n.reason, n.message.clone())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 /// Consecutive failures per object, for exponential backoff.
 pub struct Backoff<K: Resource>(Mutex<HashMap<ObjectRef<K>, u32>>);
 

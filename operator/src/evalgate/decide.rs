@@ -57,16 +57,7 @@ pub enum Baseline {
     Model(ResolvedModel),
 }
 
-/// An Event to record on the gate.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Notice {
-    /// Warning or Normal.
-    pub warning: bool,
-    /// CamelCase reason.
-    pub reason: String,
-    /// For people.
-    pub message: String,
-}
+pub use crate::reconcile::Notice;
 
 /// What the reconciler must do.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -284,16 +284,7 @@ async fn reconcile(gate: &EvalGate, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let reference = gate.object_ref(&());
-    for notice in &plan.notices {
-        ctx.writer
-            .event(
-                &reference,
-                notice.warning,
-                &notice.reason,
-                notice.message.clone(),
-            )
-            .await?;
-    }
+    ctx.writer.notices(&reference, &plan.notices).await?;
     if let Some((phase, reason)) = &plan.verdict {
         let metrics = &ctx.writer.metrics;
         metrics

@@ -32,16 +32,7 @@ pub enum Desired {
     Model(ResolvedModel),
 }
 
-/// An Event to record on the server.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Notice {
-    /// Warning or Normal.
-    pub warning: bool,
-    /// CamelCase reason.
-    pub reason: String,
-    /// For people.
-    pub message: String,
-}
+pub use crate::reconcile::Notice;
 
 /// What the reconciler must do.
 #[derive(Clone, Debug, Default, PartialEq)]

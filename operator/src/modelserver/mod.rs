@@ -272,16 +272,7 @@ async fn reconcile(server: &ModelServer, ctx: &Context) -> Result<Action, Error>
         }
     }
     let reference = server.object_ref(&());
-    for notice in &plan.notices {
-        ctx.writer
-            .event(
-                &reference,
-                notice.warning,
-                &notice.reason,
-                notice.message.clone(),
-            )
-            .await?;
-    }
+    ctx.writer.notices(&reference, &plan.notices).await?;
     let metrics = &ctx.writer.metrics;
     if plan.rolled_back {
         metrics.rollbacks.inc();

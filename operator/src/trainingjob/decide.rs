@@ -28,16 +28,7 @@ pub struct Deletion {
     pub force: bool,
 }
 
-/// An Event to record on the TrainingJob.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Notice {
-    /// `Normal` or `Warning`.
-    pub warning: bool,
-    /// Short CamelCase reason.
-    pub reason: String,
-    /// What happened, for people.
-    pub message: String,
-}
+pub use crate::reconcile::Notice;
 
 /// What the reconciler must do.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -395,16 +395,7 @@ async fn execute(
         }
     }
     let reference = job.object_ref(&());
-    for notice in &notices {
-        ctx.writer
-            .event(
-                &reference,
-                notice.warning,
-                &notice.reason,
-                notice.message.clone(),
-            )
-            .await?;
-    }
+    ctx.writer.notices(&reference, &notices).await?;
     record_failover_metrics(job, plan, &ctx.writer.metrics);
     if let Some(reason) = plan.failover {
         tracing::info!(job = %job.name_any(), ?reason, attempt = ?plan.status.attempt, "failing over");
