@@ -17,6 +17,7 @@ pub mod tokenizer;
 pub mod train;
 
 // Serving.
+pub mod embed;
 pub mod gguf;
 pub mod kernels;
 pub mod serve;

@@ -157,6 +157,18 @@ async fn deterministic_answers_come_from_the_response_cache_and_other_model_name
         .unwrap();
     assert_eq!(r.status, 404, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
+    // A generative model does not embed: 400 naming the endpoints it answers.
+    let r = request(
+        addr,
+        "POST",
+        "/v1/embeddings",
+        Some(br#"{"input": "hi", "model": "arith"}"#),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("/v1/chat/completions"), "{}", r.body);
 
     let greedy = chat_body(
         "s",

@@ -23,16 +23,15 @@ use super::metrics::Metrics;
 use super::sampling::{Sampler, SamplingParams};
 use super::scheduler::Scheduler;
 use super::text_stream::TextStream;
+use super::worker::Supervised;
 use crate::model::{KvCache, Transformer};
 use crate::tokenizer::Tokenizer;
 use candle_core::Tensor;
 use prometheus_client::metrics::gauge::Gauge;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
-use tokio::sync::watch;
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,8 +128,8 @@ pub struct EngineHandle {
     in_engine: Gauge,
     /// Most requests in the engine: batch slots plus queue places.
     capacity: usize,
-    /// Set (or closed) when the engine thread ends.
-    stopped: watch::Receiver<Option<String>>,
+    /// Whether the engine thread still runs.
+    thread: Supervised,
     /// Context length: prompt plus generation must fit.
     pub max_seq_len: usize,
 }
@@ -153,23 +152,17 @@ impl EngineHandle {
     /// Why the engine thread ended, once it has (a panic's message): from then on no request
     /// can be answered.
     pub fn stopped(&self) -> Option<String> {
-        if let Some(why) = self.stopped.borrow().clone() {
-            return Some(why);
-        }
-        // The thread holds the sender for as long as it runs.
-        self.stopped
-            .has_changed()
-            .is_err()
-            .then(|| "the engine thread ended".to_string())
+        self.thread.stopped()
     }
 
     /// Waits until the engine thread ends; why it ended.
     pub async fn wait_stopped(&self) -> String {
-        let mut rx = self.stopped.clone();
-        // An error means the sender is gone: the thread ended without a word.
-        let _ = rx.wait_for(Option::is_some).await;
-        self.stopped()
-            .unwrap_or_else(|| "the engine thread ended".to_string())
+        self.thread.wait_stopped().await
+    }
+
+    /// The engine thread's supervision.
+    pub fn thread(&self) -> &Supervised {
+        &self.thread
     }
 }
 
@@ -217,28 +210,14 @@ fn supervise(
     body: impl FnOnce(mpsc::Receiver<Submitted>) + Send + 'static,
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel();
-    let (stopped_tx, stopped) = watch::channel(None);
-    std::thread::Builder::new()
-        .name("anneal-engine".into())
-        .spawn(move || {
-            // Unwinding drops the engine, and with it every request's event sender: their
-            // clients get an error instead of waiting for ever.
-            if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| body(rx))) {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .copied()
-                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                    .unwrap_or("(no message)");
-                let why = format!("the engine panicked: {msg}");
-                tracing::error!("{why}");
-                let _ = stopped_tx.send(Some(why));
-            }
-        })?;
+    // Unwinding drops the engine, and with it every request's event sender: their clients get
+    // an error instead of waiting for ever.
+    let thread = Supervised::spawn("engine", move || body(rx))?;
     Ok(EngineHandle {
         tx,
         in_engine,
         capacity,
-        stopped,
+        thread,
         max_seq_len,
     })
 }

@@ -47,6 +47,12 @@ pub struct Metrics {
     pub response_cache_entries: Gauge,
     /// Bytes the response cache holds.
     pub response_cache_bytes: Gauge,
+    /// Inputs embedded (`/v1/embeddings`).
+    pub embedded_inputs: Counter,
+    /// Tokens of the inputs embedded.
+    pub embedded_tokens: Counter,
+    /// Token slots (inputs times the longest of them) of the last embedding batch.
+    pub embedding_batch_tokens: Gauge,
 }
 
 impl Default for Metrics {
@@ -67,6 +73,23 @@ impl Default for Metrics {
             prefix_cache_tokens.clone(),
         );
         let [response_cache_entries, response_cache_bytes]: [Gauge; 2] = Default::default();
+        let [embedded_inputs, embedded_tokens]: [Counter; 2] = Default::default();
+        let embedding_batch_tokens = Gauge::default();
+        registry.register(
+            "embedded_inputs",
+            "Inputs embedded",
+            embedded_inputs.clone(),
+        );
+        registry.register(
+            "embedded_tokens",
+            "Tokens of the inputs embedded",
+            embedded_tokens.clone(),
+        );
+        registry.register(
+            "embedding_batch_tokens",
+            "Token slots (inputs times the longest) of the last embedding batch",
+            embedding_batch_tokens.clone(),
+        );
         registry.register(
             "response_cache_hits",
             "Deterministic requests answered from the response cache",
@@ -98,7 +121,7 @@ impl Default for Metrics {
         registry.register("requests", "HTTP requests by status", requests.clone());
         registry.register(
             "request_duration_seconds",
-            "Generation request latency",
+            "Request latency (generation and embeddings)",
             latency.clone(),
         );
         registry.register(
@@ -158,6 +181,9 @@ impl Default for Metrics {
             prefix_cache_tokens,
             response_cache_entries,
             response_cache_bytes,
+            embedded_inputs,
+            embedded_tokens,
+            embedding_batch_tokens,
         }
     }
 }

@@ -18,12 +18,12 @@ pub mod response_cache;
 pub mod sampling;
 pub mod scheduler;
 pub mod text_stream;
+pub mod worker;
 
 use crate::error::{Result, RuntimeError};
 use crate::gguf::Q41Policy;
-use engine::EngineHandle;
 use http::openai::Limits;
-use http::{AppState, Served};
+use http::{AppState, Backend, Embedder, Generator, Served};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,8 +33,9 @@ use std::time::Duration;
 /// Arguments of `anneal-runtime serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// A GGUF file (llama family) or a model directory written by `train`: a path, `file://`
-    /// or `pvc://` URI.
+    /// A GGUF file (llama family), a model directory written by `train`, or a
+    /// sentence-transformers directory of a BERT-family encoder (served on `/v1/embeddings`): a
+    /// path, `file://` or `pvc://` URI.
     #[arg(long, env = "ANNEAL_MODEL")]
     pub model: PathBuf,
     /// Refuse to serve (exit 65) unless the weights have this sha256 (hex): of
@@ -71,6 +72,13 @@ pub struct Args {
     /// Most sequences decoded together.
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
+    /// Embedding models: most token slots (inputs times the longest input, padding included) in
+    /// one forward pass; waiting inputs are batched up to it (text-embeddings-inference's flag).
+    #[arg(long, default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+    /// Embedding models: most inputs in one `/v1/embeddings` request; more are answered 413.
+    #[arg(long, default_value_t = 128)]
+    pub max_client_batch_size: usize,
     /// Most requests waiting for a batch slot (beyond those that fit free slots); more are
     /// answered 429.
     #[arg(long, default_value_t = 64)]
@@ -198,12 +206,12 @@ pub async fn serve_on(
             )));
         }
     }
-    let engine = state
+    let worker = state
         .served
         .get()
-        .map(|s| s.engine.clone())
-        .ok_or_else(|| RuntimeError::Internal("the model loaded without an engine".into()))?;
-    until_server_or_engine_ends(server, &engine).await
+        .map(|s| s.thread().clone())
+        .ok_or_else(|| RuntimeError::Internal("the model loaded without a worker".into()))?;
+    until_server_or_engine_ends(server, &worker).await
 }
 
 /// Waits for the server to end (after the shutdown signal) or for the engine thread to end
@@ -211,7 +219,7 @@ pub async fn serve_on(
 /// this is an error: the process exits non-zero and Kubernetes restarts the pod.
 async fn until_server_or_engine_ends(
     mut server: tokio::task::JoinHandle<std::io::Result<()>>,
-    engine: &EngineHandle,
+    engine: &worker::Supervised,
 ) -> Result<()> {
     tokio::select! {
         ended = &mut server => ended
@@ -230,6 +238,9 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
     let path = model_path(&args.model)?;
     if let Some(want) = &args.model_sha256 {
         check_digest(&path, want)?;
+    }
+    if path.is_dir() && crate::embed::is_embedding_model(&path) {
+        return load_embedder(args, state, &path, &device, started);
     }
     let model = loaded_model::load(&path, args.q4_1, Some(args.max_seq_len), &device)?;
     tracing::info!(model = %model.id, secs = started.elapsed().as_secs_f64(), "loaded");
@@ -262,11 +273,50 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
     )
     .map_err(|e| RuntimeError::Internal(format!("starting the engine thread: {e}")))?;
     let served = Served {
-        engine,
-        tokenizer: model.tokenizer,
-        chat_template: model.chat_template,
         model_id: args.served_model_name.clone().unwrap_or(model.id),
-        limits,
+        backend: Backend::Generate(Generator {
+            engine,
+            tokenizer: model.tokenizer,
+            chat_template: model.chat_template,
+            limits,
+        }),
+    };
+    let _ = state.served.set(served);
+    Ok(())
+}
+
+/// Loads a sentence-transformers directory and starts its embedding worker.
+fn load_embedder(
+    args: &Args,
+    state: &AppState,
+    path: &std::path::Path,
+    device: &candle_core::Device,
+    started: std::time::Instant,
+) -> Result<()> {
+    let model = crate::embed::EmbeddingModel::load(path, device)
+        .map_err(|e| RuntimeError::User(e.to_string()))?;
+    // The directory's own name, as sentence-transformers models are known by theirs.
+    let id = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "embeddings".into());
+    tracing::info!(model = %id, dimensions = model.dimensions, max_tokens = model.max_tokens,
+        secs = started.elapsed().as_secs_f64(), "loaded an embedding model");
+    let model = Arc::new(model);
+    let worker = crate::embed::batcher::start(
+        model.clone(),
+        args.max_batch_tokens,
+        args.max_queue.max(1),
+        state.metrics.clone(),
+    )
+    .map_err(|e| RuntimeError::Internal(format!("starting the embedding thread: {e}")))?;
+    let served = Served {
+        model_id: args.served_model_name.clone().unwrap_or(id),
+        backend: Backend::Embed(Embedder {
+            model,
+            worker,
+            max_inputs: args.max_client_batch_size.max(1),
+        }),
     };
     let _ = state.served.set(served);
     Ok(())
@@ -325,7 +375,7 @@ mod tests {
     async fn a_dead_engine_ends_the_server_with_an_internal_error() {
         let server = tokio::spawn(std::future::pending::<std::io::Result<()>>());
         let engine = engine::panicked("boom");
-        let err = until_server_or_engine_ends(server, &engine)
+        let err = until_server_or_engine_ends(server, engine.thread())
             .await
             .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
@@ -336,6 +386,8 @@ mod tests {
     async fn the_server_ending_first_is_not_an_error() {
         let server = tokio::spawn(async { Ok(()) });
         let engine = engine::idle();
-        until_server_or_engine_ends(server, &engine).await.unwrap();
+        until_server_or_engine_ends(server, engine.thread())
+            .await
+            .unwrap();
     }
 }

@@ -12,17 +12,28 @@ use tokio::net::TcpStream;
 
 /// The SmolLM2 GGUF: `ANNEAL_SMOLLM2_GGUF`, else the cache, else fetched by the project's script.
 pub fn smollm2() -> PathBuf {
-    if let Ok(p) = std::env::var("ANNEAL_SMOLLM2_GGUF") {
+    fetched("ANNEAL_SMOLLM2_GGUF", "fetch-smollm2.sh")
+}
+
+/// The all-MiniLM-L6-v2 directory: `ANNEAL_MINILM_DIR`, else the cache, else fetched by the
+/// project's script.
+pub fn minilm() -> PathBuf {
+    fetched("ANNEAL_MINILM_DIR", "fetch-minilm.sh")
+}
+
+/// The path in `var`, else what `scripts/<script>` prints (it fetches into a cache).
+fn fetched(var: &str, script: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
         return p.into();
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-smollm2.sh");
+    let path = format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("bash")
-        .arg(script)
+        .arg(&path)
         .output()
-        .expect("running fetch-smollm2.sh");
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
     assert!(
         out.status.success(),
-        "fetch-smollm2.sh failed: {}",
+        "{script} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
@@ -41,6 +52,8 @@ pub fn args(model: PathBuf) -> Args {
         listen: "127.0.0.1:0".parse().unwrap(),
         api_key_file: None,
         max_batch: 8,
+        max_batch_tokens: 16384,
+        max_client_batch_size: 128,
         max_queue: 16,
         min_priority: -10,
         max_priority: 10,

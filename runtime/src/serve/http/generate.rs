@@ -27,7 +27,7 @@ pub async fn completions(
     let result = async {
         let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         let (req, params): (CompletionRequest, _) = openai::parse(&body)?;
-        let served = state.served()?;
+        let served = state.served()?.generator()?;
         let prompt = match req.prompt {
             openai::OneOrMany::One(p) => p,
             openai::OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -64,7 +64,7 @@ pub async fn chat_completions(
     let result = async {
         let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         let (req, params): (ChatRequest, _) = openai::parse(&body)?;
-        let served = state.served()?;
+        let served = state.served()?.generator()?;
         if req.messages.is_empty() {
             return Err(ApiError::field("messages", "messages must not be empty"));
         }
@@ -186,11 +186,9 @@ async fn generate(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let served = state.served()?;
-    if let Some(asked) = params.model.as_deref()
-        && asked != served.model_id
-    {
-        return Err(ApiError::model_not_found(asked, &served.model_id));
-    }
+    served.check_model(params.model.as_deref())?;
+    let model_id = &served.model_id;
+    let served = served.generator()?;
     let v: Validated = params.validate(&served.limits)?;
     let context = served.engine.max_seq_len;
     if prompt.is_empty() || prompt.len() >= context {
@@ -205,11 +203,11 @@ async fn generate(
     }
     let deterministic = v.sampling.temperature == 0.0 || params.seed.is_some();
     let cache_key = (state.response_cache.is_some() && deterministic && !opts_out(headers))
-        .then(|| cache_key(&served.model_id, ep, &prompt, &v, headers));
+        .then(|| cache_key(model_id, ep, &prompt, &v, headers));
     if let (Some(cache), Some(key)) = (&state.response_cache, &cache_key) {
         if let Some(hit) = cache.get(key, Instant::now()) {
             state.metrics.response_cache_hits.inc();
-            return Ok(cached_response(ep, params.stream, &served.model_id, &hit));
+            return Ok(cached_response(ep, params.stream, model_id, &hit));
         }
         state.metrics.response_cache_misses.inc();
     }
@@ -238,7 +236,7 @@ async fn generate(
         let reply = Reply {
             ep,
             id,
-            model: served.model_id.clone(),
+            model: model_id.clone(),
             deadline,
             arrived,
             cache_key,
@@ -269,7 +267,7 @@ async fn generate(
                 let body = openai::full_response(
                     ep,
                     &id,
-                    &served.model_id,
+                    model_id,
                     &text,
                     reason.as_str(),
                     prompt_tokens,

@@ -2,6 +2,7 @@
 //! engine messages and back; the model runs on the engine's thread.
 
 pub mod auth;
+mod embeddings;
 pub mod error;
 mod generate;
 pub mod openai;
@@ -23,18 +24,92 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// The model once it is loaded and its engine runs.
+/// The model once it is loaded and its worker runs.
 pub struct Served {
+    /// The model's name.
+    pub model_id: String,
+    /// What it does.
+    pub backend: Backend,
+}
+
+/// A generative model or an embedding model.
+pub enum Backend {
+    /// Completions and chat.
+    Generate(Generator),
+    /// Sentence vectors.
+    Embed(Embedder),
+}
+
+/// A generative model: its engine, tokenizer and template.
+pub struct Generator {
     /// The engine.
     pub engine: EngineHandle,
     /// The tokenizer.
     pub tokenizer: Arc<dyn Tokenizer>,
     /// The chat template.
     pub chat_template: ChatTemplate,
-    /// The model's name.
-    pub model_id: String,
     /// Field limits.
     pub limits: Limits,
+}
+
+/// An embedding model and its worker.
+pub struct Embedder {
+    /// The model (tokenizer and limits; the worker runs it).
+    pub model: Arc<crate::embed::EmbeddingModel>,
+    /// The worker.
+    pub worker: crate::embed::batcher::EmbedHandle,
+    /// Most inputs per request.
+    pub max_inputs: usize,
+}
+
+impl Served {
+    /// The generative model, or 400 naming the endpoint to use instead.
+    pub fn generator(&self) -> Result<&Generator, ApiError> {
+        match &self.backend {
+            Backend::Generate(g) => Ok(g),
+            Backend::Embed(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "`{}` is an embedding model: it answers /v1/embeddings only",
+                    self.model_id
+                ),
+            )
+            .with_param("model")),
+        }
+    }
+
+    /// The embedding model, or 400 naming the endpoints to use instead.
+    pub fn embedder(&self) -> Result<&Embedder, ApiError> {
+        match &self.backend {
+            Backend::Embed(e) => Ok(e),
+            Backend::Generate(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "`{}` is a generative model: it answers /v1/completions and /v1/chat/completions, not /v1/embeddings",
+                    self.model_id
+                ),
+            )
+            .with_param("model")),
+        }
+    }
+
+    /// The worker thread's supervision (the engine or the embedder).
+    pub fn thread(&self) -> &super::worker::Supervised {
+        match &self.backend {
+            Backend::Generate(g) => g.engine.thread(),
+            Backend::Embed(e) => e.worker.thread(),
+        }
+    }
+
+    /// 404 `model_not_found` when a request names another model than this one.
+    pub fn check_model(&self, asked: Option<&str>) -> Result<(), ApiError> {
+        match asked {
+            Some(asked) if asked != self.model_id => {
+                Err(ApiError::model_not_found(asked, &self.model_id))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// State shared by every handler.
@@ -71,7 +146,7 @@ impl AppState {
 
     /// 503 once the engine thread has died (before the model loads there is none to die).
     fn engine_alive(&self) -> Result<(), ApiError> {
-        match self.served.get().and_then(|s| s.engine.stopped()) {
+        match self.served.get().and_then(|s| s.thread().stopped()) {
             Some(why) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why)),
             None => Ok(()),
         }
@@ -83,6 +158,7 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
     Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -168,17 +244,19 @@ mod tests {
             response_cache: None,
         };
         let served = Served {
-            engine,
-            tokenizer: Arc::new(ByteTokenizer),
-            chat_template: ChatTemplate::new(None, "", "").unwrap(),
             model_id: "test".into(),
-            limits: Limits {
-                max_tokens: 8,
-                default_max_tokens: 8,
-                vocab_size: 258,
-                min_priority: 0,
-                max_priority: 0,
-            },
+            backend: Backend::Generate(Generator {
+                engine,
+                tokenizer: Arc::new(ByteTokenizer),
+                chat_template: ChatTemplate::new(None, "", "").unwrap(),
+                limits: Limits {
+                    max_tokens: 8,
+                    default_max_tokens: 8,
+                    vocab_size: 258,
+                    min_priority: 0,
+                    max_priority: 0,
+                },
+            }),
         };
         assert!(state.served.set(served).is_ok());
         Arc::new(state)

@@ -85,20 +85,35 @@ pub fn is_role(role: &str) -> bool {
 /// 400, a well-formed body with a wrong field a 422 naming it. (Two passes rather than
 /// `#[serde(flatten)]`, which loses the path of the field at fault.)
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<(T, Params), ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))?;
+    let value = json_body(body)?;
     Ok((typed(value.clone())?, typed(value)?))
+}
+
+/// Parses a body into one type: malformed JSON is a 400, a wrong field a 422 naming it.
+pub fn parse_one<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    typed(json_body(body)?)
+}
+
+fn json_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))
 }
 
 fn typed<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let param = if path == "." {
-            "body".to_string()
-        } else {
-            path
+        let inner = e.inner().to_string();
+        // A missing field is reported at its parent: name the field itself.
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next());
+        let param = match (path.as_str(), missing) {
+            (".", Some(field)) => field.to_string(),
+            (".", None) => "body".to_string(),
+            (_, Some(field)) => format!("{path}.{field}"),
+            (_, None) => path,
         };
-        ApiError::field(&param, format!("{param}: {}", e.inner()))
+        ApiError::field(&param, format!("{param}: {inner}"))
     })
 }
 
