@@ -5,7 +5,10 @@
 #      (TTL 300 s) and off: hit rate, request latency p50/p99;
 #   2. prefix cache: time to first token of chat requests sharing a ~500-token system prompt, cold (the
 #      first) and warm (the next 8, other questions), for anneal with the prefix cache on and off and
-#      llama-server with cache_prompt (built from source on first use, GGML_NATIVE=ON).
+#      llama-server with cache_prompt (built from source on first use, GGML_NATIVE=ON);
+#   3. multi-turn chat: 4 conversations at once, 6 turns each, every turn resending the history
+#      (chatgen.py): turns/s and generated tokens/s for anneal with the prefix cache on and off and
+#      llama-server (4 slots, cache_prompt).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../../.." && pwd)"
@@ -37,6 +40,8 @@ off="$(run cachegen.py --response-cache-ttl-secs 0)"
 gen_args=()
 p_on="$(run prefixgen.py --prefix-cache true)"
 p_off="$(run prefixgen.py --prefix-cache false)"
+c_on="$(run chatgen.py --prefix-cache true)"
+c_off="$(run chatgen.py --prefix-cache false)"
 llama_bin="$("$here/build-llama-cpp.sh")"
 l_port="$(port)"
 "$llama_bin/llama-server" -m "$model" --port "$l_port" -t "$threads" -np 1 -c 2048 --no-webui \
@@ -45,10 +50,20 @@ pid=$!
 wait_up "$l_port" health
 p_llama="$(python3 "$here/prefixgen.py" --port "$l_port")"
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
-python3 - "$on" "$off" "$(lscpu | sed -n 's/^Model name: *//p')" "$p_on" "$p_off" "$p_llama" <<'PY'
+l_port="$(port)"
+"$llama_bin/llama-server" -m "$model" --port "$l_port" -t "$threads" -np 4 -c 8192 --no-webui \
+    >/tmp/anneal-cache-bench-llama.log 2>&1 &
+pid=$!
+wait_up "$l_port" health
+c_llama="$(python3 "$here/chatgen.py" --port "$l_port")"
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+python3 - "$on" "$off" "$(lscpu | sed -n 's/^Model name: *//p')" "$p_on" "$p_off" "$p_llama" \
+    "$c_on" "$c_off" "$c_llama" "$("$llama_bin/llama-cli" --version 2>&1 | head -n 2 | tr '\n' ' ')" <<'PY'
 import json, sys
 on, off, cpu = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 p_on, p_off, p_llama = (json.loads(x) for x in sys.argv[4:7])
+c_on, c_off, c_llama = (json.loads(x) for x in sys.argv[7:10])
+llama_version = sys.argv[10]
 print(f"CPU: {cpu}; {on['requests']} requests, {on['repeat_share']:.0%} repeat an earlier one (Zipf 0.9 over 1000 prompts)\n")
 print("| | cache on (TTL 300 s) | cache off |")
 print("| --- | --- | --- |")
@@ -62,4 +77,12 @@ print("| | anneal, prefix cache on | anneal, prefix cache off | llama-server, ca
 print("| --- | --- | --- | --- |")
 print(f"| cold (first request) | {p_on['cold_s']*1000:.0f} ms | {p_off['cold_s']*1000:.0f} ms | {p_llama['cold_s']*1000:.0f} ms |")
 print(f"| warm (median of 8) | {p_on['warm_s']*1000:.0f} ms | {p_off['warm_s']*1000:.0f} ms | {p_llama['warm_s']*1000:.0f} ms |")
+print(f"\nMulti-turn chat: {c_on['clients']} conversations at once, every turn resends the history "
+      f"(mean prompt {c_on['prompt_tokens_mean']:.0f} tokens), 32 tokens per answer; llama.cpp: {llama_version}\n")
+print("| | anneal, prefix cache on | anneal, prefix cache off | llama-server (4 slots), cache_prompt |")
+print("| --- | --- | --- | --- |")
+print(f"| turns/s | {c_on['turns_per_s']:.2f} | {c_off['turns_per_s']:.2f} | {c_llama['turns_per_s']:.2f} |")
+print(f"| generated tokens/s | {c_on['generated_per_s']:.1f} | {c_off['generated_per_s']:.1f} | {c_llama['generated_per_s']:.1f} |")
+print(f"| turn latency p50 | {c_on['p50_s']*1000:.0f} ms | {c_off['p50_s']*1000:.0f} ms | {c_llama['p50_s']*1000:.0f} ms |")
+print(f"| turns answered / errors | {c_on['turns']} / {len(c_on['errors'])} | {c_off['turns']} / {len(c_off['errors'])} | {c_llama['turns']} / {len(c_llama['errors'])} |")
 PY
