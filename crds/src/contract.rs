@@ -11,6 +11,12 @@ pub const EXIT_USER_ERROR: i32 = 65;
 /// The accelerator failed (a CUDA error, lost device, ECC fault; sysexits `EX_TEMPFAIL`).
 /// The operator fails over: it excludes the node and resumes from the last checkpoint elsewhere.
 pub const EXIT_DEVICE_FAULT: i32 = 75;
+/// A peer of a data-parallel gang vanished, refused the handshake or aborted a collective
+/// (sysexits `EX_PROTOCOL`). The worker itself is healthy: its node is not excluded. The gang
+/// cannot go on without the peer, so the attempt ends; where another worker of the attempt shows
+/// the cause (its node failed, it exited 75), that cause decides the replacement, else it is
+/// retried like an internal error.
+pub const EXIT_PEER_LOST: i32 = 76;
 
 /// Env: name of the TrainingJob (or EvalGate) the pod works for.
 pub const ENV_JOB_NAME: &str = "ANNEAL_JOB_NAME";
@@ -26,6 +32,14 @@ pub const ENV_POD_NAME: &str = "ANNEAL_POD_NAME";
 pub const ENV_ATTEMPT: &str = "ANNEAL_ATTEMPT";
 /// Env: directory where checkpoints are written and resumed from.
 pub const ENV_CHECKPOINT_DIR: &str = "ANNEAL_CHECKPOINT_DIR";
+/// Env: rank of this worker in its gang, `0..world size` (the `i` of pod `<job>-a<attempt>-w<i>`).
+pub const ENV_RANK: &str = "ANNEAL_RANK";
+/// Env: number of workers of the gang (`spec.workers`).
+pub const ENV_WORLD_SIZE: &str = "ANNEAL_WORLD_SIZE";
+/// Env: `host:port` of rank 0's rendezvous, where the other ranks get the peer list.
+pub const ENV_RENDEZVOUS: &str = "ANNEAL_RENDEZVOUS";
+/// The port rank 0 listens on for the rendezvous and for its ring neighbour.
+pub const RENDEZVOUS_PORT: u16 = 29500;
 
 /// Where a `pvc://CLAIM/PATH` URI is found in a pod: the operator mounts claim `CLAIM` at
 /// `PVC_ROOT/CLAIM`, and the runtime reads `PVC_ROOT/CLAIM/PATH`.

@@ -15,6 +15,9 @@ pub enum RuntimeError {
     /// Anything else (I/O on a healthy node, a bug): retried with backoff.
     #[error("{0}")]
     Internal(String),
+    /// A peer of the data-parallel gang is lost: this worker is fine, its attempt is over.
+    #[error("{0}")]
+    PeerLost(String),
 }
 
 impl RuntimeError {
@@ -29,6 +32,7 @@ impl RuntimeError {
             Self::User(_) => contract::EXIT_USER_ERROR,
             Self::Device(_) => contract::EXIT_DEVICE_FAULT,
             Self::Internal(_) => contract::EXIT_INTERNAL,
+            Self::PeerLost(_) => contract::EXIT_PEER_LOST,
         }
     }
 }

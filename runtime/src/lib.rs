@@ -10,6 +10,7 @@ pub mod error;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod model;
 pub mod rng;

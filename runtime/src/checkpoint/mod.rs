@@ -102,15 +102,9 @@ impl CheckpointDir {
     /// The newest checkpoint that verifies; each one skipped is reported through `warn`.
     pub fn latest_valid(
         &self,
-        mut warn: impl FnMut(&str),
+        warn: impl FnMut(&str),
     ) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
-        for (step, path) in self.list()? {
-            match atomic::verify_dir(&path) {
-                Ok(_) => return Ok(Some((step, path))),
-                Err(e) => warn(&format!("skipping checkpoint {}: {e}", path.display())),
-            }
-        }
-        Ok(None)
+        latest_valid(&self.root, warn)
     }
 
     /// Writes checkpoint `step`: `write` fills a temporary directory, which is committed only
@@ -145,6 +139,21 @@ impl CheckpointDir {
         }
         Ok(dest)
     }
+}
+
+/// The newest checkpoint in `root` that verifies, reading only (the ranks of a gang other than
+/// rank 0 resume without claiming the directory); each one skipped is reported through `warn`.
+pub fn latest_valid(
+    root: &Path,
+    mut warn: impl FnMut(&str),
+) -> Result<Option<(u64, PathBuf)>, CheckpointError> {
+    for (step, path) in committed(root)? {
+        match atomic::verify_dir(&path) {
+            Ok(_) => return Ok(Some((step, path))),
+            Err(e) => warn(&format!("skipping checkpoint {}: {e}", path.display())),
+        }
+    }
+    Ok(None)
 }
 
 /// Committed checkpoints in `root` as (step, path), newest first; none when `root` does not

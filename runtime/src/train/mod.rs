@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod fused;
+pub mod gang;
 pub mod job_spec;
 pub mod loss;
 pub mod metrics;
@@ -15,6 +16,7 @@ pub mod trainer;
 
 use crate::checkpoint::{CheckpointDir, CheckpointError, model_dir};
 use crate::data::DataError;
+use crate::dist::{GangSpec, Placement, Timeouts};
 use crate::error::RuntimeError;
 use anneal_crds::contract;
 use config::TrainConfig;
@@ -51,6 +53,57 @@ pub struct Args {
     /// Write a TensorBoard event file of the logged steps into this directory.
     #[arg(long, env = "ANNEAL_TENSORBOARD_DIR")]
     pub tensorboard_dir: Option<PathBuf>,
+    /// Rank of this worker in a data-parallel gang.
+    #[arg(long, env = contract::ENV_RANK, default_value_t = 0)]
+    pub rank: usize,
+    /// Workers in the gang; each trains on its shard of every global batch of
+    /// `world size x batchSize` samples.
+    #[arg(long, env = contract::ENV_WORLD_SIZE, default_value_t = 1)]
+    pub world_size: usize,
+    /// `host:port` of rank 0's rendezvous (rank 0 listens on its port).
+    #[arg(long, env = contract::ENV_RENDEZVOUS)]
+    pub rendezvous: Option<String>,
+    /// A peer silent this long (not even a heartbeat) is lost, and the attempt with it.
+    #[arg(long, env = "ANNEAL_PEER_TIMEOUT_SECONDS", default_value_t = 10.0)]
+    pub peer_timeout_seconds: f64,
+    /// How long the ranks wait for each other to start.
+    #[arg(
+        long,
+        env = "ANNEAL_RENDEZVOUS_TIMEOUT_SECONDS",
+        default_value_t = 300.0
+    )]
+    pub rendezvous_timeout_seconds: f64,
+}
+
+impl Args {
+    /// The gang settings of this run (world size 1: a lone worker).
+    pub fn placement(&self) -> Result<(Placement, Timeouts), RuntimeError> {
+        let placement = Placement {
+            rank: self.rank,
+            world: self.world_size,
+            rendezvous: self.rendezvous.clone(),
+        };
+        placement
+            .validate()
+            .map_err(|e| RuntimeError::User(e.to_string()))?;
+        let secs = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(std::time::Duration::from_secs_f64(v))
+            } else {
+                Err(RuntimeError::User(format!("--{name} must be positive")))
+            }
+        };
+        let peer = secs("peer-timeout-seconds", self.peer_timeout_seconds)?;
+        let timeouts = Timeouts {
+            rendezvous: secs(
+                "rendezvous-timeout-seconds",
+                self.rendezvous_timeout_seconds,
+            )?,
+            peer,
+            heartbeat: (peer / 10).max(std::time::Duration::from_millis(10)),
+        };
+        Ok((placement, timeouts))
+    }
 }
 
 /// Where a run's figures go besides stdout.
@@ -89,6 +142,9 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// The data-parallel gang failed (a peer lost, ranks that disagree).
+    #[error("gang: {0}")]
+    Gang(#[from] crate::dist::DistError),
     /// A bug.
     #[error("{0}")]
     Internal(String),
@@ -107,6 +163,11 @@ impl From<TrainError> for RuntimeError {
             TrainError::Checkpoint(CheckpointError::Fenced { .. }) => RuntimeError::User(msg),
             // CUDA faults fail over (75); out of GPU memory is the job's size (65); else 1.
             TrainError::Tensor(e) => crate::error::from_tensor_error(&e),
+            TrainError::Gang(e) => match e.exit_code() {
+                contract::EXIT_PEER_LOST => RuntimeError::PeerLost(msg),
+                contract::EXIT_USER_ERROR => RuntimeError::User(msg),
+                _ => RuntimeError::Internal(msg),
+            },
             _ => RuntimeError::Internal(msg),
         }
     }
@@ -114,6 +175,7 @@ impl From<TrainError> for RuntimeError {
 
 /// Runs `anneal-runtime train`.
 pub fn run(args: Args) -> crate::error::Result<()> {
+    let (placement, timeouts) = args.placement()?;
     let mut config = match (&args.config, &args.job_spec) {
         (Some(path), _) => TrainConfig::from_file(path),
         (None, Some(path)) => job_spec::from_file(path),
@@ -142,16 +204,28 @@ pub fn run(args: Args) -> crate::error::Result<()> {
             .map_err(|e| RuntimeError::User(format!("--metrics-addr {addr}: {e}")))?;
         observers.metrics = Some(m);
     }
-    train(config, args.attempt, device, &observers).map_err(RuntimeError::from)
+    let gang = GangSpec {
+        placement,
+        job_uid: String::new(),
+        attempt: args.attempt,
+        timeouts,
+    };
+    train(config, &gang, device, &observers).map_err(RuntimeError::from)
 }
 
-/// Trains to the configured number of steps and writes the model directory.
+/// Trains to the configured number of steps and writes the model directory: as a lone worker,
+/// or as one rank of `gang` (its attempt fences checkpoints; its `job_uid` is filled in from
+/// the job's identity). Only rank 0 claims the checkpoint directory and writes checkpoints,
+/// status and the model; the others resume read-only from the same checkpoint.
 pub fn train(
     config: TrainConfig,
-    attempt: u64,
+    gang: &GangSpec,
     device: candle_core::Device,
     observers: &Observers,
 ) -> Result<(), TrainError> {
+    let attempt = gang.attempt;
+    let rank = gang.placement.rank;
+    let leader = rank == 0;
     let reporter = Reporter::default();
     let job = resume::JobIdentity::from_env();
     let output = trainer::resolve(&config.output.path)?;
@@ -162,18 +236,24 @@ pub fn train(
     let mut t = Trainer::new(config, device)?;
     t.job = job.clone();
     let ckpt_dir = match &ckpt_root {
+        // Before claiming: a claim fences the directory's writers and removes their
+        // unfinished checkpoints, which must not happen to another job's.
         Some(root) => {
-            // Before claiming: a claim fences the directory's writers and removes their
-            // unfinished checkpoints, which must not happen to another job's.
             resume::check_directory(root, &job, &t.config, &t.model_config)?;
-            Some(CheckpointDir::open(root, attempt)?)
+            // Only rank 0 writes; the others read.
+            leader
+                .then(|| CheckpointDir::open(root, attempt))
+                .transpose()?
         }
         None => None,
     };
+    let latest = match (&ckpt_dir, &ckpt_root) {
+        (Some(dir), _) => dir.latest_valid(|w| reporter.warn(w))?,
+        (None, Some(root)) => crate::checkpoint::latest_valid(root, |w| reporter.warn(w))?,
+        (None, None) => None,
+    };
     let mut resumed = None;
-    if let Some(dir) = &ckpt_dir
-        && let Some((step, path)) = dir.latest_valid(|w| reporter.warn(w))?
-    {
+    if let Some((step, path)) = latest {
         let accepted = t.restore(&path)?;
         if accepted.unrecorded_job {
             reporter.warn(&format!(
@@ -196,25 +276,38 @@ pub fn train(
             "step": step, "checkpoint": path.display().to_string(), "changed": accepted.changes,
         }));
     }
+    if gang.placement.world > 1 {
+        let spec = GangSpec {
+            job_uid: job.uid.clone().unwrap_or_else(|| "local".into()),
+            ..gang.clone()
+        };
+        let digest = gang::state_digest(&t)?;
+        t.gang = crate::dist::tcp::join(&spec, &digest, None)?;
+        reporter.event(&serde_json::json!({
+            "event": "gang", "rank": rank, "world": gang.placement.world, "state": digest,
+        }));
+    }
     reporter.event(&serde_json::json!({
         "event": "start", "step": t.step, "attempt": attempt,
         "parameters": t.model_config.param_count(), "train_samples": t.loader.len(),
     }));
     let h = t.config.hyperparameters.clone();
     let reporter_k8s = match (&job.name, &job.namespace) {
-        (Some(name), Some(ns)) => Some(status::StatusReporter::start(status::StatusTarget {
-            name: name.clone(),
-            namespace: ns.clone(),
-            uid: job.uid.clone(),
-            attempt,
-        })),
+        (Some(name), Some(ns)) if leader => {
+            Some(status::StatusReporter::start(status::StatusTarget {
+                name: name.clone(),
+                namespace: ns.clone(),
+                uid: job.uid.clone(),
+                attempt,
+            }))
+        }
         _ => None,
     };
     let mut events = match &observers.tensorboard_dir {
-        Some(dir) => Some(tensorboard::EventWriter::create(dir).map_err(|e| {
+        Some(dir) if leader => Some(tensorboard::EventWriter::create(dir).map_err(|e| {
             TrainError::Config(format!("--tensorboard-dir {}: {e}", dir.display()))
         })?),
-        None => None,
+        _ => None,
     };
     let (mut window_start, mut window_tokens) = (Instant::now(), 0usize);
     while t.step < h.steps {
@@ -281,6 +374,13 @@ pub fn train(
             }
         }
     }
+    if !leader {
+        // Rank 0 writes the model; the others end with it, so that a failure to write it
+        // ends the whole attempt.
+        t.gang.barrier()?;
+        reporter.event(&serde_json::json!({ "event": "done", "step": t.step, "rank": rank }));
+        return Ok(());
+    }
     let (spec, spec_dir) = &t.tokenizer_spec;
     let sha256 = model_dir::save(&output, &t.model_config, &t.tensors()?, spec, spec_dir)?;
     let gguf = match t.config.output.gguf {
@@ -306,6 +406,7 @@ pub fn train(
         &contract::termination_log(),
         &termination_message(&artifact, resumed),
     );
+    t.gang.barrier()?;
     Ok(())
 }
 

@@ -85,6 +85,8 @@ pub struct Trainer {
     /// The job this run trains for: recorded in its checkpoints, and a resume refuses another
     /// job's (a local run by default).
     pub job: JobIdentity,
+    /// The gang this rank trains with ([`super::gang`]); a ring of one for a lone worker.
+    pub gang: crate::dist::Ring,
     /// The hand-written CPU f32 step's buffers, when it serves this model.
     fused: Option<FusedStep>,
     device: Device,
@@ -210,6 +212,7 @@ impl Trainer {
             rng,
             compute_dtype,
             job: JobIdentity::default(),
+            gang: crate::dist::Ring::solo(),
             fused,
             device,
             pad,
@@ -230,10 +233,12 @@ impl Trainer {
             cast = self.model.to_dtype(self.compute_dtype)?;
             &cast
         };
+        let (per_rank, pad, device) = (h.batch_size, self.pad, self.device.clone());
         for _ in 0..h.gradient_accumulation {
-            let samples = self.loader.next_samples(h.batch_size);
+            // A lone worker's shard is the whole batch; a rank's is its part of the gang's.
+            let samples = super::gang::next_shard(&mut self.loader, &self.gang, per_rank);
             tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
-            let batch = Batch::new(&samples, self.pad, &self.device)?;
+            let batch = Batch::new(&samples, pad, &device)?;
             if batch.n_tokens == 0 {
                 continue;
             }
@@ -274,6 +279,10 @@ impl Trainer {
                 .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
                 .collect::<candle_core::Result<Vec<_>>>()?,
         };
+        // The gang's sums: every rank then takes the step of the whole global batch.
+        let grads = super::gang::sum_gradients(&mut self.gang, grads)?;
+        let (loss_sum, counted, tokens) =
+            super::gang::sum_counts(&mut self.gang, loss_sum, counted, tokens)?;
         let scale = 1.0 / counted.max(1) as f64;
         let grad_norm = optim::global_norm(&grads, scale)?;
         if !grad_norm.is_finite() {
