@@ -6,6 +6,7 @@
 //! [`batcher`] runs the model on its own thread and batches waiting inputs by a token budget.
 
 pub mod batcher;
+mod cpu_bert;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -32,9 +33,16 @@ pub enum Pooling {
     Max,
 }
 
+/// The encoder: anneal's own kernels over packed sequences on the CPU, candle-transformers'
+/// `bert` (padded batches) on a GPU.
+enum Encoder {
+    Cpu(cpu_bert::CpuBert),
+    Candle(BertModel),
+}
+
 /// A loaded embedding model.
 pub struct EmbeddingModel {
-    model: BertModel,
+    encoder: Encoder,
     /// Its tokenizer (truncation and padding turned off: the batcher pads).
     pub tokenizer: tokenizers::Tokenizer,
     /// How token vectors are pooled.
@@ -158,9 +166,14 @@ impl EmbeddingModel {
         // (a new model is a new directory, pinned by digest).
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
             .map_err(|e| fail(format!("model.safetensors: {e}")))?;
-        let model = BertModel::load(vb, &config).map_err(|e| fail(format!("weights: {e}")))?;
+        let encoder = if device.is_cpu() {
+            cpu_bert::CpuBert::load(vb, &config).map(Encoder::Cpu)
+        } else {
+            BertModel::load(vb, &config).map(Encoder::Candle)
+        }
+        .map_err(|e| fail(format!("weights: {e}")))?;
         Ok(Self {
-            model,
+            encoder,
             tokenizer,
             pooling,
             normalize,
@@ -180,13 +193,55 @@ impl EmbeddingModel {
     }
 
     /// The sentence vectors of `inputs` (token ids, each at most [`Self::max_tokens`] long),
-    /// computed as one padded batch.
+    /// computed as one batch.
     pub fn embed(&self, inputs: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let n = inputs.len();
-        let width = inputs.iter().map(|i| i.len()).max().unwrap_or(0);
-        if n == 0 || width == 0 {
-            return Ok(vec![Vec::new(); n]);
+        let d = self.dimensions;
+        if inputs.iter().any(|i| i.is_empty()) {
+            candle_core::bail!("an input has no tokens");
         }
+        // Each input's token rows: packed on the CPU, the unpadded part of its row of the padded
+        // batch on a GPU.
+        let (hidden, starts, stride): (Vec<f32>, Vec<usize>, usize) = match &self.encoder {
+            Encoder::Cpu(bert) => {
+                let starts = inputs
+                    .iter()
+                    .scan(0, |at, i| {
+                        let s = *at;
+                        *at += i.len();
+                        Some(s)
+                    })
+                    .collect();
+                (bert.forward(inputs)?, starts, d)
+            }
+            Encoder::Candle(bert) => {
+                let width = inputs.iter().map(|i| i.len()).max().unwrap_or(0);
+                let hidden = self.padded_forward(bert, inputs, width)?;
+                let starts = (0..inputs.len()).map(|i| i * width).collect();
+                (hidden, starts, d)
+            }
+        };
+        Ok(inputs
+            .iter()
+            .zip(starts)
+            .map(|(input, start)| {
+                let rows = &hidden[start * stride..(start + input.len()) * stride];
+                let mut v = pool(self.pooling, rows, d);
+                if self.normalize {
+                    normalize(&mut v);
+                }
+                v
+            })
+            .collect())
+    }
+
+    /// candle-transformers' forward pass over `inputs` padded to `width`: (n * width, d) values.
+    fn padded_forward(
+        &self,
+        bert: &BertModel,
+        inputs: &[&[u32]],
+        width: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let n = inputs.len();
         let mut ids = vec![self.pad_id; n * width];
         let mut mask = vec![0u32; n * width];
         for (row, input) in inputs.iter().enumerate() {
@@ -196,33 +251,40 @@ impl EmbeddingModel {
         let ids = Tensor::from_vec(ids, (n, width), &self.device)?;
         let mask = Tensor::from_vec(mask, (n, width), &self.device)?;
         let types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?; // (n, width, d)
-        let pooled = match self.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => {
-                let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-                let sum = hidden.broadcast_mul(&m)?.sum(1)?;
-                sum.broadcast_div(&m.sum(1)?)?
-            }
-            Pooling::Max => {
-                // Padding positions must never win: push them far below any value.
-                let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-                let floor = ((m.ones_like()? - &m)? * -1e9f64)?;
-                hidden.broadcast_add(&floor)?.max(1)?
-            }
-        };
-        let pooled = if self.normalize {
-            let norm = pooled
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12, f64::MAX)?;
-            pooled.broadcast_div(&norm)?
-        } else {
-            pooled
-        };
-        pooled.to_dtype(DType::F32)?.to_vec2()
+        bert.forward(&ids, &types, Some(&mask))?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()
     }
+}
+
+/// One vector of `rows` (a sentence's token vectors, `d` wide).
+fn pool(pooling: Pooling, rows: &[f32], d: usize) -> Vec<f32> {
+    let n = rows.len() / d;
+    match pooling {
+        Pooling::Cls => rows[..d].to_vec(),
+        Pooling::Mean => {
+            let mut v = vec![0f32; d];
+            for row in rows.chunks_exact(d) {
+                v.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+            v.iter_mut().for_each(|a| *a /= n as f32);
+            v
+        }
+        Pooling::Max => {
+            let mut v = vec![f32::NEG_INFINITY; d];
+            for row in rows.chunks_exact(d) {
+                v.iter_mut().zip(row).for_each(|(a, b)| *a = a.max(*b));
+            }
+            v
+        }
+    }
+}
+
+/// Scales `v` to length 1 (a zero vector stays zero), as sentence-transformers' `Normalize`.
+fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
 }
 
 fn pooling_of(p: &PoolingConfig) -> Result<Pooling, String> {
@@ -242,14 +304,13 @@ fn pooling_of(p: &PoolingConfig) -> Result<Pooling, String> {
 /// Shortens a sentence vector to its first `dims` values (Matryoshka-style, as OpenAI's
 /// `dimensions` and sentence-transformers' `truncate_dim` do), normalised again when the model
 /// normalises.
-pub fn shorten(mut v: Vec<f32>, dims: usize, normalize: bool) -> Vec<f32> {
+pub fn shorten(mut v: Vec<f32>, dims: usize, renormalize: bool) -> Vec<f32> {
     if dims >= v.len() {
         return v;
     }
     v.truncate(dims);
-    if normalize {
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        v.iter_mut().for_each(|x| *x /= norm);
+    if renormalize {
+        normalize(&mut v);
     }
     v
 }

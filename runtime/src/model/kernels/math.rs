@@ -103,9 +103,64 @@ pub(crate) fn sigmoid(a: f32) -> f32 {
     1.0 / (1.0 + exp(-a))
 }
 
+/// The error function to about 4e-7 absolute (Abramowitz and Stegun 7.1.26 with [`exp`]):
+/// branch-free, so loops over it vectorise.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_8,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let a = x.abs();
+    let t = 1.0 / P.mul_add(a, 1.0);
+    let mut poly = A[4];
+    for c in A[..4].iter().rev() {
+        poly = poly.mul_add(t, *c);
+    }
+    let y = 1.0 - poly * t * exp(-a * a);
+    y.copysign(x)
+}
+
+/// GELU with the exact (erf) form, as BERT's `gelu`: `x/2 * (1 + erf(x / sqrt 2))`.
+#[inline(always)]
+pub(crate) fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Within 5e-7 of the error function (its Taylor series in f64).
+    #[test]
+    fn erf_is_accurate() {
+        fn erf64(x: f64) -> f64 {
+            // Taylor series; exact enough for |x| <= 4, and erf is 1 beyond to f32 precision.
+            if x.abs() > 4.0 {
+                return x.signum();
+            }
+            let (mut term, mut sum, mut n) = (x, x, 0.0);
+            while term.abs() > 1e-17 {
+                n += 1.0;
+                term *= -x * x / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        }
+        let mut worst = 0f64;
+        let mut x = -6.0f32;
+        while x < 6.0 {
+            worst = worst.max((f64::from(erf(x)) - erf64(f64::from(x))).abs());
+            x += 0.0071;
+        }
+        assert!(worst < 5e-7, "absolute error {worst}");
+        assert!(erf(0.0).abs() < 1e-7);
+        assert!((gelu_erf(1.0) - 0.841_344_7).abs() < 1e-6);
+    }
 
     /// Within 2 ulp-ish (3e-7 relative) of the f64 exponential across the range used.
     #[test]
