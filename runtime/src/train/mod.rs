@@ -2,6 +2,7 @@
 //! resuming exactly from the newest valid checkpoint, then writes the model directory.
 
 pub mod config;
+pub mod dpo;
 pub mod fused;
 pub mod gang;
 pub mod job_spec;
