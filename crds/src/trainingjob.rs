@@ -31,6 +31,7 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodes[0]", priority = 1),
     printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt", priority = 1),
+    printcolumn(name = "Gang", type_ = "string", json_path = ".status.gang.state", priority = 1),
     // The model and data of a job that has started are what its checkpoints were made from:
     // changing them would resume the wrong run. Before the first worker starts they may change.
     validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.model == oldSelf.spec.model")
@@ -39,6 +40,10 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
     validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.dataset == oldSelf.spec.dataset")
         .message("spec.dataset cannot change once the job has started")
         .field_path(".spec.dataset"),
+    // A gang's headless Service is `<name>-workers`, a DNS label of at most 63 characters.
+    validation = Rule::new("self.spec.workers == 1 || size(self.metadata.name) <= 55")
+        .message("a TrainingJob with more than one worker has a name of at most 55 characters (its workers' Service is <name>-workers)")
+        .field_path(".metadata.name"),
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -46,11 +51,6 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
         "rule": "self.stage == 'sft' || !has(self.hyperparameters.frozenLayerFraction) || self.hyperparameters.frozenLayerFraction == 0.0",
         "message": "hyperparameters.frozenLayerFraction applies only to stage sft",
         "fieldPath": ".hyperparameters.frozenLayerFraction",
-    },
-    {
-        "rule": "self.workers == 1",
-        "message": "workers > 1 is not supported yet: data-parallel training is not implemented, and each worker would train its own copy of the model; use workers: 1",
-        "fieldPath": ".workers",
     },
     {
         "rule": "self.hyperparameters.warmupSteps < self.hyperparameters.steps",
@@ -76,8 +76,10 @@ pub struct TrainingJobSpec {
     /// GPUs, CPU and memory per worker, and placement.
     #[serde(default)]
     pub resources: ComputeResources,
-    /// Number of worker pods. Only 1 is accepted until data-parallel training exists (the API
-    /// server refuses more with a message saying so).
+    /// Number of worker pods: a data-parallel gang, one model trained on all of them, each worker
+    /// on its shard of every global batch of `workers x batchSize` samples, on distinct nodes.
+    /// Losing any worker replaces the whole gang from the last checkpoint, which every worker
+    /// reads: with more than one, `checkpoint.storage` must be a ReadWriteMany claim.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 64))]
     pub workers: u32,
@@ -373,6 +375,12 @@ pub struct FailoverPolicy {
     #[serde(default = "lease_timeout")]
     #[schemars(range(min = 15, max = 600))]
     pub node_lease_timeout_seconds: u32,
+    /// A gang (`workers` > 1) whose workers are not all placed on nodes this long after they
+    /// were created releases them (they would hold GPUs idle) and tries again as a new attempt
+    /// after as long again; default 120.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub gang_placement_timeout_seconds: Option<u32>,
 }
 
 impl Default for FailoverPolicy {
@@ -380,6 +388,7 @@ impl Default for FailoverPolicy {
         Self {
             max_restarts: max_restarts(),
             node_lease_timeout_seconds: lease_timeout(),
+            gang_placement_timeout_seconds: None,
         }
     }
 }
@@ -466,6 +475,10 @@ pub struct TrainingJobStatus {
     /// The trained model, once the job succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<ModelArtifact>,
+    /// The current attempt's gang, when the job has more than one worker: its state and where
+    /// each worker runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<GangStatus>,
     /// Every fail-over: which node, why, when detected, when the replacement ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failovers: Vec<FailoverRecord>,
@@ -561,6 +574,48 @@ pub enum FailoverReason {
     /// `UnexpectedAdmissionError` or `OutOfnvidia.com/gpu`), evicted before start, or refused by
     /// node affinity.
     PodFailed,
+}
+
+/// The workers of one attempt of a data-parallel job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GangStatus {
+    /// Placing, Placed or Released.
+    pub state: GangState,
+    /// Workers of the attempt placed on a node.
+    pub placed: u32,
+    /// Each worker of the attempt, by rank.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// Where a gang stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum GangState {
+    /// Not all workers have a node yet.
+    #[default]
+    Placing,
+    /// Every worker has its own node.
+    Placed,
+    /// The gang could not be placed in time: its workers were released (the `GangPlaced`
+    /// condition says why); a new attempt follows.
+    Released,
+}
+
+/// One worker of a gang.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    /// Its rank.
+    pub rank: u32,
+    /// Its pod.
+    pub pod: String,
+    /// The node it was placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The pod's phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// One fail-over.

@@ -80,8 +80,8 @@ pub const CLUSTER_WIDE: &[ApiCalls] = &[
     calls(
         "",
         "services",
-        &["create", "get", "list", "patch", "watch"],
-        "each ModelServer's Service: apply, repair drift (garbage-collected with its owner)",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "each ModelServer's Service and each TrainingJob gang's headless Service: apply, repair drift; a gang's is deleted when its job ends",
     ),
     calls(
         "policy",

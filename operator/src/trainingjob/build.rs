@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 
 use anneal_crds::TrainingJob;
 use anneal_crds::contract;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::config::OperatorConfig;
-use crate::labels::{ATTEMPT, WORKER, trainingjob_labels};
+use crate::labels::{ATTEMPT, TRAININGJOB, WORKER, trainingjob_labels};
 use crate::pod;
 
 /// Where the checkpoint volume is mounted in a worker.
@@ -182,19 +182,32 @@ pub fn worker_pod(
         {"name": contract::ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": contract::ENV_ATTEMPT, "value": attempt.to_string()},
         {"name": contract::ENV_CHECKPOINT_DIR, "value": CHECKPOINT_MOUNT},
-        {"name": "ANNEAL_WORKER", "value": worker.to_string()},
-        {"name": "ANNEAL_WORKERS", "value": spec.workers.to_string()},
+        {"name": contract::ENV_RANK, "value": worker.to_string()},
+        {"name": contract::ENV_WORLD_SIZE, "value": spec.workers.to_string()},
+        {"name": contract::ENV_RENDEZVOUS, "value": rendezvous(&name, &namespace, attempt)},
         {"name": "ANNEAL_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         // Prometheus `/metrics` of the run (loss, tokens/s, ...), for a PodMonitor to scrape.
         {"name": "ANNEAL_METRICS_ADDR", "value": format!("0.0.0.0:{METRICS_PORT}")},
     ]);
 
-    let pod = json!({
+    let mut affinity = pod::affinity(res, excluded_nodes, config);
+    let mut ports =
+        vec![json!({"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"})];
+    if spec.workers > 1 {
+        // One worker of an attempt per node: a node lost takes one worker, not the gang's
+        // bandwidth or several ranks at once.
+        affinity["podAntiAffinity"] = json!({"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchLabels": {TRAININGJOB: name, ATTEMPT: attempt.to_string()}},
+            "topologyKey": "kubernetes.io/hostname",
+        }]});
+        ports.push(json!({"name": "rendezvous", "containerPort": contract::RENDEZVOUS_PORT, "protocol": "TCP"}));
+    }
+    let mut pod = json!({
         "metadata": meta,
         "spec": {
             "restartPolicy": "Never",
             "serviceAccountName": trainer_account(&name),
-            "affinity": pod::affinity(res, excluded_nodes, config),
+            "affinity": affinity,
             "nodeSelector": res.node_selector,
             "tolerations": pod::tolerations(res, config),
             "securityContext": pod::pod_security_context(),
@@ -203,7 +216,7 @@ pub fn worker_pod(
                 "image": spec.image.clone().unwrap_or_else(|| config.runtime_image.clone()),
                 "args": ["train", "--job-spec", format!("{CONFIG_MOUNT}/{CONFIG_FILE}"), "--device", "auto"],
                 "env": env,
-                "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+                "ports": ports,
                 "resources": pod::resources(res),
                 "terminationMessagePath": contract::TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -213,7 +226,49 @@ pub fn worker_pod(
             "volumes": volumes,
         },
     });
+    if spec.workers > 1 {
+        // `<hostname>.<subdomain>` resolves through the headless Service, before the pod is
+        // ready (publishNotReadyAddresses): how rank 0 is found.
+        pod["spec"]["hostname"] = json!(worker_hostname(attempt, worker));
+        pod["spec"]["subdomain"] = json!(gang_service_name(&name));
+    }
     Ok(serde_json::from_value(pod)?)
+}
+
+/// Name of the headless Service of job `job`'s gang.
+pub fn gang_service_name(job: &str) -> String {
+    format!("{job}-workers")
+}
+
+/// Host name of a gang worker under the Service: the attempt is in it, so that a worker of the
+/// previous attempt still terminating never answers for the new one.
+pub fn worker_hostname(attempt: u32, worker: u32) -> String {
+    format!("a{attempt}-w{worker}")
+}
+
+/// Where rank 0 of `attempt` listens: its DNS name under the gang's Service.
+pub fn rendezvous(job: &str, namespace: &str, attempt: u32) -> String {
+    format!(
+        "{}.{}.{namespace}.svc:{}",
+        worker_hostname(attempt, 0),
+        gang_service_name(job),
+        contract::RENDEZVOUS_PORT
+    )
+}
+
+/// The headless Service of a gang (`workers` > 1): DNS names for its workers, published before
+/// they are ready, since the workers themselves wait for each other to become ready.
+pub fn gang_service(job: &TrainingJob) -> Result<Service, BuildError> {
+    let name = job.name_any();
+    Ok(serde_json::from_value(json!({
+        "metadata": owned_meta(job, gang_service_name(&name))?,
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": {TRAININGJOB: name},
+            "ports": [{"name": "rendezvous", "port": contract::RENDEZVOUS_PORT, "targetPort": contract::RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }))?)
 }
 
 #[cfg(test)]
@@ -265,6 +320,54 @@ mod tests {
             (owner["kind"].as_str(), owner["controller"].as_bool()),
             (Some("TrainingJob"), Some(true))
         );
+    }
+
+    #[test]
+    fn a_gang_spreads_over_nodes_finds_rank_0_and_knows_its_place() {
+        let mut job = job();
+        job.spec.workers = 3;
+        let v = json_of(&worker_pod(&job, 4, 2, &[], &OperatorConfig::default()).unwrap());
+        assert_eq!(v["metadata"]["name"], "arith-a4-w2");
+        let env = &v["spec"]["containers"][0]["env"];
+        let value = |k: &str| {
+            env.as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == k)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(value(contract::ENV_RANK), Some(json!("2")));
+        assert_eq!(value(contract::ENV_WORLD_SIZE), Some(json!("3")));
+        assert_eq!(
+            value(contract::ENV_RENDEZVOUS),
+            Some(json!("a4-w0.arith-workers.ml.svc:29500"))
+        );
+        assert_eq!(v["spec"]["hostname"], "a4-w2");
+        assert_eq!(v["spec"]["subdomain"], "arith-workers");
+        let anti = &v["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            [0];
+        assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+        assert_eq!(
+            anti["labelSelector"]["matchLabels"],
+            json!({"anneal.dev/trainingjob": "arith", "anneal.dev/attempt": "4"})
+        );
+        // The GPU placement stays.
+        assert!(v["spec"]["affinity"]["nodeAffinity"].is_object());
+
+        let svc = serde_json::to_value(gang_service(&job).unwrap()).unwrap();
+        assert_eq!(svc["metadata"]["name"], "arith-workers");
+        assert_eq!(svc["spec"]["clusterIP"], "None");
+        assert_eq!(svc["spec"]["publishNotReadyAddresses"], true);
+        assert_eq!(
+            svc["spec"]["selector"],
+            json!({"anneal.dev/trainingjob": "arith"})
+        );
+
+        // A single worker has none of it.
+        let solo =
+            json_of(&worker_pod(&self::job(), 1, 0, &[], &OperatorConfig::default()).unwrap());
+        assert!(solo["spec"].get("hostname").is_none());
+        assert!(solo["spec"]["affinity"].get("podAntiAffinity").is_none());
     }
 
     #[test]

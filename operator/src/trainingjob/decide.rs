@@ -7,14 +7,15 @@ use anneal_crds::TrainingJob;
 use anneal_crds::common::set_condition;
 use anneal_crds::contract;
 use anneal_crds::trainingjob::{
-    FailoverReason, FailoverRecord, ModelArtifact, TrainingJobStatus, TrainingPhase,
+    FailoverReason, FailoverRecord, GangState, GangStatus, ModelArtifact, TrainingJobStatus,
+    TrainingPhase, WorkerStatus,
 };
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
-use crate::labels::ATTEMPT;
+use crate::labels::{ATTEMPT, WORKER};
 use crate::pod;
 use crate::reconcile::condition;
 use crate::trainingjob::build::CONTAINER;
@@ -183,6 +184,9 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
         .cloned()
         .partition(|p| uid.is_some() && controller_uid(p) == uid);
     let mut plan = decide_owned(job, &owned, observed);
+    if job.spec.workers > 1 {
+        gang_status(job, &owned, &mut plan, observed.now);
+    }
     if is_terminal(plan.status.phase) {
         for pod in owned
             .iter()
@@ -206,6 +210,82 @@ pub fn decide(job: &TrainingJob, observed: &Observed<'_>) -> Plan {
         plan.status.attempt = Some(taken + 1);
     }
     plan
+}
+
+/// How long a gang may take to be placed (`failoverPolicy.gangPlacementTimeoutSeconds`).
+pub fn gang_placement_timeout(job: &TrainingJob) -> SignedDuration {
+    let secs = job
+        .spec
+        .failover_policy
+        .gang_placement_timeout_seconds
+        .unwrap_or(GANG_PLACEMENT_TIMEOUT_SECONDS);
+    SignedDuration::from_secs(i64::from(secs))
+}
+
+/// The default of `failoverPolicy.gangPlacementTimeoutSeconds`: long enough for a scheduler to
+/// place N pods and for a cluster autoscaler to add a node, short enough that GPUs held by a gang
+/// that cannot run are given back within minutes.
+pub const GANG_PLACEMENT_TIMEOUT_SECONDS: u32 = 120;
+
+/// `status.gang` and the `GangPlaced` condition from the live workers of the plan's attempt.
+fn gang_status(job: &TrainingJob, owned: &[Pod], plan: &mut Plan, now: Timestamp) {
+    let status = &mut plan.status;
+    if is_terminal(status.phase) || status.phase == Some(TrainingPhase::Suspended) {
+        status.gang = None;
+        return;
+    }
+    let attempt = status.attempt.unwrap_or(1);
+    let mut workers: Vec<WorkerStatus> = owned
+        .iter()
+        .filter(|p| attempt_of(p) == Some(attempt) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| !plan.delete.iter().any(|d| d.pod == p.name_any()))
+        .map(|p| WorkerStatus {
+            rank: p
+                .labels()
+                .get(WORKER)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or_default(),
+            pod: p.name_any(),
+            node: node_of(p).map(str::to_string),
+            phase: p.status.as_ref().and_then(|s| s.phase.clone()),
+        })
+        .collect();
+    let released = status
+        .gang
+        .as_ref()
+        .is_some_and(|g| g.state == GangState::Released);
+    if workers.is_empty() && released && plan.create_attempt.is_none() {
+        return;
+    }
+    workers.sort_by_key(|w| w.rank);
+    let placed = workers.iter().filter(|w| w.node.is_some()).count() as u32;
+    let state = if placed == job.spec.workers {
+        GangState::Placed
+    } else {
+        GangState::Placing
+    };
+    if state == GangState::Placed {
+        let nodes: Vec<&str> = workers.iter().filter_map(|w| w.node.as_deref()).collect();
+        set_condition(
+            &mut status.conditions,
+            condition(
+                "GangPlaced",
+                true,
+                "GangPlaced",
+                &format!(
+                    "the {placed} workers of attempt {attempt} are on distinct nodes: {}",
+                    nodes.join(", ")
+                ),
+                job.metadata.generation,
+                now,
+            ),
+        );
+    }
+    status.gang = Some(GangStatus {
+        state,
+        placed,
+        workers,
+    });
 }
 
 fn decide_owned(job: &TrainingJob, pods: &[Pod], observed: &Observed<'_>) -> Plan {
@@ -301,6 +381,10 @@ fn decide_owned(job: &TrainingJob, pods: &[Pod], observed: &Observed<'_>) -> Pla
 
     // Why the current attempt cannot go on, if it cannot: (reason, node, message).
     let mut broken: Option<(FailoverReason, String, String)> = None;
+    // A worker that ended with a retryable code: (pod, code, exit). A gang's peer-lost exit is
+    // kept apart: it is the consequence of another worker's end, which decides when it is seen.
+    let mut retryable: Option<(String, i32, pod::Exit)> = None;
+    let mut peer_lost: Option<(String, i32, pod::Exit)> = None;
     let mut succeeded = 0;
     let mut artifact = None;
     for pod in &current {
@@ -329,71 +413,11 @@ fn decide_owned(job: &TrainingJob, pods: &[Pod], observed: &Observed<'_>) -> Pla
                         format!("worker exited with the device-fault code: {message}"),
                     ));
                 }
+                contract::EXIT_PEER_LOST => {
+                    peer_lost.get_or_insert((pod.name_any(), exit.code, exit));
+                }
                 other => {
-                    let retries = status
-                        .restarts
-                        .unwrap_or(0)
-                        .saturating_sub(status.failovers.len() as u32);
-                    if retries >= job.spec.run_policy.backoff_limit {
-                        let why = format!(
-                            "{} exited with code {other} after {retries} retries: {message}",
-                            pod.name_any()
-                        );
-                        return fail(status, plan, "BackoffLimitExceeded", &why, generation, now);
-                    }
-                    // A retry waits out its backoff, counted from the worker's end (in the pod,
-                    // so that an operator restart keeps the same deadline).
-                    let due = exit
-                        .finished_at
-                        .and_then(|t| t.checked_add(retry_backoff(retries)).ok())
-                        .unwrap_or(now);
-                    if now < due {
-                        let message = format!(
-                            "{} exited with code {other}; retry {} of {} at {due}",
-                            pod.name_any(),
-                            retries + 1,
-                            job.spec.run_policy.backoff_limit
-                        );
-                        let already = status
-                            .conditions
-                            .iter()
-                            .any(|c| c.type_ == "Running" && c.reason == "BackingOff");
-                        if !already {
-                            plan.notices.push(Notice {
-                                warning: true,
-                                reason: "BackingOff".into(),
-                                message: message.clone(),
-                            });
-                        }
-                        status.phase = Some(TrainingPhase::Restarting);
-                        status.nodes.clear();
-                        set(&mut status, "Running", false, "BackingOff", &message);
-                        plan.look_again_at(due);
-                        plan.status = status;
-                        return plan;
-                    }
-                    plan.notices.push(Notice {
-                        warning: true,
-                        reason: "Retrying".into(),
-                        message: format!(
-                            "{} exited with code {other}; starting attempt {}",
-                            pod.name_any(),
-                            attempt + 1
-                        ),
-                    });
-                    for pod in &current {
-                        plan.delete.push(Deletion {
-                            pod: pod.name_any(),
-                            force: false,
-                        });
-                    }
-                    attempt += 1;
-                    status.restarts = Some(status.restarts.unwrap_or(0) + 1);
-                    status.attempt = Some(attempt);
-                    status.phase = Some(TrainingPhase::Restarting);
-                    plan.create_attempt = Some(attempt);
-                    plan.status = status;
-                    return plan;
+                    retryable.get_or_insert((pod.name_any(), other, exit));
                 }
             }
         } else if let Some(why) = failed_before_start(pod) {
@@ -416,14 +440,85 @@ fn decide_owned(job: &TrainingJob, pods: &[Pod], observed: &Observed<'_>) -> Pla
         }
     }
 
+    if broken.is_none()
+        && let Some((pod_name, code, exit)) = retryable.or(peer_lost)
+    {
+        let message = &exit.message;
+        let retries = status
+            .restarts
+            .unwrap_or(0)
+            .saturating_sub(status.failovers.len() as u32);
+        if retries >= job.spec.run_policy.backoff_limit {
+            let why =
+                format!("{pod_name} exited with code {code} after {retries} retries: {message}");
+            return fail(status, plan, "BackoffLimitExceeded", &why, generation, now);
+        }
+        // A retry waits out its backoff, counted from the worker's end (in the pod, so that an
+        // operator restart keeps the same deadline). A gang's other workers go on until then;
+        // a cause found meanwhile (a node failed) takes over.
+        let due = exit
+            .finished_at
+            .and_then(|t| t.checked_add(retry_backoff(retries)).ok())
+            .unwrap_or(now);
+        if now < due {
+            let message = format!(
+                "{pod_name} exited with code {code}; retry {} of {} at {due}",
+                retries + 1,
+                job.spec.run_policy.backoff_limit
+            );
+            let already = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Running" && c.reason == "BackingOff");
+            if !already {
+                plan.notices.push(Notice {
+                    warning: true,
+                    reason: "BackingOff".into(),
+                    message: message.clone(),
+                });
+            }
+            status.phase = Some(TrainingPhase::Restarting);
+            status.nodes.clear();
+            set(&mut status, "Running", false, "BackingOff", &message);
+            plan.look_again_at(due);
+            plan.status = status;
+            return plan;
+        }
+        plan.notices.push(Notice {
+            warning: true,
+            reason: "Retrying".into(),
+            message: format!(
+                "{pod_name} exited with code {code}; starting attempt {}",
+                attempt + 1
+            ),
+        });
+        for pod in &current {
+            plan.delete.push(Deletion {
+                pod: pod.name_any(),
+                force: false,
+            });
+        }
+        attempt += 1;
+        status.restarts = Some(status.restarts.unwrap_or(0) + 1);
+        status.attempt = Some(attempt);
+        status.phase = Some(TrainingPhase::Restarting);
+        plan.create_attempt = Some(attempt);
+        plan.status = status;
+        return plan;
+    }
+
     if let Some((reason, node, message)) = broken {
         let restarts = status.restarts.unwrap_or(0);
         if restarts >= job.spec.failover_policy.max_restarts {
             let why = format!("{message}; failoverPolicy.maxRestarts ({restarts}) reached");
             return fail(status, plan, "FailoverLimitReached", &why, generation, now);
         }
-        let force = node_unreachable(reason);
+        // A gang's workers on healthy nodes end gracefully; only a dead node's are forced.
         for pod in &current {
+            let force = node_of(pod)
+                .and_then(|n| observed.failed_nodes.get(n))
+                .is_some_and(|r| node_unreachable(*r))
+                || (node_unreachable(reason) && node_of(pod) == Some(node.as_str()));
             plan.delete.push(Deletion {
                 pod: pod.name_any(),
                 force,
@@ -488,6 +583,86 @@ fn decide_owned(job: &TrainingJob, pods: &[Pod], observed: &Observed<'_>) -> Pla
         });
         plan.status = status;
         return plan;
+    }
+
+    // A gang holds nodes only when it gets all it needs: one not fully placed in time releases
+    // its workers, and the next attempt waits as long again before it asks anew.
+    if workers > 1 {
+        let timeout = gang_placement_timeout(job);
+        let live: Vec<&&Pod> = current
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        let placed = live.iter().filter(|p| node_of(p).is_some()).count();
+        if live.len() == workers as usize && placed < workers as usize {
+            let created = live
+                .iter()
+                .filter_map(|p| p.metadata.creation_timestamp.as_ref())
+                .map(|t| t.0)
+                .min()
+                .unwrap_or(now);
+            let deadline = created.checked_add(timeout).unwrap_or(now);
+            if now < deadline {
+                plan.look_again_at(deadline);
+            } else {
+                for pod in &current {
+                    plan.delete.push(Deletion {
+                        pod: pod.name_any(),
+                        force: false,
+                    });
+                }
+                let message = format!(
+                    "{placed} of {workers} workers of attempt {attempt} were placed within {}s \
+                     (each needs a node of its own{}); released them, attempt {} asks again in {}s",
+                    timeout.as_secs(),
+                    match job.spec.resources.gpus {
+                        0 => String::new(),
+                        n => format!(" with {n} free GPU(s) of the requested type"),
+                    },
+                    attempt + 1,
+                    timeout.as_secs()
+                );
+                attempt += 1;
+                status.attempt = Some(attempt);
+                status.phase = Some(TrainingPhase::Pending);
+                status.nodes.clear();
+                status.gang = Some(GangStatus {
+                    state: GangState::Released,
+                    ..GangStatus::default()
+                });
+                set(
+                    &mut status,
+                    "GangPlaced",
+                    false,
+                    "GangUnplaceable",
+                    &message,
+                );
+                set(&mut status, "Running", false, "GangUnplaceable", &message);
+                plan.notices.push(Notice {
+                    warning: true,
+                    reason: "GangUnplaceable".into(),
+                    message,
+                });
+                plan.look_again_at(now.checked_add(timeout).unwrap_or(now));
+                plan.status = status;
+                return plan;
+            }
+        }
+        let released_at = status
+            .gang
+            .as_ref()
+            .filter(|g| g.state == GangState::Released)
+            .and_then(|_| status.conditions.iter().find(|c| c.type_ == "GangPlaced"))
+            .map(|c| c.last_transition_time.0);
+        if live.is_empty()
+            && let Some(retry) = released_at.and_then(|t| t.checked_add(timeout).ok())
+            && now < retry
+        {
+            status.attempt = Some(attempt);
+            plan.look_again_at(retry);
+            plan.status = status;
+            return plan;
+        }
     }
 
     // Workers still waiting for a node keep the placement they were made with; when a node they
@@ -657,6 +832,209 @@ mod tests {
     fn with_status(mut job: TrainingJob, status: &TrainingJobStatus) -> TrainingJob {
         job.status = Some(status.clone());
         job
+    }
+
+    fn gang_job(workers: u32) -> TrainingJob {
+        let mut job = job();
+        job.spec.workers = workers;
+        job
+    }
+
+    /// Worker `rank` of `attempt`, created at second 1000.
+    fn worker(
+        attempt: u32,
+        rank: u32,
+        node: Option<&str>,
+        phase: &str,
+        exit: Option<(i32, &str)>,
+    ) -> Pod {
+        let mut p = pod(attempt, node, phase, exit);
+        p.metadata.name = Some(format!("arith-a{attempt}-w{rank}"));
+        p.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(WORKER.into(), rank.to_string());
+        p.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1000).unwrap()));
+        p
+    }
+
+    #[test]
+    fn a_gang_reports_each_workers_node_and_runs_when_all_run() {
+        let job = gang_job(2);
+        let p = plan(&job, &[], &[]);
+        assert_eq!(p.create_attempt, Some(1));
+        assert_eq!(p.status.gang.as_ref().unwrap().state, GangState::Placing);
+
+        let pods = [
+            worker(1, 0, Some("n-a"), "Running", None),
+            worker(1, 1, None, "Pending", None),
+        ];
+        let p = plan(&with_status(job.clone(), &p.status), &pods, &[]);
+        let gang = p.status.gang.clone().unwrap();
+        assert_eq!((gang.state, gang.placed), (GangState::Placing, 1));
+        assert_eq!(gang.workers[1].pod, "arith-a1-w1");
+        assert_eq!(gang.workers[1].node, None);
+        assert_eq!(p.status.phase, Some(TrainingPhase::Pending));
+        // The placement deadline is when the operator looks again.
+        assert_eq!(
+            p.requeue_at,
+            Some(Timestamp::from_second(1000 + i64::from(GANG_PLACEMENT_TIMEOUT_SECONDS)).unwrap())
+        );
+
+        let pods = [
+            worker(1, 0, Some("n-a"), "Running", None),
+            worker(1, 1, Some("n-b"), "Running", None),
+        ];
+        let p = plan(&with_status(job, &p.status), &pods, &[]);
+        let gang = p.status.gang.unwrap();
+        assert_eq!((gang.state, gang.placed), (GangState::Placed, 2));
+        assert_eq!(
+            gang.workers
+                .iter()
+                .map(|w| w.node.as_deref())
+                .collect::<Vec<_>>(),
+            [Some("n-a"), Some("n-b")]
+        );
+        assert_eq!(p.status.phase, Some(TrainingPhase::Running));
+        assert_eq!(p.status.nodes, ["n-a", "n-b"]);
+        let placed = p
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "GangPlaced")
+            .unwrap();
+        assert_eq!(placed.status, "True");
+    }
+
+    #[test]
+    fn a_gang_not_placed_in_time_is_released_and_asks_again_later() {
+        let job = gang_job(3);
+        let pods = [
+            worker(1, 0, Some("n-a"), "Running", None),
+            worker(1, 1, Some("n-b"), "Running", None),
+            worker(1, 2, None, "Pending", None),
+        ];
+        let timeout = i64::from(GANG_PLACEMENT_TIMEOUT_SECONDS);
+        let before = plan_at(&job, &pods, &[], 1000 + timeout - 1);
+        assert!(before.delete.is_empty());
+
+        let p = plan_at(&job, &pods, &[], 1000 + timeout);
+        assert_eq!(p.delete.len(), 3, "every worker of the attempt is released");
+        assert!(p.delete.iter().all(|d| !d.force));
+        assert_eq!(p.create_attempt, None, "not at once");
+        assert_eq!(p.status.attempt, Some(2));
+        assert_eq!(p.status.restarts, None, "a release is no failure");
+        assert_eq!(p.status.gang.as_ref().unwrap().state, GangState::Released);
+        let c = p
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "GangPlaced")
+            .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "GangUnplaceable")
+        );
+        assert!(
+            c.message.contains("2 of 3 workers of attempt 1"),
+            "{}",
+            c.message
+        );
+        assert_eq!(p.notices[0].reason, "GangUnplaceable");
+
+        // While the old pods go, and until the timeout passed again, nothing is created.
+        let job = with_status(job, &p.status);
+        let later = plan_at(&job, &pods, &[], 1000 + timeout + 5);
+        assert_eq!(later.create_attempt, None);
+        assert_eq!(
+            later.status.gang.as_ref().unwrap().state,
+            GangState::Released
+        );
+        let retry = plan_at(&job, &[], &[], 1000 + 2 * timeout);
+        assert_eq!(retry.create_attempt, Some(2));
+        assert_eq!(retry.status.gang.unwrap().state, GangState::Placing);
+    }
+
+    #[test]
+    fn a_lost_worker_ends_the_whole_attempt_and_only_its_dead_node_is_forced() {
+        let job = gang_job(2);
+        let pods = [
+            worker(1, 0, Some("n-a"), "Running", None),
+            worker(1, 1, Some("n-b"), "Running", None),
+        ];
+        let running = plan(&job, &pods, &[]).status;
+        let job = with_status(job, &running);
+        let p = plan(&job, &pods, &[("n-b", FailoverReason::NodeLeaseExpired)]);
+        assert_eq!(p.failover, Some(FailoverReason::NodeLeaseExpired));
+        assert_eq!(
+            p.delete,
+            [
+                Deletion {
+                    pod: "arith-a1-w0".into(),
+                    force: false
+                },
+                Deletion {
+                    pod: "arith-a1-w1".into(),
+                    force: true
+                },
+            ]
+        );
+        assert_eq!(p.create_attempt, Some(2));
+        assert_eq!(p.status.excluded_nodes, ["n-b"]);
+        assert_eq!(p.status.gang.unwrap().state, GangState::Placing);
+    }
+
+    #[test]
+    fn a_peer_lost_exit_yields_to_the_cause_when_one_is_seen() {
+        let job = gang_job(2);
+        let pods = [
+            worker(
+                1,
+                0,
+                Some("n-a"),
+                "Failed",
+                Some((contract::EXIT_PEER_LOST, "peer lost")),
+            ),
+            worker(1, 1, Some("n-b"), "Running", None),
+        ];
+        let running = {
+            let ok = [
+                worker(1, 0, Some("n-a"), "Running", None),
+                worker(1, 1, Some("n-b"), "Running", None),
+            ];
+            plan(&job, &ok, &[]).status
+        };
+        let job = with_status(job, &running);
+        // The peer's node is known dead: a fail-over excluding it, not a retry.
+        let p = plan(&job, &pods, &[("n-b", FailoverReason::NodeNotReady)]);
+        assert_eq!(p.failover, Some(FailoverReason::NodeNotReady));
+        assert_eq!(p.status.excluded_nodes, ["n-b"]);
+        // A device fault of the peer: the same, on the peer's node, never the healthy one's.
+        let faulted = [
+            worker(
+                1,
+                0,
+                Some("n-a"),
+                "Failed",
+                Some((contract::EXIT_PEER_LOST, "peer lost")),
+            ),
+            worker(
+                1,
+                1,
+                Some("n-b"),
+                "Failed",
+                Some((contract::EXIT_DEVICE_FAULT, "CUDA")),
+            ),
+        ];
+        let p = plan(&job, &faulted, &[]);
+        assert_eq!(p.failover, Some(FailoverReason::DeviceFault));
+        assert_eq!(p.status.excluded_nodes, ["n-b"]);
+        // No cause seen: retried like an internal error (after its backoff), nothing excluded.
+        let p = plan(&job, &pods, &[]);
+        assert_eq!(p.failover, None);
+        assert!(p.status.excluded_nodes.is_empty());
+        assert_eq!(p.create_attempt, Some(2));
+        assert_eq!(p.status.restarts, Some(1));
     }
 
     #[test]

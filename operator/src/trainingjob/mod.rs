@@ -11,7 +11,7 @@ use std::time::Duration;
 use anneal_crds::TrainingJob;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams};
@@ -96,7 +96,9 @@ pub async fn run(
     .owns(scoped::<ServiceAccount>(&client, namespace), owned.clone())
     .owns(scoped::<Role>(&client, namespace), owned.clone())
     .owns(scoped::<RoleBinding>(&client, namespace), owned.clone())
-    .owns(scoped::<ConfigMap>(&client, namespace), owned);
+    .owns(scoped::<ConfigMap>(&client, namespace), owned.clone())
+    // A gang's headless Service deleted or edited wakes the job.
+    .owns(scoped::<Service>(&client, namespace), owned);
     let jobs = controller.store();
     controller
         // A node going bad wakes the jobs running on it at once.
@@ -386,6 +388,12 @@ async fn execute(
             w,
         )
         .await?;
+        delete_child::<Service>(
+            &Api::namespaced(client.clone(), &namespace),
+            &build::gang_service_name(&job.name_any()),
+            w,
+        )
+        .await?;
     }
     if let Some(attempt) = plan.create_attempt {
         let excluded = &plan.status.excluded_nodes;
@@ -443,6 +451,15 @@ async fn apply_workers_children(
     )
     .await?;
     note("RoleBinding", binding.drifted(started));
+    if job.spec.workers > 1 {
+        let service = apply_child(
+            &Api::<Service>::namespaced(client.clone(), ns()),
+            &build::gang_service(job)?,
+            &ctx.writer,
+        )
+        .await?;
+        note("Service", service.drifted(started));
+    }
     let config = build::config_map(job)?;
     let applied = apply_child(
         &Api::<ConfigMap>::namespaced(client.clone(), ns()),
