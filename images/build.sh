@@ -4,7 +4,8 @@
 #
 #   images/build.sh                    pause, anneal-operator, anneal-runtime (the CPU runtime)
 #   images/build.sh cuda               anneal-runtime-cuda (see below)
-#   images/build.sh IMAGE...           only those (pause, anneal-operator, anneal-runtime, anneal-runtime-cuda)
+#   images/build.sh IMAGE...           only those (pause, anneal-operator, anneal-runtime, anneal-runtime-cuda,
+#                                      anneal-runtime-gpufault: a test image whose "GPU" fails on demand)
 #
 # Settings (environment):
 #   ANNEAL_IMAGE_REGISTRY   repository prefix            default ghcr.io/anneal-dev (the chart's default names)
@@ -154,6 +155,19 @@ cuda_libraries() {
   echo "$lib"
 }
 
+# static_busybox ROOT: /bin/busybox, statically linked (Debian's busybox-static, installed when missing and we may).
+static_busybox() {
+  local busybox=/bin/busybox
+  if [[ ! -x "$busybox" ]] || ldd "$busybox" >/dev/null 2>&1; then
+    [[ $EUID -eq 0 ]] || die "no static busybox; apt-get install busybox-static"
+    log "installing busybox-static (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >&2 ||
+      { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >&2; }
+  fi
+  mkdir -p "$1/bin"
+  cp -L "$busybox" "$1/bin/busybox"
+}
+
 # stage IMAGE CONTEXT: fills CONTEXT/rootfs for IMAGE.
 stage() {
   local image="$1" ctx="$2" root="$2/rootfs" binary lib source
@@ -183,7 +197,18 @@ stage() {
       # Loaded by libcublas.so.13 (not named by the binary itself, but by ldd's transitive list above).
       [[ -e "$root/usr/local/cuda/lib/libcublasLt.so.13" ]] || die "libcublasLt.so.13 not staged"
       ;;
-    *) die "unknown image $image (pause, anneal-operator, anneal-runtime, anneal-runtime-cuda)" ;;
+    anneal-runtime-gpufault)
+      # Tests only (the node tier's device-fault test): the CPU runtime, a static busybox (Debian's
+      # busybox-static) and the entrypoint that fails the "GPU" on demand.
+      cargo_binaries
+      binary="$CARGO_TARGET_DIR/$PROFILE_DIR/anneal-runtime"
+      stage_base "$root"
+      stage_binary "$root" "$binary"
+      stage_libraries "$root" "$binary"
+      static_busybox "$root"
+      cp "images/$image/gpu-fault.sh" "$root/usr/local/bin/gpu-fault.sh"
+      ;;
+    *) die "unknown image $image (pause, anneal-operator, anneal-runtime, anneal-runtime-cuda, anneal-runtime-gpufault)" ;;
   esac
   cp "images/$image/Containerfile" "$ctx/Containerfile"
 }

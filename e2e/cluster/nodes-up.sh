@@ -19,7 +19,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$CLUSTER_DIR/nodes-lib.sh"
 REPO="$(cd "$CLUSTER_DIR/../.." && pwd)"
 IMAGES_DIR="${ANNEAL_IMAGES_DIR:-$ANNEAL_CACHE/images}"
-IMAGES=(pause anneal-operator anneal-runtime)
+# anneal-runtime-gpufault: a test image (its "GPU" fails on demand) for the node tier's device-fault test.
+IMAGES=(pause anneal-operator anneal-runtime anneal-runtime-gpufault)
 
 # Packages from Debian, installed once.
 packages() {

@@ -10,7 +10,8 @@
 //! - [`node_lease`]: a node's Lease renewed by the test at a stock kubelet's interval instead of by kwok;
 //! - [`operator`]: the real operator binary as a process, scoped to a test namespace;
 //! - [`trainingjob`]: the example TrainingJob, a restricted namespace, waiting for workers;
-//! - [`nodes`]: the node tier's real nodes, the operator installed by Helm, volumes every real node mounts.
+//! - [`nodes`]: the node tier's real nodes, the operator installed by Helm, volumes every real node mounts;
+//! - [`real_failover`]: a TrainingJob failed over between real nodes (partitioned node, device fault), timed.
 //!
 //! Tests that need the cluster are marked `#[ignore = "cluster tier: needs e2e/cluster/up.sh"]` and run with
 //! `cargo test -p anneal-e2e -- --include-ignored` once `e2e/cluster/up.sh` has brought the cluster up. Tests of
@@ -26,6 +27,7 @@ pub mod namespace;
 pub mod node_lease;
 pub mod nodes;
 pub mod operator;
+pub mod real_failover;
 pub mod tools;
 pub mod trainingjob;
 pub mod wait;

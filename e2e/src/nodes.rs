@@ -186,6 +186,22 @@ impl Drop for NodeVolume {
     }
 }
 
+/// The cluster's state directory (the kubeconfig's; its real nodes' directories are in `nodes/`).
+pub fn state_dir() -> Result<PathBuf> {
+    Ok(crate::cluster::kubeconfig_path()?
+        .parent()
+        .context("the kubeconfig has no directory")?
+        .to_path_buf())
+}
+
+/// The socket of real node `node`'s containerd (for `ctr --address`).
+pub fn containerd_socket(node: &str) -> Result<PathBuf> {
+    Ok(state_dir()?
+        .join("nodes")
+        .join(node)
+        .join("containerd.sock"))
+}
+
 /// sha256 (hex) of a file, by `sha256sum`.
 pub async fn sha256_of(path: &Path) -> Result<String> {
     let out = run(tokio::process::Command::new("sha256sum").arg(path)).await?;
