@@ -43,7 +43,7 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
     // A gang's headless Service is `<name>-workers`, a DNS label of at most 63 characters.
     validation = Rule::new("self.spec.workers == 1 || size(self.metadata.name) <= 55")
         .message("a TrainingJob with more than one worker has a name of at most 55 characters (its workers' Service is <name>-workers)")
-        .field_path(".metadata.name"),
+        .field_path(".spec.workers"),
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
