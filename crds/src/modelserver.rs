@@ -106,7 +106,9 @@ fn rollback_deadline() -> u32 {
     "message": "exactly one of model.uri and model.fromEvalGate must be set",
 }]))]
 pub struct ModelSource {
-    /// A pinned model directory or GGUF file.
+    /// A pinned model directory or GGUF file. A sentence-transformers directory of a
+    /// BERT-family encoder (e.g. all-MiniLM-L6-v2) is served as an embedding model on
+    /// `/v1/embeddings` (detected from its `config.json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<StorageUri>,
     /// Serve what this EvalGate last promoted (by digest); nothing until it has promoted a model,
