@@ -149,7 +149,12 @@ fn stale_attempt_is_fenced() {
         }
     }
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(65));
+    assert_eq!(
+        out.status.code(),
+        Some(65),
+        "checkpoints reported {reported:?}; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("fenced"));
     assert!(!weights.exists());
     // Every checkpoint on disk was committed (and reported) before the claim was seen; the
