@@ -58,7 +58,7 @@ wait_up "$l_port" health
 c_llama="$(python3 "$here/chatgen.py" --port "$l_port")"
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 python3 - "$on" "$off" "$(lscpu | sed -n 's/^Model name: *//p')" "$p_on" "$p_off" "$p_llama" \
-    "$c_on" "$c_off" "$c_llama" "$("$llama_bin/llama-cli" --version 2>&1 | head -n 2 | tr '\n' ' ')" <<'PY'
+    "$c_on" "$c_off" "$c_llama" "$("$llama_bin/llama-server" --version 2>&1 | head -n 1)" <<'PY'
 import json, sys
 on, off, cpu = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 p_on, p_off, p_llama = (json.loads(x) for x in sys.argv[4:7])
