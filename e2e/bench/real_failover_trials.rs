@@ -14,13 +14,12 @@
 use std::time::Duration;
 
 use anneal_crds::TrainingJob;
-use anneal_e2e::nodes::{NodeVolume, install_operator, real_node_names, restrict};
+use anneal_e2e::client;
 use anneal_e2e::real_failover::{
-    CHECKPOINT_CLAIM, CLAIM, Failover, Fault, fail_over, image_ref, movable_job, percentile, start,
+    Failover, Fault, Stage, fail_over, image_ref, movable_job, percentile, start,
 };
 use anneal_e2e::trainingjob::no_workers;
-use anneal_e2e::{TestNamespace, client};
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::DeleteParams;
@@ -44,16 +43,8 @@ async fn main() -> Result<()> {
         faults = vec![Fault::Partition, Fault::DeviceFault];
     }
     let client = client().await?;
-    ensure!(
-        real_node_names(&client).await?.len() >= 2,
-        "two real nodes needed"
-    );
-    install_operator().await?;
-    let namespace = TestNamespace::create(&client, "bench-real-failover").await?;
-    let ns = namespace.name();
-    restrict(&client, ns).await?;
-    let _models = NodeVolume::create(&client, ns, CLAIM).await?;
-    let checkpoints = NodeVolume::create(&client, ns, CHECKPOINT_CLAIM).await?;
+    let stage = Stage::create(&client, "bench-real-failover").await?;
+    let (ns, checkpoints) = (stage.ns(), &stage.checkpoints);
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
 

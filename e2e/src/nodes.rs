@@ -60,6 +60,18 @@ fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/anneal")
 }
 
+/// Creates [`RELEASE_NAMESPACE`] if it is missing, under the restricted Pod Security profile.
+pub async fn release_namespace(client: &Client) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(RELEASE_NAMESPACE).await?.is_none() {
+        let namespace = json!({"metadata": {"name": RELEASE_NAMESPACE}});
+        namespaces
+            .create(&PostParams::default(), &serde_json::from_value(namespace)?)
+            .await?;
+    }
+    restrict(client, RELEASE_NAMESPACE).await
+}
+
 /// `helm upgrade --install anneal charts/anneal` into `anneal-system` (restricted Pod Security) with the chart's
 /// default images, which `images/build.sh` builds and nodes-up.sh imports into every node; waits until the
 /// operator's Deployment is available. Once per test binary: the tests of a binary share one operator (two
@@ -68,33 +80,33 @@ pub async fn install_operator() -> Result<()> {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
     INSTALLED
         .get_or_try_init(|| async {
-            let client = crate::client().await?;
-            let namespaces: Api<Namespace> = Api::all(client.clone());
-            if namespaces.get_opt(RELEASE_NAMESPACE).await?.is_none() {
-                let namespace = json!({"metadata": {"name": RELEASE_NAMESPACE}});
-                namespaces
-                    .create(&PostParams::default(), &serde_json::from_value(namespace)?)
-                    .await?;
-            }
-            restrict(&client, RELEASE_NAMESPACE).await?;
-            run(helm()?
-                .args([
-                    "upgrade",
-                    "--install",
-                    RELEASE,
-                    "--wait",
-                    "--timeout",
-                    "180s",
-                ])
-                .args(["-n", RELEASE_NAMESPACE])
-                .arg(chart()))
-            .await
-            .context(
-                "installing the chart (are the images built and imported? e2e/cluster/nodes-up.sh)",
-            )?;
-            Ok::<(), anyhow::Error>(())
+            release_namespace(&crate::client().await?).await?;
+            helm_upgrade(&[]).await
         })
         .await?;
+    Ok(())
+}
+
+/// `helm upgrade --install` of [`RELEASE`] from `charts/anneal` into [`RELEASE_NAMESPACE`] with `set` values
+/// (`--set`), waiting (up to 240 s) until its Deployment is available.
+pub async fn helm_upgrade(set: &[String]) -> Result<()> {
+    let mut command = helm()?;
+    command
+        .args([
+            "upgrade",
+            "--install",
+            RELEASE,
+            "--wait",
+            "--timeout",
+            "240s",
+        ])
+        .args(["-n", RELEASE_NAMESPACE]);
+    for value in set {
+        command.args(["--set", value]);
+    }
+    run(command.arg(chart())).await.context(
+        "installing the chart (are the images built and imported? e2e/cluster/nodes-up.sh)",
+    )?;
     Ok(())
 }
 

@@ -34,8 +34,9 @@ use kube::runtime::watcher::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde::Deserialize;
 
+use crate::TestNamespace;
 use crate::cluster::cluster_dir;
-use crate::nodes::state_dir;
+use crate::nodes::{NodeVolume, install_operator, real_node_names, restrict, state_dir};
 use crate::tools::{kubectl, run, run_cleanup};
 use crate::trainingjob::{attempt_label, is_live_running, node_of, running_worker, selector};
 use crate::wait::{conditions, poll_until, wait_for};
@@ -98,6 +99,45 @@ pub fn movable_job(name: &str, steps: u64, every: u64) -> Result<TrainingJob> {
     job.spec.output.uri.0 = format!("pvc://{CLAIM}/{name}");
     job.spec.resources.gpu_type = GpuType::Any;
     Ok(job)
+}
+
+/// Where fail-over trials run: a restricted namespace with claims [`CLAIM`] and [`CHECKPOINT_CLAIM`] on volumes
+/// every real node mounts, and the operator installed; dropped in reverse order of creation.
+#[derive(Debug)]
+pub struct Stage {
+    /// The volume of [`CHECKPOINT_CLAIM`].
+    pub checkpoints: NodeVolume,
+    /// The volume of [`CLAIM`].
+    pub models: NodeVolume,
+    /// The namespace.
+    pub namespace: TestNamespace,
+    /// The real nodes (at least two).
+    pub nodes: Vec<String>,
+}
+
+impl Stage {
+    /// Installs the operator (once per process) and makes the namespace `e2e-<test>-...` and its volumes.
+    pub async fn create(client: &Client, test: &str) -> Result<Self> {
+        let nodes = real_node_names(client).await?;
+        ensure!(nodes.len() >= 2, "two real nodes expected: {nodes:?}");
+        install_operator().await?;
+        let namespace = TestNamespace::create(client, test).await?;
+        let ns = namespace.name().to_string();
+        restrict(client, &ns).await?;
+        let models = NodeVolume::create(client, &ns, CLAIM).await?;
+        let checkpoints = NodeVolume::create(client, &ns, CHECKPOINT_CLAIM).await?;
+        Ok(Self {
+            checkpoints,
+            models,
+            namespace,
+            nodes,
+        })
+    }
+
+    /// The namespace's name.
+    pub fn ns(&self) -> &str {
+        self.namespace.name()
+    }
 }
 
 /// The reference of the images built by `images/build.sh` (`<image>.ref` in its archive directory).

@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 
 use anneal_crds::TrainingJob;
 use anneal_crds::trainingjob::{FailoverReason, TrainingPhase};
-use anneal_e2e::nodes::{NodeVolume, install_operator, real_node_names, restrict, sha256_of};
+use anneal_e2e::client;
+use anneal_e2e::nodes::sha256_of;
 use anneal_e2e::real_failover::{
-    CHECKPOINT_CLAIM, CLAIM, Failover, Fault, checkpoint_dir, committed_steps, fail_over, fence,
-    image_ref, movable_job, start,
+    Failover, Fault, Stage, checkpoint_dir, committed_steps, fail_over, fence, image_ref,
+    movable_job, start,
 };
 use anneal_e2e::wait::{poll_until, wait_for};
-use anneal_e2e::{TestNamespace, client};
 use anyhow::{Context, Result, ensure};
 use kube::{Api, Client};
 use tokio::sync::{Mutex, MutexGuard};
@@ -78,14 +78,9 @@ async fn real_node_partitioned_node_fails_over_fenced_and_the_model_is_bitwise_u
     let _one = one_fault_at_a_time().await;
     let begin = Instant::now();
     let client = client().await?;
-    let nodes = real_node_names(&client).await?;
-    ensure!(nodes.len() >= 2, "two real nodes expected: {nodes:?}");
-    install_operator().await?;
-    let namespace = TestNamespace::create(&client, "node-partition").await?;
-    let ns = namespace.name();
-    restrict(&client, ns).await?;
-    let volume = NodeVolume::create(&client, ns, CLAIM).await?;
-    let checkpoints = NodeVolume::create(&client, ns, CHECKPOINT_CLAIM).await?;
+    let stage = Stage::create(&client, "node-partition").await?;
+    let (ns, nodes, volume, checkpoints) =
+        (stage.ns(), &stage.nodes, &stage.models, &stage.checkpoints);
 
     // 1,000 steps, a checkpoint every 100: the old attempt trains on long enough after the fault to reach a
     // checkpoint after the new attempt has claimed the directory.
@@ -212,14 +207,8 @@ async fn real_node_device_fault_exit_75_moves_the_job_to_the_other_node() -> Res
     let _one = one_fault_at_a_time().await;
     let begin = Instant::now();
     let client = client().await?;
-    let nodes = real_node_names(&client).await?;
-    ensure!(nodes.len() >= 2, "two real nodes expected: {nodes:?}");
-    install_operator().await?;
-    let namespace = TestNamespace::create(&client, "node-device-fault").await?;
-    let ns = namespace.name();
-    restrict(&client, ns).await?;
-    let _models = NodeVolume::create(&client, ns, CLAIM).await?;
-    let checkpoints = NodeVolume::create(&client, ns, CHECKPOINT_CLAIM).await?;
+    let stage = Stage::create(&client, "node-device-fault").await?;
+    let (ns, checkpoints) = (stage.ns(), &stage.checkpoints);
 
     let mut job = movable_job("faulty", 600, 100)?;
     job.spec.image = Some(image_ref("anneal-runtime-gpufault")?);

@@ -12,46 +12,21 @@
 //! cluster_node_helm -- --include-ignored`.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anneal_e2e::client;
 use anneal_e2e::nodes::{
-    RELEASE, RELEASE_NAMESPACE, containerd_socket, operator_pods, real_node_names, restrict,
+    RELEASE, RELEASE_NAMESPACE, containerd_socket, helm_upgrade, operator_pods, real_node_names,
+    release_namespace,
 };
 use anneal_e2e::tools::{helm, kubectl, run};
 use anneal_e2e::wait::{poll_until, wait_for};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::PostParams;
+use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt};
-use serde_json::{Value, json};
-
-fn chart() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/anneal")
-}
-
-/// `helm upgrade --install` of the release with `set` values, waiting for it.
-async fn helm_upgrade(set: &[String]) -> Result<()> {
-    let mut command = helm()?;
-    command
-        .args([
-            "upgrade",
-            "--install",
-            RELEASE,
-            "--wait",
-            "--timeout",
-            "240s",
-        ])
-        .args(["-n", RELEASE_NAMESPACE]);
-    for value in set {
-        command.args(["--set", value]);
-    }
-    run(command.arg(chart())).await?;
-    Ok(())
-}
+use serde_json::Value;
 
 fn image_of(pod: &Pod) -> Option<&str> {
     pod.spec.as_ref()?.containers.first()?.image.as_deref()
@@ -142,14 +117,7 @@ async fn real_node_helm_upgrade_to_a_new_tag_with_two_replicas_and_uninstall_lea
     let begin = Instant::now();
     let client = client().await?;
     let nodes = real_node_names(&client).await?;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces.get_opt(RELEASE_NAMESPACE).await?.is_none() {
-        let namespace = json!({"metadata": {"name": RELEASE_NAMESPACE}});
-        namespaces
-            .create(&PostParams::default(), &serde_json::from_value(namespace)?)
-            .await?;
-    }
-    restrict(&client, RELEASE_NAMESPACE).await?;
+    release_namespace(&client).await?;
 
     // Two replicas of the chart's default image, one leading.
     helm_upgrade(&["operator.replicas=2".into()]).await?;

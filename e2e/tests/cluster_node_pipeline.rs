@@ -285,24 +285,7 @@ async fn real_node_pipeline_example_trains_gates_serves_and_answers() -> Result<
         "the gate promoted the trained weights: {promoted:?} vs {artifact:?}"
     );
 
-    let servers: Api<ModelServer> = Api::namespaced(client.clone(), ns);
-    let ready = wait_for(
-        &servers,
-        "arith",
-        Duration::from_secs(300),
-        |m: Option<&ModelServer>| {
-            m.and_then(|m| m.status.as_ref()).and_then(|s| s.phase) == Some(ServerPhase::Ready)
-        },
-    )
-    .await;
-    or_diagnose(ns, ready).await?;
-    let server = running_pod(
-        &client,
-        ns,
-        "anneal.dev/modelserver=arith",
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (server, ip) = serving(&client, ns, "arith").await?;
     let serve_node = node_of(&server)?;
     ensure!(
         products
@@ -313,13 +296,6 @@ async fn real_node_pipeline_example_trains_gates_serves_and_answers() -> Result<
     let served = begin.elapsed();
 
     // Through the Service: its cluster IP, which kube-proxy's rules send to the server pod.
-    let service = Api::<Service>::namespaced(client.clone(), ns)
-        .get("arith")
-        .await?;
-    let ip = service
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("the server's Service has a cluster IP")?;
     let sums = [(12, 35), (40, 2), (7, 8), (23, 19), (50, 44)];
     let mut right = 0;
     let mut answers = Vec::new();
@@ -362,24 +338,7 @@ async fn real_node_smollm2_example_answers_a_chat_question_through_its_service()
         .with_context(|| format!("copying {} onto the volume", gguf.display()))?;
     apply_file(ns, &repo().join("manifests/examples/serve-smollm2.yaml")).await?;
 
-    let servers: Api<ModelServer> = Api::namespaced(client.clone(), ns);
-    let ready = wait_for(
-        &servers,
-        "smollm2",
-        Duration::from_secs(300),
-        |m: Option<&ModelServer>| {
-            m.and_then(|m| m.status.as_ref()).and_then(|s| s.phase) == Some(ServerPhase::Ready)
-        },
-    )
-    .await;
-    or_diagnose(ns, ready).await?;
-    let server = running_pod(
-        &client,
-        ns,
-        "anneal.dev/modelserver=smollm2",
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (server, ip) = serving(&client, ns, "smollm2").await?;
     let node = node_of(&server)?;
     ensure!(
         products.contains_key(&node),
@@ -387,13 +346,6 @@ async fn real_node_smollm2_example_answers_a_chat_question_through_its_service()
     );
     let ready_after = begin.elapsed();
 
-    let service = Api::<Service>::namespaced(client.clone(), ns)
-        .get("smollm2")
-        .await?;
-    let ip = service
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("the server's Service has a cluster IP")?;
     let answer = chat(&ip, "smollm2", "What is the capital of France?").await?;
     ensure!(
         answer.contains("Paris"),
@@ -404,6 +356,31 @@ async fn real_node_smollm2_example_answers_a_chat_question_through_its_service()
         begin.elapsed()
     );
     Ok(())
+}
+
+/// Waits until ModelServer `name` is Ready and one of its pods runs: that pod, and its Service's cluster IP
+/// (which kube-proxy's rules send to the server pods).
+async fn serving(client: &Client, ns: &str, name: &str) -> Result<(Pod, String)> {
+    let servers: Api<ModelServer> = Api::namespaced(client.clone(), ns);
+    let ready = wait_for(
+        &servers,
+        name,
+        Duration::from_secs(300),
+        |m: Option<&ModelServer>| {
+            m.and_then(|m| m.status.as_ref()).and_then(|s| s.phase) == Some(ServerPhase::Ready)
+        },
+    )
+    .await;
+    or_diagnose(ns, ready).await?;
+    let labels = format!("anneal.dev/modelserver={name}");
+    let server = running_pod(client, ns, &labels, Duration::from_secs(60)).await?;
+    let ip = Api::<Service>::namespaced(client.clone(), ns)
+        .get(name)
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("the server's Service has a cluster IP")?;
+    Ok((server, ip))
 }
 
 /// `POST /v1/chat/completions` at `http://ip/` with a system and a user message (greedy, up to 64 tokens): the
@@ -417,14 +394,7 @@ async fn chat(ip: &str, model: &str, question: &str) -> Result<String> {
             {"role": "user", "content": question},
         ],
     });
-    let out = run(tokio::process::Command::new("curl")
-        .args(["-sS", "--fail-with-body", "--max-time", "120"])
-        .args(["-H", "content-type: application/json", "-d"])
-        .arg(body.to_string())
-        .arg(format!("http://{ip}/v1/chat/completions")))
-    .await?;
-    let reply: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("reply {out}"))?;
+    let reply = post(ip, "/v1/chat/completions", &body, 120).await?;
     reply["choices"][0]["message"]["content"]
         .as_str()
         .map(str::to_string)
@@ -436,16 +406,31 @@ async fn complete(ip: &str, prompt: &str) -> Result<String> {
     let body = serde_json::json!({
         "model": "arith", "prompt": prompt, "max_tokens": 4, "temperature": 0, "stop": ["\n"],
     });
-    let out = run(tokio::process::Command::new("curl")
-        .args(["-sS", "--fail-with-body", "--max-time", "30"])
-        .args(["-H", "content-type: application/json", "-d"])
-        .arg(body.to_string())
-        .arg(format!("http://{ip}/v1/completions")))
-    .await?;
-    let reply: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("reply {out}"))?;
+    let reply = post(ip, "/v1/completions", &body, 30).await?;
     reply["choices"][0]["text"]
         .as_str()
         .map(str::to_string)
         .with_context(|| format!("no text in {reply}"))
+}
+
+/// `POST path` of JSON `body` to `http://ip` (by curl, from this machine, which kube-proxy's rules send to a
+/// server pod), within `seconds`: the JSON reply.
+async fn post(
+    ip: &str,
+    path: &str,
+    body: &serde_json::Value,
+    seconds: u32,
+) -> Result<serde_json::Value> {
+    let out = run(tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--fail-with-body",
+            "--max-time",
+            &seconds.to_string(),
+        ])
+        .args(["-H", "content-type: application/json", "-d"])
+        .arg(body.to_string())
+        .arg(format!("http://{ip}{path}")))
+    .await?;
+    serde_json::from_str(&out).with_context(|| format!("reply {out}"))
 }
