@@ -118,7 +118,7 @@ fn vec_of(t: candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
 impl CpuBert {
     /// Reads the weights of `vb` (a BERT checkpoint, with or without a `bert.` prefix).
     pub fn load(vb: VarBuilder, c: &Config) -> candle_core::Result<Self> {
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             candle_core::bail!("hidden_size is not a multiple of num_attention_heads");
         }
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {

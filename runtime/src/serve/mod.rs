@@ -274,12 +274,12 @@ fn load(args: &Args, state: &AppState) -> Result<()> {
     .map_err(|e| RuntimeError::Internal(format!("starting the engine thread: {e}")))?;
     let served = Served {
         model_id: args.served_model_name.clone().unwrap_or(model.id),
-        backend: Backend::Generate(Generator {
+        backend: Backend::Generate(Box::new(Generator {
             engine,
             tokenizer: model.tokenizer,
             chat_template: model.chat_template,
             limits,
-        }),
+        })),
     };
     let _ = state.served.set(served);
     Ok(())

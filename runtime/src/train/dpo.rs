@@ -178,14 +178,15 @@ mod tests {
 
     /// A batch of two pairs: rows 0..4 chosen and 4..8 rejected of pair 0 (prompt rows 0 and 4
     /// masked out), 8..11 and 11..14 of pair 1.
-    fn batch(
-        vocab: usize,
-    ) -> (
+    /// Logits, targets, mask, and each pair's (chosen, rejected) rows.
+    type Batch = (
         Vec<f32>,
         Vec<u32>,
         Vec<f32>,
         Vec<(Range<usize>, Range<usize>)>,
-    ) {
+    );
+
+    fn batch(vocab: usize) -> Batch {
         let rows = 14;
         let logits: Vec<f32> = (0..rows * vocab)
             .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 3.0)

@@ -35,7 +35,7 @@ pub struct Served {
 /// A generative model or an embedding model.
 pub enum Backend {
     /// Completions and chat.
-    Generate(Generator),
+    Generate(Box<Generator>),
     /// Sentence vectors.
     Embed(Embedder),
 }
@@ -245,7 +245,7 @@ mod tests {
         };
         let served = Served {
             model_id: "test".into(),
-            backend: Backend::Generate(Generator {
+            backend: Backend::Generate(Box::new(Generator {
                 engine,
                 tokenizer: Arc::new(ByteTokenizer),
                 chat_template: ChatTemplate::new(None, "", "").unwrap(),
@@ -256,7 +256,7 @@ mod tests {
                     min_priority: 0,
                     max_priority: 0,
                 },
-            }),
+            })),
         };
         assert!(state.served.set(served).is_ok());
         Arc::new(state)
