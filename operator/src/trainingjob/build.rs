@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::config::OperatorConfig;
 use crate::labels::{ATTEMPT, TRAININGJOB, WORKER, trainingjob_labels};
@@ -136,6 +136,13 @@ pub fn worker_pod(
     labels.insert(WORKER.into(), worker.to_string());
 
     let uid = job.uid().ok_or(BuildError::Missing("uid"))?;
+    // Claims named by `pvc://` URIs, mounted where the runtime looks for them; only the output's
+    // is writable.
+    let inputs = [Some(&spec.dataset.uri), spec.model.base_model.as_ref()];
+    let (mut claim_volumes, claim_mounts) = pod::claim_volumes(
+        inputs.into_iter().flatten().map(|u| u.as_str()),
+        [spec.output.uri.as_str()],
+    );
     let (checkpoint_volume, checkpoint_mount) = match spec
         .checkpoint
         .storage
@@ -145,28 +152,41 @@ pub fn worker_pod(
         // Every job has its own directory in a shared claim, keyed by namespace, name and UID:
         // jobs of a sweep never continue or delete each other's checkpoints, and a job created
         // again under a deleted one's name starts fresh.
-        Some((claim, path)) => (
-            json!({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}),
-            json!({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT, "subPath": checkpoint_sub_path(path, &namespace, &name, &uid)}),
-        ),
+        Some((claim, path)) => {
+            let sub_path = checkpoint_sub_path(path, &namespace, &name, &uid);
+            // A pod with two volumes of one claim never starts (the kubelet waits for ever to
+            // mount the second): when a data URI names the checkpoint claim too, its volume
+            // carries the checkpoints as well, writable (each mount keeps its own readOnly).
+            match claim_volumes
+                .iter_mut()
+                .find(|v| v["persistentVolumeClaim"]["claimName"] == claim)
+            {
+                Some(shared) => {
+                    shared["persistentVolumeClaim"]["readOnly"] = json!(false);
+                    (
+                        None,
+                        json!({"name": shared["name"], "mountPath": CHECKPOINT_MOUNT, "subPath": sub_path}),
+                    )
+                }
+                None => (
+                    Some(
+                        json!({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}),
+                    ),
+                    json!({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT, "subPath": sub_path}),
+                ),
+            }
+        }
         // Without a claim, checkpoints live as long as the pod: the status says so.
         None => (
-            json!({"name": "checkpoints", "emptyDir": {}}),
+            Some(json!({"name": "checkpoints", "emptyDir": {}})),
             json!({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT}),
         ),
     };
-    // Claims named by `pvc://` URIs, mounted where the runtime looks for them; only the output's
-    // is writable.
-    let inputs = [Some(&spec.dataset.uri), spec.model.base_model.as_ref()];
-    let (claim_volumes, claim_mounts) = pod::claim_volumes(
-        inputs.into_iter().flatten().map(|u| u.as_str()),
-        [spec.output.uri.as_str()],
-    );
-    let mut volumes = vec![
-        checkpoint_volume,
+    let mut volumes: Vec<Value> = checkpoint_volume.into_iter().collect();
+    volumes.extend([
         json!({"name": "config", "configMap": {"name": config_map_name(&name)}}),
         json!({"name": "tmp", "emptyDir": {}}),
-    ];
+    ]);
     volumes.extend(claim_volumes);
     let mut mounts = vec![
         checkpoint_mount,
@@ -449,6 +469,37 @@ mod tests {
                 .map(|vol| vol["persistentVolumeClaim"]["claimName"].clone())
         };
         assert_eq!(claim(data["name"].as_str().unwrap()), Some(json!("corpus")));
+    }
+
+    #[test]
+    fn a_checkpoint_claim_that_is_also_the_output_claim_is_one_writable_volume() {
+        let mut job = job();
+        job.spec.checkpoint.storage = Some(anneal_crds::trainingjob::CheckpointStorage {
+            pvc: Some("anneal-models".into()),
+            ..Default::default()
+        });
+        job.spec.dataset.uri = anneal_crds::StorageUri("pvc://anneal-models/data.jsonl".into());
+        let v = json_of(&worker_pod(&job, 1, 0, &[], &OperatorConfig::default()).unwrap());
+        let volumes = v["spec"]["volumes"].as_array().unwrap();
+        let of_claim: Vec<_> = volumes
+            .iter()
+            .filter(|vol| vol["persistentVolumeClaim"]["claimName"] == "anneal-models")
+            .collect();
+        assert_eq!(of_claim.len(), 1, "one volume per claim: {volumes:?}");
+        assert_eq!(of_claim[0]["persistentVolumeClaim"]["readOnly"], false);
+        let mounts = v["spec"]["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap();
+        let checkpoints = mounts
+            .iter()
+            .find(|m| m["mountPath"] == CHECKPOINT_MOUNT)
+            .unwrap();
+        assert_eq!(checkpoints["name"], of_claim[0]["name"]);
+        assert!(checkpoints["subPath"].as_str().unwrap().contains("uid-1"));
+        assert_ne!(checkpoints["readOnly"], true);
+        let mut names: Vec<_> = volumes.iter().map(|v| v["name"].clone()).collect();
+        names.dedup();
+        assert_eq!(names.len(), volumes.len());
     }
 
     #[test]
