@@ -43,10 +43,10 @@ use crate::wait::{conditions, poll_until, wait_for};
 
 /// The claim the node tier's jobs write their models to.
 pub const CLAIM: &str = "anneal-models";
-/// The claim they keep checkpoints on. Not [`CLAIM`]: a pod whose two volumes name one claim never starts
-/// (the kubelet mounts the claim's volume once and waits forever for the second: "unmounted
-/// volumes=[checkpoints]"), and the operator makes one volume for the output's claim and one for the
-/// checkpoints'.
+/// The claim they keep checkpoints on, apart from [`CLAIM`] as a cluster with a volume for checkpoints
+/// has it. (A pod whose two volumes named one claim never started: "unmounted volumes=[checkpoints]";
+/// the operator now mounts one volume for both, `operator/src/trainingjob/build.rs`, unit-tested, not
+/// yet on this tier.)
 pub const CHECKPOINT_CLAIM: &str = "anneal-checkpoints";
 /// The file whose appearance in the checkpoint directory fails the "GPU" of the test image.
 pub const GPU_FAULT_TRIGGER: &str = ".gpu-fault";

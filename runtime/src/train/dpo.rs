@@ -212,6 +212,17 @@ mod tests {
             .collect()
     }
 
+    /// The batch's logits scored as their own reference: each sequence's log-probability.
+    fn own_logps(vocab: usize) -> (Batch, Vec<f64>) {
+        let (logits, targets, mask, spans) = batch(vocab);
+        let seqs: Vec<_> = spans
+            .iter()
+            .flat_map(|(c, r)| [c.clone(), r.clone()])
+            .collect();
+        let refs = sequence_logps(&logits, &targets, &mask, vocab, &seqs);
+        ((logits, targets, mask, spans), refs)
+    }
+
     fn loss_of(logits: &[f32], targets: &[u32], mask: &[f32], vocab: usize, p: &[Pair]) -> f64 {
         loss_and_grad(&mut logits.to_vec(), targets, mask, vocab, p, 0.1).loss
     }
@@ -219,12 +230,7 @@ mod tests {
     #[test]
     fn the_loss_of_the_reference_itself_is_ln_2_and_no_pair_is_ahead() {
         let vocab = 11;
-        let (logits, targets, mask, spans) = batch(vocab);
-        let seqs: Vec<_> = spans
-            .iter()
-            .flat_map(|(c, r)| [c.clone(), r.clone()])
-            .collect();
-        let refs = sequence_logps(&logits, &targets, &mask, vocab, &seqs);
+        let ((logits, targets, mask, spans), refs) = own_logps(vocab);
         let stats = loss_and_grad(
             &mut logits.clone(),
             &targets,
@@ -277,12 +283,7 @@ mod tests {
     #[test]
     fn a_pair_the_policy_prefers_counts_as_accurate() {
         let vocab = 11;
-        let (logits, targets, mask, spans) = batch(vocab);
-        let seqs: Vec<_> = spans
-            .iter()
-            .flat_map(|(c, r)| [c.clone(), r.clone()])
-            .collect();
-        let mut refs = sequence_logps(&logits, &targets, &mask, vocab, &seqs);
+        let ((logits, targets, mask, spans), mut refs) = own_logps(vocab);
         // Pair 0's reference liked its chosen answer less than the policy does now.
         refs[0] -= 5.0;
         let stats = loss_and_grad(
