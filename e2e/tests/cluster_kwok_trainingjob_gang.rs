@@ -33,7 +33,8 @@ use anneal_runtime::train::status::{PatchOutcome, send_status_patch, status_patc
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio::sync::Mutex;
 
@@ -146,21 +147,21 @@ async fn kwok_gang_runs_on_distinct_nodes_with_its_headless_service_and_env() ->
     // What cluster DNS serves: both workers, under their host names.
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
     let what = "the gang's EndpointSlice naming both workers";
-    let params = ListParams::default().labels("kubernetes.io/service-name=dp-workers");
-    let mut hostnames = BTreeSet::new();
-    for _ in 0..60 {
-        hostnames = slices
-            .list(&params)
-            .await?
-            .items
+    let hostnames_of = |slices: &[Arc<EndpointSlice>]| -> BTreeSet<String> {
+        slices
             .iter()
             .flat_map(|s| s.endpoints.iter().filter_map(|e| e.hostname.clone()))
-            .collect();
-        if hostnames.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+            .collect()
+    };
+    let seen = wait_for_set(
+        &slices,
+        watcher::Config::default().labels("kubernetes.io/service-name=dp-workers"),
+        what,
+        Duration::from_secs(30),
+        |set| hostnames_of(set).len() == 2,
+    )
+    .await?;
+    let hostnames = hostnames_of(&seen);
     ensure!(
         hostnames == BTreeSet::from(["a1-w0".to_string(), "a1-w1".to_string()]),
         "{what}: {hostnames:?}"
