@@ -43,20 +43,18 @@ p_off="$(run prefixgen.py --prefix-cache false)"
 c_on="$(run chatgen.py --prefix-cache true)"
 c_off="$(run chatgen.py --prefix-cache false)"
 llama_bin="$("$here/build-llama-cpp.sh")"
-l_port="$(port)"
-"$llama_bin/llama-server" -m "$model" --port "$l_port" -t "$threads" -np 1 -c 2048 --no-webui \
-    >/tmp/anneal-cache-bench-llama.log 2>&1 &
-pid=$!
-wait_up "$l_port" health
-p_llama="$(python3 "$here/prefixgen.py" --port "$l_port")"
-kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
-l_port="$(port)"
-"$llama_bin/llama-server" -m "$model" --port "$l_port" -t "$threads" -np 4 -c 8192 --no-webui \
-    >/tmp/anneal-cache-bench-llama.log 2>&1 &
-pid=$!
-wait_up "$l_port" health
-c_llama="$(python3 "$here/chatgen.py" --port "$l_port")"
-kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+llama_run() { # $1 = the load generator; the rest: llama-server's extra arguments
+  local gen="$1"; shift
+  local p; p="$(port)"
+  "$llama_bin/llama-server" -m "$model" --port "$p" -t "$threads" --no-webui "$@" \
+      >/tmp/anneal-cache-bench-llama.log 2>&1 &
+  pid=$!
+  wait_up "$p" health
+  python3 "$here/$gen" --port "$p"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+}
+p_llama="$(llama_run prefixgen.py -np 1 -c 2048)"
+c_llama="$(llama_run chatgen.py -np 4 -c 8192)"
 python3 - "$on" "$off" "$(lscpu | sed -n 's/^Model name: *//p')" "$p_on" "$p_off" "$p_llama" \
     "$c_on" "$c_off" "$c_llama" "$("$llama_bin/llama-server" --version 2>&1 | head -n 1)" <<'PY'
 import json, sys

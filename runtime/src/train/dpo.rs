@@ -223,22 +223,20 @@ mod tests {
         ((logits, targets, mask, spans), refs)
     }
 
+    /// The loss and metrics at beta 0.1, the logits left as they are.
+    fn stats_of(logits: &[f32], targets: &[u32], mask: &[f32], vocab: usize, p: &[Pair]) -> Stats {
+        loss_and_grad(&mut logits.to_vec(), targets, mask, vocab, p, 0.1)
+    }
+
     fn loss_of(logits: &[f32], targets: &[u32], mask: &[f32], vocab: usize, p: &[Pair]) -> f64 {
-        loss_and_grad(&mut logits.to_vec(), targets, mask, vocab, p, 0.1).loss
+        stats_of(logits, targets, mask, vocab, p).loss
     }
 
     #[test]
     fn the_loss_of_the_reference_itself_is_ln_2_and_no_pair_is_ahead() {
         let vocab = 11;
         let ((logits, targets, mask, spans), refs) = own_logps(vocab);
-        let stats = loss_and_grad(
-            &mut logits.clone(),
-            &targets,
-            &mask,
-            vocab,
-            &pairs(&spans, &refs),
-            0.1,
-        );
+        let stats = stats_of(&logits, &targets, &mask, vocab, &pairs(&spans, &refs));
         assert!(
             (stats.loss - std::f64::consts::LN_2).abs() < 1e-6,
             "{stats:?}"
@@ -286,14 +284,7 @@ mod tests {
         let ((logits, targets, mask, spans), mut refs) = own_logps(vocab);
         // Pair 0's reference liked its chosen answer less than the policy does now.
         refs[0] -= 5.0;
-        let stats = loss_and_grad(
-            &mut logits.clone(),
-            &targets,
-            &mask,
-            vocab,
-            &pairs(&spans, &refs),
-            0.1,
-        );
+        let stats = stats_of(&logits, &targets, &mask, vocab, &pairs(&spans, &refs));
         assert_eq!(stats.rewards_accuracies, 0.5);
         assert!((stats.rewards_chosen - 0.25).abs() < 1e-6, "{stats:?}");
         assert!(stats.loss < std::f64::consts::LN_2);
