@@ -83,6 +83,9 @@ pub struct EvalMessage {
     /// Exact match of greedy responses; null for free-text data.
     #[serde(default)]
     pub exact_match: Option<f64>,
+    /// Share of preference pairs ranked right; null for data without pairs.
+    #[serde(default)]
+    pub preference_accuracy: Option<f64>,
     /// The same for the baseline model, when one was asked for.
     #[serde(default)]
     pub baseline: Option<Box<EvalMessage>>,
@@ -97,6 +100,7 @@ impl EvalMessage {
             Metric::Perplexity => self.perplexity,
             Metric::Accuracy => self.exact_match,
             Metric::TokenAccuracy => self.token_accuracy,
+            Metric::PreferenceAccuracy => self.preference_accuracy,
         };
         v.filter(|x| x.is_finite())
     }

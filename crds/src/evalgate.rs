@@ -123,20 +123,27 @@ pub enum Metric {
     Loss,
     /// exp(loss); lower is better.
     Perplexity,
-    /// Exact-match accuracy of greedy responses, in [0, 1]; higher is better. Only prompt/response
-    /// data has it: on free text it is missing, and a gate that asks for it fails.
+    /// Exact-match accuracy of greedy responses, in [0, 1]; higher is better. Only data with
+    /// answers has it (prompt/response, chat: the last assistant message, preference pairs:
+    /// the chosen answer): on free text it is missing, and a gate that asks for it fails.
     Accuracy,
     /// Next-token accuracy, in [0, 1]; higher is better.
     TokenAccuracy,
+    /// Share of held-out preference pairs (`{"prompt", "chosen", "rejected"}`) whose chosen
+    /// answer the model prefers, in [0, 1]; higher is better. For a DPO model the preference is
+    /// its implicit reward (log-probability ratio to the job's base model, its reference),
+    /// otherwise its log-probability. Only preference data has it.
+    PreferenceAccuracy,
 }
 
 impl Metric {
     /// Every metric, in the order the runtime reports them.
-    pub const ALL: [Metric; 4] = [
+    pub const ALL: [Metric; 5] = [
         Metric::Loss,
         Metric::Perplexity,
         Metric::Accuracy,
         Metric::TokenAccuracy,
+        Metric::PreferenceAccuracy,
     ];
 
     /// The name used in the spec and in Events.
@@ -146,12 +153,16 @@ impl Metric {
             Metric::Perplexity => "perplexity",
             Metric::Accuracy => "accuracy",
             Metric::TokenAccuracy => "tokenAccuracy",
+            Metric::PreferenceAccuracy => "preferenceAccuracy",
         }
     }
 
     /// Whether a larger value is better (for the no-regression comparison).
     pub fn higher_is_better(self) -> bool {
-        matches!(self, Metric::Accuracy | Metric::TokenAccuracy)
+        matches!(
+            self,
+            Metric::Accuracy | Metric::TokenAccuracy | Metric::PreferenceAccuracy
+        )
     }
 }
 

@@ -62,15 +62,35 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
         "message": "stage sft needs prompt/response data: dataset.format must be jsonl (or auto) or a builtin set",
         "fieldPath": ".dataset.format",
     },
+    {
+        "rule": "self.stage != 'dpo' || has(self.model.baseModel)",
+        "message": "stage dpo needs model.baseModel: the model it aligns, which is also its reference",
+        "fieldPath": ".model.baseModel",
+    },
+    {
+        "rule": "self.stage != 'dpo' || self.dataset.format != 'text'",
+        "message": "stage dpo needs preference pairs ({\"prompt\", \"chosen\", \"rejected\"} JSON lines): dataset.format must be jsonl (or auto)",
+        "fieldPath": ".dataset.format",
+    },
+    {
+        "rule": "!has(self.dpo) || self.stage == 'dpo'",
+        "message": "dpo applies only to stage dpo",
+        "fieldPath": ".dpo",
+    },
 ]))]
 pub struct TrainingJobSpec {
     /// What to train: an architecture from scratch, or a base model to fine-tune.
     pub model: ModelSpec,
     /// Training data.
     pub dataset: DatasetSpec,
-    /// `pretrain` (next-token loss on all tokens) or `sft` (loss on response tokens only).
+    /// `pretrain` (next-token loss on all tokens), `sft` (loss on the answers only: responses,
+    /// or a chat's assistant messages) or `dpo` (Direct Preference Optimization on
+    /// `{"prompt", "chosen", "rejected"}` pairs, from `model.baseModel`).
     #[serde(default)]
     pub stage: Stage,
+    /// DPO settings (stage `dpo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSpec>,
     /// Optimisation settings.
     pub hyperparameters: Hyperparameters,
     /// GPUs, CPU and memory per worker, and placement.
@@ -104,6 +124,22 @@ fn one() -> u32 {
     1
 }
 
+/// Direct Preference Optimization (TRL's `DPOTrainer`, sigmoid loss). The reference model is
+/// the base model: its log-probability of every pair is computed once before the first step
+/// (and kept in the checkpoints), so no second copy of the weights runs during training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DpoSpec {
+    /// Strength of the implicit KL penalty toward the reference: larger stays closer.
+    #[serde(default = "default_beta")]
+    #[schemars(range(min = 0.001, max = 10.0))]
+    pub beta: f64,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
 /// The model to train: exactly one of `architecture` and `baseModel`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -115,7 +151,9 @@ pub struct ModelSpec {
     /// Train a new decoder-only transformer of this shape.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<Architecture>,
-    /// Fine-tune this model (a runtime model directory or a GGUF file).
+    /// Fine-tune this model: a runtime model directory, a llama-family GGUF file (its weights
+    /// dequantized to f32 are the starting point) or a Hugging Face directory (`config.json`,
+    /// `model.safetensors`, `tokenizer.json`). Its tokenizer and chat template are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<StorageUri>,
 }
@@ -185,6 +223,8 @@ pub enum Stage {
     Pretrain,
     /// Supervised fine-tuning: loss on response tokens only; lower layers may be frozen.
     Sft,
+    /// Direct Preference Optimization against the base model.
+    Dpo,
 }
 
 /// Learning-rate schedule after warm-up.
@@ -510,9 +550,27 @@ pub struct TrainingProgress {
     /// Training throughput.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// DPO's implicit rewards at `step` (stage dpo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<PreferenceRewards>,
     /// When this was reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+}
+
+/// DPO's implicit rewards, `beta x (log π(y) - log π_ref(y))`, as TRL reports them (means over
+/// the step's pairs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreferenceRewards {
+    /// Mean reward of the preferred answers.
+    pub chosen: f64,
+    /// Mean reward of the rejected answers.
+    pub rejected: f64,
+    /// Mean of chosen minus rejected.
+    pub margins: f64,
+    /// Share of pairs whose chosen reward is strictly above the rejected one.
+    pub accuracies: f64,
 }
 
 impl TrainingProgress {

@@ -151,12 +151,18 @@ fn enums_are_closed() {
     assert_eq!(gpu["enum"], serde_json::json!(["A100", "H100", "any"]));
     assert_eq!(
         at(&tj, "spec.stage")["enum"],
-        serde_json::json!(["pretrain", "sft"])
+        serde_json::json!(["pretrain", "sft", "dpo"])
     );
     let eg = schema("EvalGate");
     assert_eq!(
         at(&eg, "spec.metrics.[].metric")["enum"],
-        serde_json::json!(["loss", "perplexity", "accuracy", "tokenAccuracy"])
+        serde_json::json!([
+            "loss",
+            "perplexity",
+            "accuracy",
+            "tokenAccuracy",
+            "preferenceAccuracy"
+        ])
     );
 }
 

@@ -5,7 +5,6 @@ mod serve_support;
 
 use anneal_runtime::checkpoint::model_dir;
 use anneal_runtime::model::{ModelConfig, init_params};
-use anneal_runtime::tokenizer::TokenizerSpec;
 use candle_core::Device;
 use serde_json::json;
 use serve_support::{args, chat_body, request, start};
@@ -38,7 +37,7 @@ fn tiny_model_dir_with_digest(root: &std::path::Path) -> (std::path::PathBuf, St
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     let dir = root.join("model");
-    let sha = model_dir::save(&dir, &config, &tensors, &TokenizerSpec::Byte, root).unwrap();
+    let sha = model_dir::save(&dir, &config, &tensors, &model_dir::TextFiles::byte()).unwrap();
     (dir, sha)
 }
 

@@ -11,7 +11,7 @@ use anneal_runtime::eval::greedy;
 use anneal_runtime::gguf::Q41Policy;
 use anneal_runtime::model::{ModelConfig, init_params};
 use anneal_runtime::serve::loaded_model::{self, LoadError, LoadedModel};
-use anneal_runtime::tokenizer::{HfTokenizer, Tokenizer, TokenizerSpec};
+use anneal_runtime::tokenizer::{HfTokenizer, Tokenizer};
 use anneal_runtime::train::config::GgufQuantization;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -69,7 +69,7 @@ fn prompt_ids(m: &LoadedModel, prompt: &str) -> Vec<u32> {
 
 fn complete(m: &LoadedModel, prompt: &str) -> String {
     let ids = prompt_ids(m, prompt);
-    let out = greedy(&m.transformer, &ids, 4, m.tokenizer.eos_id(), &Device::Cpu).unwrap();
+    let out = greedy(&m.transformer, &ids, 4, &m.stop_ids, &Device::Cpu).unwrap();
     m.tokenizer.decode(&out).unwrap()
 }
 
@@ -225,7 +225,7 @@ fn trained_model_exports_to_gguf_that_serve_loads() {
         PROMPTS.len()
     );
     let ids = prompt_ids(&gguf4, PROMPTS[0]);
-    let out = greedy(&gguf4.transformer, &ids, 4, None, &Device::Cpu).unwrap();
+    let out = greedy(&gguf4.transformer, &ids, 4, &[], &Device::Cpu).unwrap();
     assert_eq!(out.len(), 4);
     eprintln!(
         "q4_0 completion of {:?}: {:?}",
@@ -335,11 +335,10 @@ fn huggingface_tokenizer_is_carried_into_gguf() {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
-    let spec = TokenizerSpec::Huggingface {
-        path: "tokenizer.json".into(),
-    };
+    let text =
+        model_dir::TextFiles::huggingface(&s.0.join("tokenizer.json"), None, None, None).unwrap();
     let dir = s.path("model");
-    model_dir::save(&dir, &config, &tensors, &spec, &s.0).unwrap();
+    model_dir::save(&dir, &config, &tensors, &text).unwrap();
     let q8 = gguf_export::export(&dir, GgufQuantization::Q8_0).unwrap();
 
     let file = anneal_runtime::gguf::GgufFile::open(&q8.path).unwrap();

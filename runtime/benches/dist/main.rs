@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anneal_runtime::dist::{GangSpec, Placement, Ring, Timeouts, tcp};
-use anneal_runtime::train::gang::{sum_counts, sum_gradients};
+use anneal_runtime::train::gang::{sum_gradients, sum_stats};
 use candle_core::{Device, Tensor};
 
 const SIZES: [usize; 4] = [1 << 16, 1 << 20, 10 << 20, 25 << 20];
@@ -148,7 +148,7 @@ fn rank_main(rank: usize, port: u16) {
             .collect();
         let t = timed(&mut ring, |r| {
             let summed = sum_gradients(r, grads.clone()).expect("gradients");
-            sum_counts(r, 1.0, 10, 20).expect("counts");
+            sum_stats(r, &mut [1.0, 10.0, 20.0]).expect("counts");
             assert_eq!(summed.len(), grads.len());
         });
         steps.push((params, t));
@@ -175,7 +175,7 @@ fn rank_main(rank: usize, port: u16) {
         );
     }
     println!();
-    println!("| parameters | time added per step (sum_gradients + sum_counts), ms |");
+    println!("| parameters | time added per step (sum_gradients + sum_stats), ms |");
     println!("| --- | --- |");
     for (params, t) in steps {
         println!("| {params} | {:.1} |", t.as_secs_f64() * 1e3);

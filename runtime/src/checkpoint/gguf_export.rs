@@ -19,7 +19,7 @@
 use super::{CheckpointError, atomic, io, model_dir};
 use crate::gguf::tokenizer::byte_level_char;
 use crate::model::{ModelConfig, param_names};
-use crate::tokenizer::{ByteTokenizer, HfTokenizer, TOKENIZER_CONFIG, Tokenizer, TokenizerSpec};
+use crate::tokenizer::{ByteTokenizer, TOKENIZER_CONFIG, Tokenizer, TokenizerSpec};
 use anneal_crds::trainingjob::GgufQuantization;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -108,7 +108,18 @@ pub fn export(model_dir: &Path, quant: GgufQuantization) -> Result<GgufExport, C
         "general.name".into(),
         Value::String(format!("{dir_name}@{sha12}-{}", tag(quant))),
     ));
-    metadata.extend(tokenizer_metadata(&spec, model_dir, config.vocab_size)?);
+    let chat = manifest.files.contains_key(model_dir::CHAT_TEMPLATE);
+    metadata.extend(tokenizer_metadata(
+        &spec,
+        model_dir,
+        config.vocab_size,
+        !chat,
+    )?);
+    if chat {
+        let path = model_dir.join(model_dir::CHAT_TEMPLATE);
+        let template = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+        metadata.push(("tokenizer.chat_template".into(), Value::String(template)));
+    }
 
     let path = model_dir.join(&file);
     let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -214,15 +225,22 @@ struct Vocabulary {
 }
 
 /// `tokenizer.ggml.*` keys for the model directory's tokenizer, the vocabulary padded with
-/// unused tokens up to the model's `vocab_size`.
+/// unused tokens up to the model's `vocab_size`. `add_bos`: whether every sequence starts with
+/// BOS (the plain format); a chat model's template writes its own markup instead.
 fn tokenizer_metadata(
     spec: &TokenizerSpec,
     model_dir: &Path,
     vocab_size: usize,
+    add_bos: bool,
 ) -> Result<Vec<(String, Value)>, CheckpointError> {
     let mut v = match spec {
         TokenizerSpec::Byte => byte_vocabulary(),
-        TokenizerSpec::Huggingface { path } => hf_vocabulary(&model_dir.join(path))?,
+        TokenizerSpec::Huggingface { path, .. } => {
+            let tokenizer = spec
+                .load(model_dir)
+                .map_err(|e| CheckpointError::Format(e.to_string()))?;
+            hf_vocabulary(&model_dir.join(path), tokenizer.as_ref())?
+        }
     };
     if v.tokens.len() > vocab_size {
         return Err(CheckpointError::Corrupt(format!(
@@ -247,8 +265,9 @@ fn tokenizer_metadata(
     ];
     if let Some(bos) = v.bos {
         out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)));
-        // Training and serving both start every sequence with BOS.
-        out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)));
+        // Plain-format training and serving start every sequence with BOS; a chat model's
+        // template writes its own.
+        out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)));
     }
     if let Some(eos) = v.eos {
         out.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
@@ -277,7 +296,7 @@ fn byte_vocabulary() -> Vocabulary {
 /// A Hugging Face byte-level BPE `tokenizer.json` as GGUF vocabulary and merges. Only the
 /// pre-tokenizers the GGUF loader reproduces are accepted: GPT-2's byte-level one, and
 /// SmolLM's (single digits, then byte-level).
-fn hf_vocabulary(path: &Path) -> Result<Vocabulary, CheckpointError> {
+fn hf_vocabulary(path: &Path, runtime: &dyn Tokenizer) -> Result<Vocabulary, CheckpointError> {
     let bad = |detail: String| CheckpointError::Format(format!("{}: {detail}", path.display()));
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
     let json: Json = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -348,14 +367,13 @@ fn hf_vocabulary(path: &Path) -> Result<Vocabulary, CheckpointError> {
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| bad("model.merges has an entry that is not a pair of tokens".into()))?;
     // The runtime's own choice of BOS and EOS, so that the export serves like the directory.
-    let hf = HfTokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
     Ok(Vocabulary {
         tokens,
         types,
         merges,
         pre,
-        bos: hf.bos_id(),
-        eos: hf.eos_id(),
+        bos: runtime.bos_id(),
+        eos: runtime.eos_id(),
     })
 }
 
@@ -457,7 +475,10 @@ mod tests {
         ];
         for (file, want) in cases {
             std::fs::write(&path, file.to_string()).unwrap();
-            let err = hf_vocabulary(&path).err().expect("refused").to_string();
+            let err = hf_vocabulary(&path, &ByteTokenizer)
+                .err()
+                .expect("refused")
+                .to_string();
             assert!(err.contains(want), "{err}");
         }
         let _ = std::fs::remove_dir_all(&dir);

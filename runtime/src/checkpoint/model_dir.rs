@@ -1,7 +1,9 @@
 //! The trained model directory that `train` outputs and `eval` and `serve` load:
 //! `model.safetensors`, `config.json` (the [`ModelConfig`]), `tokenizer_config.json` (the
-//! [`TokenizerSpec`], plus `tokenizer.json` for a Hugging Face tokenizer) and `MANIFEST.json`
-//! with the sha256 of each. The directory is committed atomically like a checkpoint.
+//! [`TokenizerSpec`], plus `tokenizer.json` for a Hugging Face tokenizer), the chat template of
+//! a model fine-tuned from a chat model (`chat_template.jinja`, as Hugging Face saves it), and
+//! `MANIFEST.json` with the sha256 of each. The directory is committed atomically like a
+//! checkpoint.
 
 use super::{CheckpointError, atomic, io};
 use crate::model::{ModelConfig, Transformer};
@@ -15,6 +17,51 @@ use std::path::{Path, PathBuf};
 pub const WEIGHTS: &str = "model.safetensors";
 /// Architecture file of a model directory.
 pub const CONFIG: &str = "config.json";
+/// Chat template file of a model directory (absent for models trained from scratch).
+pub const CHAT_TEMPLATE: &str = "chat_template.jinja";
+/// Hugging Face tokenizer file of a model directory.
+pub const TOKENIZER_JSON: &str = "tokenizer.json";
+
+/// What a model directory records about reading and writing text: the tokenizer (its spec, and
+/// the `tokenizer.json` content for a Hugging Face one) and the chat template, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextFiles {
+    /// The tokenizer; a Hugging Face one is saved as `tokenizer.json` whatever its path.
+    pub spec: TokenizerSpec,
+    /// `tokenizer.json` (for a Hugging Face tokenizer).
+    pub tokenizer_json: Option<Vec<u8>>,
+    /// The chat template's source.
+    pub chat_template: Option<String>,
+}
+
+impl TextFiles {
+    /// The byte tokenizer and no template (a model trained from scratch).
+    pub fn byte() -> Self {
+        Self {
+            spec: TokenizerSpec::Byte,
+            tokenizer_json: None,
+            chat_template: None,
+        }
+    }
+
+    /// A Hugging Face tokenizer read from `path`, with `bos`/`eos` named when known.
+    pub fn huggingface(
+        path: &Path,
+        bos: Option<String>,
+        eos: Option<String>,
+        chat_template: Option<String>,
+    ) -> Result<Self, CheckpointError> {
+        Ok(Self {
+            spec: TokenizerSpec::Huggingface {
+                path: TOKENIZER_JSON.into(),
+                bos,
+                eos,
+            },
+            tokenizer_json: Some(std::fs::read(path).map_err(|e| io(path, e))?),
+            chat_template,
+        })
+    }
+}
 
 /// A loaded model directory.
 pub struct LoadedModel {
@@ -26,16 +73,23 @@ pub struct LoadedModel {
     pub tokenizer: Box<dyn Tokenizer>,
     /// sha256 of `model.safetensors`: the identity of the weights.
     pub sha256: String,
+    /// Its chat template, if it was fine-tuned from a chat model.
+    pub chat_template: Option<String>,
 }
 
-/// Writes a model directory at `dest` atomically; `tokenizer_source` is the directory that a
-/// Hugging Face tokenizer's relative path is taken from. Returns the weights' sha256.
+impl LoadedModel {
+    /// How this model reads prompts and writes answers.
+    pub fn format(&self) -> Result<crate::data::Format, crate::data::DataError> {
+        crate::data::Format::new(self.tokenizer.as_ref(), self.chat_template.as_deref())
+    }
+}
+
+/// Writes a model directory at `dest` atomically. Returns the weights' sha256.
 pub fn save(
     dest: &Path,
     config: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
-    tokenizer: &TokenizerSpec,
-    tokenizer_source: &Path,
+    text: &TextFiles,
 ) -> Result<String, CheckpointError> {
     let parent = dest
         .parent()
@@ -52,17 +106,26 @@ pub fn save(
     let result = (|| {
         candle_core::safetensors::save(tensors, tmp.join(WEIGHTS))?;
         atomic::write_synced(&tmp.join(CONFIG), &json(config)?)?;
-        let spec = match tokenizer {
-            TokenizerSpec::Byte => TokenizerSpec::Byte,
-            TokenizerSpec::Huggingface { path } => {
-                let src = tokenizer_source.join(path);
-                std::fs::copy(&src, tmp.join("tokenizer.json")).map_err(|e| io(&src, e))?;
+        let spec = match (&text.spec, &text.tokenizer_json) {
+            (TokenizerSpec::Byte, _) => TokenizerSpec::Byte,
+            (TokenizerSpec::Huggingface { bos, eos, .. }, Some(content)) => {
+                atomic::write_synced(&tmp.join(TOKENIZER_JSON), content)?;
                 TokenizerSpec::Huggingface {
-                    path: "tokenizer.json".into(),
+                    path: TOKENIZER_JSON.into(),
+                    bos: bos.clone(),
+                    eos: eos.clone(),
                 }
+            }
+            (TokenizerSpec::Huggingface { .. }, None) => {
+                return Err(CheckpointError::Format(
+                    "a Hugging Face tokenizer without its tokenizer.json".into(),
+                ));
             }
         };
         atomic::write_synced(&tmp.join(TOKENIZER_CONFIG), &json(&spec)?)?;
+        if let Some(template) = &text.chat_template {
+            atomic::write_synced(&tmp.join(CHAT_TEMPLATE), template.as_bytes())?;
+        }
         let manifest = atomic::commit_dir(&tmp, dest, || Ok(()))?;
         Ok(manifest.files.get(WEIGHTS).cloned().unwrap_or_default())
     })();
@@ -94,11 +157,18 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, CheckpointError>
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     let model = Transformer::new(&config, &vb, device).map_err(|e| corrupt(WEIGHTS, &e))?;
     let sha256 = manifest.files.get(WEIGHTS).cloned().unwrap_or_default();
+    let chat_template = match manifest.files.contains_key(CHAT_TEMPLATE) {
+        true => {
+            Some(String::from_utf8(read(CHAT_TEMPLATE)?).map_err(|e| corrupt(CHAT_TEMPLATE, &e))?)
+        }
+        false => None,
+    };
     Ok(LoadedModel {
         config,
         model,
         tokenizer,
         sha256,
+        chat_template,
     })
 }
 

@@ -1,54 +1,74 @@
 //! Token samples and the seeded loader that cuts them into batches. The loader's whole state
 //! is a [`Cursor`], so a checkpoint can resume the exact same sequence of batches.
 
-use super::{DataError, Example};
+use super::{DataError, Example, Format};
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
-/// One training sequence: the loss covers the predictions of `tokens[loss_from..]`.
+/// One training sequence and the positions whose prediction the loss covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
     /// Token ids, at most `seq_len + 1` of them.
     pub tokens: Vec<u32>,
-    /// First token whose prediction counts (1 for pretraining, the response start for sft).
-    pub loss_from: usize,
+    /// Ranges of positions in `tokens` whose prediction counts (from 1 on: position 0 has no
+    /// context): everything for pretraining, the response for sft, each assistant turn of a
+    /// chat.
+    pub loss: Vec<Range<usize>>,
 }
 
-/// Tokenizes `examples` into samples of at most `seq_len + 1` tokens. `sft` keeps one sample
-/// per prompt/response pair and masks the loss to the response (and EOS); pretraining joins
-/// all texts into one stream cut into windows.
+impl Sample {
+    /// A sample whose loss covers the predictions of `tokens[loss_from..]`.
+    pub fn new(tokens: Vec<u32>, loss_from: usize) -> Self {
+        let end = tokens.len();
+        Self {
+            tokens,
+            loss: std::iter::once(loss_from.max(1)..end).collect(),
+        }
+    }
+
+    /// Whether the prediction of `tokens[pos]` counts.
+    pub fn counts(&self, pos: usize) -> bool {
+        self.loss.iter().any(|r| r.contains(&pos))
+    }
+
+    /// Cuts the sample to its first `len` tokens (and its loss ranges with it).
+    pub fn truncate(&mut self, len: usize) {
+        self.tokens.truncate(len);
+        for r in &mut self.loss {
+            r.end = r.end.min(len);
+        }
+        self.loss.retain(|r| r.start < r.end);
+    }
+
+    /// Number of predictions that count.
+    pub fn n_counted(&self) -> usize {
+        self.loss.iter().map(ExactSizeIterator::len).sum()
+    }
+}
+
+/// Tokenizes `examples` into samples of at most `seq_len + 1` tokens, as `format` writes them.
+/// `sft` keeps one sample per example (a prompt/response pair or a chat) with the loss on the
+/// model's answers only; pretraining joins all texts into one stream cut into windows.
 pub fn tokenize(
     examples: &[Example],
     tokenizer: &dyn Tokenizer,
+    format: &Format,
     sft: bool,
     seq_len: usize,
 ) -> Result<Vec<Sample>, DataError> {
-    let bos: Vec<u32> = tokenizer.bos_id().into_iter().collect();
-    let eos: Vec<u32> = tokenizer.eos_id().into_iter().collect();
     let mut samples = Vec::new();
     if sft {
         for ex in examples {
-            let Example::Pair { prompt, response } = ex else {
-                return Err(DataError::Kind(
-                    "stage sft needs {\"prompt\", \"response\"} examples, found free text".into(),
-                ));
-            };
-            let mut tokens = bos.clone();
-            tokens.extend(tokenizer.encode(prompt)?);
-            let loss_from = tokens.len();
-            tokens.extend(tokenizer.encode(response)?);
-            tokens.extend(&eos);
-            tokens.truncate(seq_len + 1);
-            if tokens.len() > loss_from.max(1) {
-                samples.push(Sample {
-                    tokens,
-                    loss_from: loss_from.max(1),
-                });
+            if let Some(sample) = format.answer_sample(tokenizer, ex, seq_len)? {
+                samples.push(sample);
             }
         }
     } else {
+        let bos: Vec<u32> = tokenizer.bos_id().into_iter().collect();
+        let eos: Vec<u32> = tokenizer.eos_id().into_iter().collect();
         let mut stream = Vec::new();
         for ex in examples {
             stream.extend(&bos);
@@ -59,10 +79,7 @@ pub fn tokenize(
         let mut start = 0;
         while start + 1 < stream.len() {
             let end = (start + seq_len + 1).min(stream.len());
-            samples.push(Sample {
-                tokens: stream[start..end].to_vec(),
-                loss_from: 1,
-            });
+            samples.push(Sample::new(stream[start..end].to_vec(), 1));
             start += seq_len;
         }
     }
@@ -80,6 +97,8 @@ pub struct Batch {
     pub mask: Tensor,
     /// Number of predictions that count.
     pub n_tokens: usize,
+    /// Number of real (not padding) input tokens.
+    pub n_inputs: usize,
 }
 
 impl Batch {
@@ -100,7 +119,7 @@ impl Batch {
                     (Some(&i), None) => (i, None),
                     _ => (pad, None),
                 };
-                let counts = target.is_some() && j + 1 >= s.loss_from;
+                let counts = target.is_some() && s.counts(j + 1);
                 n_tokens += usize::from(counts);
                 inputs.push(input);
                 targets.push(target.unwrap_or(pad));
@@ -108,11 +127,16 @@ impl Batch {
             }
         }
         let b = samples.len();
+        let n_inputs = samples
+            .iter()
+            .map(|s| s.tokens.len().saturating_sub(1))
+            .sum();
         Ok(Self {
             inputs: Tensor::from_vec(inputs, (b, t), device)?,
             targets: Tensor::from_vec(targets, (b, t), device)?,
             mask: Tensor::from_vec(mask, (b, t), device)?,
             n_tokens,
+            n_inputs,
         })
     }
 }
@@ -126,19 +150,32 @@ pub struct Cursor {
     pub index: usize,
 }
 
-/// Yields batches in an order that depends only on the seed and the cursor.
+/// A preference pair's two samples and the reference model's log-probability of each
+/// (computed once, before the first step; `None` until then).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairSample {
+    /// The prompt answered with the preferred response.
+    pub chosen: Sample,
+    /// The prompt answered with the rejected response.
+    pub rejected: Sample,
+    /// `(log π_ref(chosen), log π_ref(rejected))`.
+    pub reference: Option<(f64, f64)>,
+}
+
+/// Yields batches (of samples, or of preference pairs) in an order that depends only on the
+/// seed and the cursor.
 #[derive(Debug)]
-pub struct Loader {
-    samples: Vec<Sample>,
+pub struct Loader<T = Sample> {
+    samples: Vec<T>,
     seed: u64,
     order: Vec<usize>,
     /// Where the next batch starts.
     pub cursor: Cursor,
 }
 
-impl Loader {
+impl<T> Loader<T> {
     /// A loader over non-empty `samples`, positioned at `cursor`.
-    pub fn new(samples: Vec<Sample>, seed: u64, cursor: Cursor) -> Self {
+    pub fn new(samples: Vec<T>, seed: u64, cursor: Cursor) -> Self {
         let mut loader = Self {
             order: Vec::new(),
             samples,
@@ -171,8 +208,18 @@ impl Loader {
         Rng::new(self.seed, 0xDA7A ^ self.cursor.epoch).shuffle(&mut self.order);
     }
 
+    /// Every item, in data order.
+    pub fn items(&self) -> &[T] {
+        &self.samples
+    }
+
+    /// Every item, in data order, to fill in what is computed once (reference log-probs).
+    pub fn items_mut(&mut self) -> &mut [T] {
+        &mut self.samples
+    }
+
     /// The next `size` samples, wrapping into the next epoch when this one runs out.
-    pub fn next_samples(&mut self, size: usize) -> Vec<&Sample> {
+    pub fn next_samples(&mut self, size: usize) -> Vec<&T> {
         let mut picked = Vec::with_capacity(size);
         while picked.len() < size && !self.samples.is_empty() {
             if self.cursor.index >= self.order.len() {
@@ -200,7 +247,7 @@ mod tests {
             prompt: "1+1=".into(),
             response: "2".into(),
         }];
-        let s = tokenize(&ex, &ByteTokenizer, true, 64).unwrap();
+        let s = tokenize(&ex, &ByteTokenizer, &Format::Plain, true, 64).unwrap();
         assert_eq!(s[0].tokens.len(), 7);
         let b = Batch::new(&[&s[0]], ByteTokenizer::EOS, &Device::Cpu).unwrap();
         // Predictions of "2" and EOS count, the prompt's do not.
@@ -213,12 +260,7 @@ mod tests {
 
     #[test]
     fn loader_resumes_identically() {
-        let samples: Vec<Sample> = (0..10)
-            .map(|i| Sample {
-                tokens: vec![i, i + 1],
-                loss_from: 1,
-            })
-            .collect();
+        let samples: Vec<Sample> = (0..10).map(|i| Sample::new(vec![i, i + 1], 1)).collect();
         let mut a = Loader::new(samples.clone(), 3, Cursor::default());
         let first: Vec<u32> = a.next_samples(7).iter().map(|s| s.tokens[0]).collect();
         let cursor = a.cursor;

@@ -1,14 +1,18 @@
 //! Training and evaluation data: where it comes from (`file://`, `pvc://`, `builtin:` URIs),
-//! what an example is (free text, or a prompt with its response), the deterministic
-//! train/validation/test split, and the batches the trainer consumes.
+//! what an example is (free text, a prompt with its response, a chat, a preference pair), the
+//! deterministic train/validation/test split, how a model's prompt format turns examples into
+//! token samples, and the batches the trainer consumes.
 
 mod batch;
 mod builtin;
+pub mod format;
 mod source;
 
-pub use batch::{Batch, Cursor, Loader, Sample, tokenize};
+pub use batch::{Batch, Cursor, Loader, PairSample, Sample, tokenize};
+pub use format::Format;
 pub use source::{DatasetFormat, load, load_as, resolve_path};
 
+use crate::tokenizer::ChatMessage;
 use serde::{Deserialize, Serialize};
 
 /// Data could not be read or is malformed. Always the user's to fix.
@@ -65,6 +69,52 @@ pub enum Example {
         /// The text.
         text: String,
     },
+    /// A conversation (sft): the loss covers the assistant's messages only.
+    Chat {
+        /// The messages, in order.
+        messages: Vec<ChatMessage>,
+    },
+    /// A preference pair (dpo): a prompt, the answer preferred and the one rejected.
+    Preference {
+        /// The prompt.
+        prompt: Prompt,
+        /// The preferred answer.
+        chosen: String,
+        /// The rejected answer.
+        rejected: String,
+    },
+}
+
+/// A prompt: plain text (the user's message, for a chat model), or chat messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// Text.
+    Text(String),
+    /// Messages, ending where the assistant answers.
+    Messages(Vec<ChatMessage>),
+}
+
+impl Prompt {
+    /// The prompt as chat messages (plain text is one user message).
+    pub fn messages(&self) -> Vec<ChatMessage> {
+        match self {
+            Self::Text(t) => vec![ChatMessage::new("user", t)],
+            Self::Messages(m) => m.clone(),
+        }
+    }
+
+    /// The prompt as text (messages' contents one per line).
+    pub fn text(&self) -> String {
+        match self {
+            Self::Text(t) => t.clone(),
+            Self::Messages(m) => m
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
 }
 
 impl Example {
@@ -73,6 +123,12 @@ impl Example {
         match self {
             Self::Pair { prompt, response } => format!("{prompt}{response}"),
             Self::Text { text } => text.clone(),
+            Self::Chat { messages } => messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Self::Preference { prompt, chosen, .. } => format!("{}{chosen}", prompt.text()),
         }
     }
 
@@ -93,6 +149,8 @@ impl Example {
                 feed(response.as_bytes());
             }
             Self::Text { text } => feed(text.as_bytes()),
+            // Kinds added later hash their JSON, which is as stable as their content.
+            other => feed(serde_json::to_string(other).unwrap_or_default().as_bytes()),
         }
         h
     }

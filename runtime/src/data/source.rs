@@ -1,6 +1,7 @@
 //! Reading examples from a data URI.
 
-use super::{DataError, Example, builtin};
+use super::{DataError, Example, Prompt, builtin};
+use crate::tokenizer::ChatMessage;
 use std::path::{Path, PathBuf};
 
 /// Where `pvc://CLAIM/PATH` URIs are mounted: `$ANNEAL_PVC_ROOT/CLAIM/PATH` (default `/mnt/pvc`),
@@ -88,7 +89,13 @@ fn parse_text(text: &str) -> Vec<Example> {
         .collect()
 }
 
-/// JSON lines of `{"text": ...}` or `{"prompt": ..., "response": ...}`.
+/// What one JSON line may hold.
+const KINDS: &str = "expected {\"text\": string}, {\"prompt\": string, \"response\": string}, \
+{\"messages\": [{\"role\", \"content\"}...]} or {\"prompt\", \"chosen\": string, \"rejected\": string}";
+
+/// JSON lines of `{"text"}`, `{"prompt", "response"}`, `{"messages": [...]}` (a chat) or
+/// `{"prompt", "chosen", "rejected"}` (a preference pair; the prompt may be messages, and each
+/// answer a string or a list holding one assistant message, as TRL's conversational format).
 fn parse_jsonl(text: &str, path: &str) -> Result<Vec<Example>, DataError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -102,20 +109,75 @@ fn parse_jsonl(text: &str, path: &str) -> Result<Vec<Example>, DataError> {
         };
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
-        let field = |name: &str| value.get(name).map(|v| v.as_str().map(str::to_string));
-        let example = match (field("prompt"), field("response"), field("text")) {
-            (Some(Some(prompt)), Some(Some(response)), _) => Example::Pair { prompt, response },
-            (None, None, Some(Some(text))) => Example::Text { text },
-            _ => {
-                return Err(malformed(
-                    "expected {\"text\": string} or {\"prompt\": string, \"response\": string}"
-                        .into(),
-                ));
-            }
-        };
-        out.push(example);
+        out.push(example(&value).map_err(malformed)?);
     }
     Ok(out)
+}
+
+/// The example one JSON value holds.
+fn example(value: &serde_json::Value) -> Result<Example, String> {
+    let has = |name: &str| value.get(name).is_some();
+    let string = |name: &str| -> Result<String, String> {
+        value[name]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("\"{name}\" must be a string"))
+    };
+    let messages = |name: &str, v: &serde_json::Value| -> Result<Vec<ChatMessage>, String> {
+        let list: Vec<ChatMessage> = serde_json::from_value(v.clone()).map_err(|e| {
+            format!("\"{name}\" must be a list of {{\"role\": string, \"content\": string}}: {e}")
+        })?;
+        if let Some(m) = list.iter().find(|m| m.role.trim().is_empty()) {
+            return Err(format!(
+                "\"{name}\" has a message without a role: {:?}",
+                m.content
+            ));
+        }
+        Ok(list)
+    };
+    if has("messages") {
+        let messages = messages("messages", &value["messages"])?;
+        if !messages.iter().any(|m| m.role == "assistant") {
+            return Err("\"messages\" has no assistant message to learn from".into());
+        }
+        return Ok(Example::Chat { messages });
+    }
+    if has("chosen") || has("rejected") {
+        let prompt = match &value["prompt"] {
+            serde_json::Value::String(s) => Prompt::Text(s.clone()),
+            serde_json::Value::Null => {
+                return Err(format!("a preference pair needs \"prompt\"; {KINDS}"));
+            }
+            v => Prompt::Messages(messages("prompt", v)?),
+        };
+        let answer = |name: &str| -> Result<String, String> {
+            match &value[name] {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Null => Err(format!("a preference pair needs \"{name}\"")),
+                v => match messages(name, v)?.as_slice() {
+                    [m] if m.role == "assistant" => Ok(m.content.clone()),
+                    _ => Err(format!(
+                        "\"{name}\" must be a string or a list of one assistant message"
+                    )),
+                },
+            }
+        };
+        return Ok(Example::Preference {
+            prompt,
+            chosen: answer("chosen")?,
+            rejected: answer("rejected")?,
+        });
+    }
+    match (has("prompt"), has("response"), has("text")) {
+        (true, true, _) => Ok(Example::Pair {
+            prompt: string("prompt")?,
+            response: string("response")?,
+        }),
+        (false, false, true) => Ok(Example::Text {
+            text: string("text")?,
+        }),
+        _ => Err(KINDS.into()),
+    }
 }
 
 #[cfg(test)]
@@ -147,5 +209,39 @@ mod tests {
         let err = parse_jsonl("{\"text\":\"a\"}\n{oops\n", "f").unwrap_err();
         assert!(err.to_string().starts_with("f:2: invalid JSON"), "{err}");
         assert!(parse_jsonl("{\"prompt\":\"a\"}\n", "f").is_err());
+    }
+
+    #[test]
+    fn chats_and_preference_pairs() {
+        let ok = parse_jsonl(
+            concat!(
+                r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#,
+                "\n",
+                r#"{"prompt":"2+2?","chosen":"4","rejected":"5"}"#,
+                "\n",
+                r#"{"prompt":[{"role":"user","content":"2+2?"}],"chosen":[{"role":"assistant","content":"4"}],"rejected":"5"}"#,
+            ),
+            "f",
+        )
+        .unwrap();
+        assert!(matches!(&ok[0], Example::Chat { messages } if messages.len() == 2));
+        assert!(
+            matches!(&ok[1], Example::Preference { prompt: Prompt::Text(p), chosen, .. } if p == "2+2?" && chosen == "4")
+        );
+        assert!(
+            matches!(&ok[2], Example::Preference { prompt: Prompt::Messages(m), .. } if m.len() == 1)
+        );
+        let err = parse_jsonl(
+            "{\"text\":\"a\"}\n{\"prompt\":\"p\",\"chosen\":\"a\"}\n",
+            "f",
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "f:2: a preference pair needs \"rejected\"");
+        let err = parse_jsonl(
+            "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no assistant message"), "{err}");
     }
 }

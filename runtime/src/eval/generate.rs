@@ -3,13 +3,13 @@
 use crate::model::{KvCache, Transformer};
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Greedily continues `prompt` by up to `max_new_tokens`, stopping at `eos` (not included)
-/// or at the model's context limit.
+/// Greedily continues `prompt` by up to `max_new_tokens`, stopping at a token of `stops` (not
+/// included) or at the model's context limit.
 pub fn greedy(
     model: &Transformer,
     prompt: &[u32],
     max_new_tokens: usize,
-    eos: Option<u32>,
+    stops: &[u32],
     device: &Device,
 ) -> Result<Vec<u32>> {
     let limit = model.config.max_seq_len;
@@ -27,7 +27,7 @@ pub fn greedy(
             .argmax(candle_core::D::Minus1)?
             .squeeze(0)?
             .to_scalar::<u32>()?;
-        if Some(next) == eos {
+        if stops.contains(&next) {
             break;
         }
         out.push(next);

@@ -25,6 +25,10 @@ pub struct Args {
     /// reported as `baseline`, so that a gate compares like with like.
     #[arg(long)]
     pub baseline: Option<String>,
+    /// The reference a DPO model was aligned against (its base model): preference accuracy
+    /// then ranks pairs by the implicit reward, as DPO trained it.
+    #[arg(long)]
+    pub reference: Option<String>,
     /// Data URI (`file://`, `pvc://`, `builtin:`), split like training data.
     #[arg(long)]
     pub data: String,
@@ -151,6 +155,37 @@ fn run_eval(args: &Args, device: &candle_core::Device) -> Result<EvalReport, Eva
     Ok(report)
 }
 
+/// The model named by `flag` = `uri`: a model directory, or any base model `train` reads (a
+/// GGUF file, a Hugging Face directory), so that a base model's scores can be compared.
+fn load_model(
+    flag: &str,
+    uri: &str,
+    device: &candle_core::Device,
+) -> Result<model_dir::LoadedModel, EvalError> {
+    let path = data::resolve_path(uri)?
+        .ok_or_else(|| EvalError::Args(format!("{flag} {uri}: not a file location")))?;
+    if !path.exists() {
+        return Err(EvalError::Args(format!(
+            "{flag} {}: no such model",
+            path.display()
+        )));
+    }
+    if path.join(crate::checkpoint::atomic::MANIFEST).exists() {
+        return Ok(model_dir::load(&path, device)?);
+    }
+    let base = crate::train::base::load(&path, device)?;
+    let tokenizer = base.tokenizer()?;
+    let vb = candle_nn::VarBuilder::from_tensors(base.tensors, candle_core::DType::F32, device);
+    let model = crate::model::Transformer::new(&base.config, &vb, device)?;
+    Ok(model_dir::LoadedModel {
+        config: base.config,
+        model,
+        tokenizer,
+        sha256: crate::checkpoint::atomic::sha256_file(&path).unwrap_or_default(),
+        chat_template: base.text.chat_template,
+    })
+}
+
 /// Loads the model directory named by `flag` = `uri` and scores `examples` with it.
 fn eval_model(
     flag: &str,
@@ -160,16 +195,15 @@ fn eval_model(
     device: &candle_core::Device,
 ) -> Result<EvalReport, EvalError> {
     let dir = data::resolve_path(uri)?
-        .ok_or_else(|| EvalError::Args(format!("{flag} {uri}: not a directory")))?;
-    if !dir.is_dir() {
-        return Err(EvalError::Args(format!(
-            "{flag} {}: no such model directory",
-            dir.display()
-        )));
-    }
-    let loaded = model_dir::load(&dir, device)?;
+        .ok_or_else(|| EvalError::Args(format!("{flag} {uri}: not a file location")))?;
+    let loaded = load_model(flag, uri, device)?;
+    let reference = match &args.reference {
+        Some(uri) => Some(load_model("--reference", uri, device)?),
+        None => None,
+    };
     let mut report = evaluate(
         &loaded,
+        reference.as_ref(),
         examples,
         args.batch_size.max(1),
         args.max_new_tokens,

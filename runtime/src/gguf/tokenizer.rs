@@ -125,6 +125,17 @@ impl GgufTokenizer {
         })
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` (what a model fine-tuned from this
+    /// GGUF records), and the spelling of its BOS and EOS.
+    pub fn to_json(&self) -> Result<(String, Option<String>, Option<String>)> {
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| meta_err("tokenizer.ggml.tokens", e.to_string()))?;
+        let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        Ok((json, name(self.bos), name(self.eos)))
+    }
+
     /// The id of a token string (e.g. `<|im_end|>`), if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

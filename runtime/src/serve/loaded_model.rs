@@ -2,6 +2,7 @@
 //! a GGUF file or from a model directory written by `anneal-runtime train`.
 
 use super::chat_template::{ChatTemplate, TemplateError};
+use crate::data::format::{special_names, stop_ids};
 use crate::gguf::{GgufError, GgufFile, GgufTokenizer, GgufWeights, Q41Policy, model_config};
 use crate::model::Transformer;
 use crate::tokenizer::Tokenizer;
@@ -79,10 +80,11 @@ fn load_model_dir(
         transformer.config.max_seq_len = transformer.config.max_seq_len.min(m);
     }
     let tokenizer: Arc<dyn Tokenizer> = Arc::from(loaded.tokenizer);
-    // Our own models are trained without a chat template: ChatML text, which a byte-level
-    // tokenizer encodes like any other text.
-    let chat_template = ChatTemplate::new(None, "", "")?;
-    let stop_ids = tokenizer.eos_id().into_iter().collect();
+    // A model fine-tuned from a chat model keeps its template; models trained from scratch
+    // have none: ChatML text, which a byte-level tokenizer encodes like any other text.
+    let (bos, eos) = special_names(tokenizer.as_ref());
+    let chat_template = ChatTemplate::new(loaded.chat_template.as_deref(), &bos, &eos)?;
+    let stop_ids = stop_ids(tokenizer.as_ref());
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -113,22 +115,10 @@ fn load_gguf(
     }
     let transformer = Transformer::new(&config, &GgufWeights::new(&file, device, policy), device)?;
     let tokenizer = GgufTokenizer::from_header(&file.header)?;
-    let name = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.token_to_piece(i))
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-    };
-    let (bos, eos) = (
-        name(tokenizer.bos_id()).unwrap_or_default(),
-        name(tokenizer.eos_id()).unwrap_or_default(),
-    );
+    let (bos, eos) = special_names(&tokenizer);
     let template = file.header.get_str("tokenizer.chat_template").ok();
     let chat_template = ChatTemplate::new(template, &bos, &eos)?;
-    let mut stop_ids: Vec<u32> = tokenizer.eos_id().into_iter().collect();
-    for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
-        if let Some(id) = tokenizer.token_id(t).filter(|id| !stop_ids.contains(id)) {
-            stop_ids.push(id);
-        }
-    }
+    let stop_ids = stop_ids(&tokenizer);
     let id = file
         .header
         .get_str("general.name")

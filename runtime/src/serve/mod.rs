@@ -6,7 +6,7 @@
 //! own thread, and [`http`] only turns requests into engine messages and back.
 
 pub mod batch_forward;
-pub mod chat_template;
+pub use crate::tokenizer::chat_template;
 pub mod cpu_model;
 pub mod decode_weights;
 pub mod engine;

@@ -16,15 +16,53 @@ pub struct HfTokenizer {
 }
 
 impl HfTokenizer {
-    /// Reads `tokenizer.json`.
+    /// Reads `tokenizer.json`; BOS and EOS are the first of the usual names it has.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+        Self::from_file_with(path, None, None)
+    }
+
+    /// Reads `tokenizer.json` whose BOS and EOS tokens are spelled `bos` and `eos` (when given:
+    /// a base model's `tokenizer_config.json` or GGUF metadata says which they are).
+    pub fn from_file_with(
+        path: &Path,
+        bos: Option<&str>,
+        eos: Option<&str>,
+    ) -> Result<Self, TokenizerError> {
+        let bytes = std::fs::read(path).map_err(|e| TokenizerError::Load {
             path: path.display().to_string(),
             msg: e.to_string(),
         })?;
-        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let bos = find(&["<|begin_of_text|>", "<s>", "<|im_start|>", "<|endoftext|>"]);
-        let eos = find(&["<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>"]);
+        Self::from_bytes(&bytes, &path.display().to_string(), bos, eos)
+    }
+
+    /// A tokenizer from the content of a `tokenizer.json` (`origin` names it in errors).
+    pub fn from_bytes(
+        bytes: &[u8],
+        origin: &str,
+        bos: Option<&str>,
+        eos: Option<&str>,
+    ) -> Result<Self, TokenizerError> {
+        let load_err = |msg: String| TokenizerError::Load {
+            path: origin.to_string(),
+            msg,
+        };
+        let inner =
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| load_err(e.to_string()))?;
+        let find = |named: Option<&str>, usual: &[&str]| match named {
+            Some(n) => inner
+                .token_to_id(n)
+                .map(Some)
+                .ok_or_else(|| load_err(format!("has no token {n:?}"))),
+            None => Ok(usual.iter().find_map(|n| inner.token_to_id(n))),
+        };
+        let bos = find(
+            bos,
+            &["<|begin_of_text|>", "<s>", "<|im_start|>", "<|endoftext|>"],
+        )?;
+        let eos = find(
+            eos,
+            &["<|end_of_text|>", "</s>", "<|im_end|>", "<|endoftext|>"],
+        )?;
         let (literal, control) = literal_twin(&inner);
         Ok(Self {
             inner,

@@ -3,9 +3,11 @@
 //! metadata.) A model directory names its tokenizer in `tokenizer_config.json`.
 
 mod byte;
+pub mod chat_template;
 mod hf;
 
 pub use byte::ByteTokenizer;
+pub use chat_template::{ChatMessage, ChatTemplate};
 pub use hf::HfTokenizer;
 pub(crate) use hf::{encode_with, literal_twin};
 
@@ -63,6 +65,13 @@ pub enum TokenizerSpec {
     Huggingface {
         /// The file.
         path: String,
+        /// The beginning-of-sequence token's text (e.g. `<|im_start|>`); when absent, the
+        /// first of the usual names the vocabulary has.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bos: Option<String>,
+        /// The end-of-sequence token's text (e.g. `<|im_end|>`); when absent, as for `bos`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        eos: Option<String>,
     },
 }
 
@@ -74,7 +83,11 @@ impl TokenizerSpec {
     pub fn load(&self, base: &Path) -> Result<Box<dyn Tokenizer>, TokenizerError> {
         match self {
             Self::Byte => Ok(Box::new(ByteTokenizer)),
-            Self::Huggingface { path } => Ok(Box::new(HfTokenizer::from_file(&base.join(path))?)),
+            Self::Huggingface { path, bos, eos } => Ok(Box::new(HfTokenizer::from_file_with(
+                &base.join(path),
+                bos.as_deref(),
+                eos.as_deref(),
+            )?)),
         }
     }
 }

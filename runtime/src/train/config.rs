@@ -20,9 +20,13 @@ pub struct TrainConfig {
     pub tokenizer: TokenizerSpec,
     /// Training data.
     pub dataset: DatasetSpec,
-    /// `pretrain` (next-token loss on all text) or `sft` (loss on responses only).
+    /// `pretrain` (next-token loss on all text), `sft` (loss on responses only) or `dpo`
+    /// (preference pairs, from a base model).
     #[serde(default)]
     pub stage: Stage,
+    /// DPO settings (stage `dpo`).
+    #[serde(default)]
+    pub dpo: DpoSettings,
     /// Optimisation settings.
     #[serde(default)]
     pub hyperparameters: Hyperparameters,
@@ -68,6 +72,23 @@ pub enum Stage {
     Pretrain,
     /// Supervised fine-tuning: loss on response tokens only, lower layers optionally frozen.
     Sft,
+    /// Direct Preference Optimization on `{prompt, chosen, rejected}` pairs, against the base
+    /// model as the reference.
+    Dpo,
+}
+
+/// DPO settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DpoSettings {
+    /// Strength of the implicit KL penalty toward the reference (TRL's `beta`).
+    pub beta: f64,
+}
+
+impl Default for DpoSettings {
+    fn default() -> Self {
+        Self { beta: 0.1 }
+    }
 }
 
 /// Optimisation settings.
@@ -225,6 +246,14 @@ impl TrainConfig {
             (
                 self.model.architecture.is_none() && self.model.base.is_none(),
                 "model needs an architecture or a base",
+            ),
+            (
+                self.stage == Stage::Dpo && self.model.base.is_none(),
+                "stage dpo needs a base model (the reference it is aligned against)",
+            ),
+            (
+                !(self.dpo.beta.is_finite() && self.dpo.beta > 0.0),
+                "dpo.beta must be positive",
             ),
         ];
         if let Some((_, msg)) = checks.iter().find(|(bad, _)| *bad) {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! Δ    = (log π(y+) - log π_ref(y+)) - (log π(y-) - log π_ref(y-))
-//! loss = -log σ(β Δ)                      (mean over pairs)
+//! loss = -log σ(β Δ)                      (summed over pairs; the step divides by their count)
 //! ```
 //!
 //! where `log π(y)` sums the log-probabilities of a sequence's completion tokens only (the
@@ -12,7 +12,9 @@
 //!
 //! The gradient is a weighted version of the language-model one: for a chosen row it is
 //! `w · mask · (softmax - onehot(target))` and for a rejected row its negative, with
-//! `w = β σ(-β Δ) / pairs`, so it fits the training step's fused loss slot unchanged.
+//! `w = β σ(-β Δ)`, so it fits the training step's fused loss slot unchanged. Like the
+//! language-model loss, everything is a sum over the batch, so that gradient accumulation and
+//! a gang divide once by the total number of pairs.
 
 use crate::model::kernels::math::softmax_into;
 use rayon::prelude::*;
@@ -31,8 +33,69 @@ pub struct Pair {
     pub ref_rejected: f64,
 }
 
-/// The loss and TRL's metrics over a batch (means over its pairs).
+/// The loss and TRL's metrics over some pairs, as sums (add them up over micro-batches and
+/// ranks, then take [`Sums::means`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Sums {
+    /// Pairs.
+    pub pairs: f64,
+    /// Sum of `-log σ(β Δ)`.
+    pub loss: f64,
+    /// Sum of `β (log π(y+) - log π_ref(y+))`.
+    pub rewards_chosen: f64,
+    /// Sum of `β (log π(y-) - log π_ref(y-))`.
+    pub rewards_rejected: f64,
+    /// Pairs whose chosen reward is strictly above the rejected one.
+    pub accurate: f64,
+}
+
+impl Sums {
+    /// As a flat array (for an all-reduce), and back.
+    pub fn to_array(self) -> [f64; 5] {
+        [
+            self.pairs,
+            self.loss,
+            self.rewards_chosen,
+            self.rewards_rejected,
+            self.accurate,
+        ]
+    }
+
+    /// The inverse of [`Sums::to_array`].
+    pub fn from_array(a: [f64; 5]) -> Self {
+        Self {
+            pairs: a[0],
+            loss: a[1],
+            rewards_chosen: a[2],
+            rewards_rejected: a[3],
+            accurate: a[4],
+        }
+    }
+
+    /// Adds `other`.
+    pub fn add(&mut self, other: &Self) {
+        let mut a = self.to_array();
+        for (x, y) in a.iter_mut().zip(other.to_array()) {
+            *x += y;
+        }
+        *self = Self::from_array(a);
+    }
+
+    /// The means TRL reports.
+    pub fn means(&self) -> Stats {
+        let n = self.pairs.max(1.0);
+        Stats {
+            loss: self.loss / n,
+            rewards_chosen: self.rewards_chosen / n,
+            rewards_rejected: self.rewards_rejected / n,
+            rewards_margins: (self.rewards_chosen - self.rewards_rejected) / n,
+            rewards_accuracies: self.accurate / n,
+        }
+    }
+}
+
+/// The loss and TRL's metrics over a batch (means over its pairs).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
 pub struct Stats {
     /// Mean `-log σ(β Δ)`.
     pub loss: f64,
@@ -45,6 +108,19 @@ pub struct Stats {
     /// `rewards/accuracies`: share of pairs whose chosen reward is strictly above the rejected
     /// one (0 at step 0, where both are 0).
     pub rewards_accuracies: f64,
+}
+
+/// The loss of one pair and whether it is ranked right, from its policy and reference
+/// log-probabilities: `(-log σ(β Δ), β Δ+, β Δ-)`.
+pub fn pair_loss(beta: f64, chosen: f64, rejected: f64) -> (f64, f64, f64) {
+    let z = beta * (chosen - rejected);
+    // -log σ(z) = softplus(-z), stably.
+    let loss = if z > 0.0 {
+        (-z).exp().ln_1p()
+    } else {
+        -z + z.exp().ln_1p()
+    };
+    (loss, beta * chosen, beta * rejected)
 }
 
 /// Rows per parallel task.
@@ -103,7 +179,7 @@ pub fn sequence_logps(
         .collect()
 }
 
-/// The DPO loss of `pairs` and, in place of `logits`, the gradient of the mean loss (rows in
+/// The DPO loss of `pairs` and, in place of `logits`, the gradient of the summed loss (rows in
 /// no pair, and masked rows, get zero).
 pub fn loss_and_grad(
     logits: &mut [f32],
@@ -112,38 +188,30 @@ pub fn loss_and_grad(
     vocab: usize,
     pairs: &[Pair],
     beta: f64,
-) -> Stats {
+) -> Sums {
     let rows = row_logps(logits, targets, mask, vocab, true);
-    let n = pairs.len().max(1) as f64;
-    let mut stats = Stats::default();
+    let mut sums = Sums::default();
     // Each row's gradient weight: +w for chosen rows, -w for rejected ones, 0 elsewhere.
     let mut weight = vec![0f32; targets.len()];
     for pair in pairs {
         let chosen: f64 = rows[pair.chosen.clone()].iter().sum::<f64>() - pair.ref_chosen;
         let rejected: f64 = rows[pair.rejected.clone()].iter().sum::<f64>() - pair.ref_rejected;
-        let z = beta * (chosen - rejected);
-        // -log σ(z) = softplus(-z), stably; σ(-z) likewise.
-        stats.loss += if z > 0.0 {
-            (-z).exp().ln_1p()
-        } else {
-            -z + z.exp().ln_1p()
-        };
-        let w = beta * sigmoid(-z) / n;
+        let (loss, reward_chosen, reward_rejected) = pair_loss(beta, chosen, rejected);
+        let w = beta * sigmoid(-(reward_chosen - reward_rejected));
         for r in pair.chosen.clone() {
             weight[r] += w as f32;
         }
         for r in pair.rejected.clone() {
             weight[r] -= w as f32;
         }
-        stats.rewards_chosen += beta * chosen;
-        stats.rewards_rejected += beta * rejected;
-        stats.rewards_accuracies += f64::from(u8::from(beta * chosen > beta * rejected));
+        sums.add(&Sums {
+            pairs: 1.0,
+            loss,
+            rewards_chosen: reward_chosen,
+            rewards_rejected: reward_rejected,
+            accurate: f64::from(u8::from(reward_chosen > reward_rejected)),
+        });
     }
-    stats.loss /= n;
-    stats.rewards_chosen /= n;
-    stats.rewards_rejected /= n;
-    stats.rewards_margins = stats.rewards_chosen - stats.rewards_rejected;
-    stats.rewards_accuracies /= n;
     logits
         .par_chunks_mut(ROWS * vocab)
         .zip(targets.par_chunks(ROWS).zip(mask.par_chunks(ROWS)))
@@ -165,7 +233,59 @@ pub fn loss_and_grad(
                 row.iter_mut().for_each(|x| *x *= scale);
             }
         });
-    stats
+    sums
+}
+
+/// The summed DPO loss of `pairs` as a tensor (candle's autograd path: GPU, bf16), from logits
+/// (batch, t, vocab) whose batch rows are the pairs' sequences (a pair's ranges of token rows
+/// each cover one batch row), with its value and metrics.
+pub fn loss_tensor(
+    logits: &candle_core::Tensor,
+    targets: &candle_core::Tensor,
+    mask: &candle_core::Tensor,
+    pairs: &[Pair],
+    beta: f64,
+) -> candle_core::Result<(candle_core::Tensor, super::loss::Outcome)> {
+    use candle_core::{D, DType, Tensor};
+    let (b, t, v) = logits.dims3()?;
+    let dev = logits.device();
+    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?
+        .gather(&targets.reshape((b * t, 1))?, 1)?
+        .squeeze(1)?;
+    let per_seq = (logp * mask.reshape(b * t)?)?.reshape((b, t))?.sum(1)?;
+    let row = |r: &Range<usize>| (r.start / t) as u32;
+    let pick = |rows: Vec<u32>| per_seq.index_select(&Tensor::new(rows, dev)?, 0);
+    let chosen = pick(pairs.iter().map(|p| row(&p.chosen)).collect())?;
+    let rejected = pick(pairs.iter().map(|p| row(&p.rejected)).collect())?;
+    let refs = |f: fn(&Pair) -> f64| {
+        Tensor::new(pairs.iter().map(|p| f(p) as f32).collect::<Vec<_>>(), dev)
+    };
+    let reward_chosen = ((chosen - refs(|p| p.ref_chosen)?)? * beta)?;
+    let reward_rejected = ((rejected - refs(|p| p.ref_rejected)?)? * beta)?;
+    let minus_z = (&reward_rejected - &reward_chosen)?;
+    // softplus(-z) = max(-z, 0) + log(1 + exp(-|z|)), stably.
+    let loss = (minus_z.relu()? + ((minus_z.abs()?.neg()?.exp()? + 1.0)?.log()?))?.sum_all()?;
+    let values = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec1::<f64>();
+    let mut sums = Sums::default();
+    for (c, r) in values(&reward_chosen)?
+        .into_iter()
+        .zip(values(&reward_rejected)?)
+    {
+        sums.add(&Sums {
+            pairs: 1.0,
+            loss: pair_loss(1.0, c, r).0,
+            rewards_chosen: c,
+            rewards_rejected: r,
+            accurate: f64::from(u8::from(c > r)),
+        });
+    }
+    Ok((
+        loss,
+        super::loss::Outcome {
+            loss_sum: sums.loss,
+            dpo: Some(sums),
+        },
+    ))
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -223,13 +343,14 @@ mod tests {
         ((logits, targets, mask, spans), refs)
     }
 
-    /// The loss and metrics at beta 0.1, the logits left as they are.
+    /// The loss and metrics at beta 0.1 (means over the pairs), the logits left as they are.
     fn stats_of(logits: &[f32], targets: &[u32], mask: &[f32], vocab: usize, p: &[Pair]) -> Stats {
-        loss_and_grad(&mut logits.to_vec(), targets, mask, vocab, p, 0.1)
+        loss_and_grad(&mut logits.to_vec(), targets, mask, vocab, p, 0.1).means()
     }
 
+    /// The summed loss (what the gradient is of).
     fn loss_of(logits: &[f32], targets: &[u32], mask: &[f32], vocab: usize, p: &[Pair]) -> f64 {
-        stats_of(logits, targets, mask, vocab, p).loss
+        loss_and_grad(&mut logits.to_vec(), targets, mask, vocab, p, 0.1).loss
     }
 
     #[test]

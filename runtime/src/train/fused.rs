@@ -16,7 +16,8 @@
 //! devices, bf16 and quantized weights keep candle's autograd (`ANNEAL_FUSED_STEP=0` forces
 //! it on the CPU too, for comparisons).
 
-use super::loss::nll_sum_and_grad;
+use super::dpo;
+use super::loss::{Objective, Outcome, nll_sum_and_grad};
 use crate::data::Batch;
 use crate::model::kernels::{Mat, attention, matmul_par, norm, swiglu, with_slice};
 use crate::model::{Linear, Transformer};
@@ -251,9 +252,14 @@ impl FusedStep {
         Ok(())
     }
 
-    /// Runs forward and backward over `batch`, adds its gradients to the ones summed so far,
-    /// and returns the summed loss of its counted tokens.
-    pub fn accumulate(&mut self, model: &Transformer, batch: &Batch) -> Result<f64> {
+    /// Runs forward and backward over `batch`, adds the gradients of `objective` to the ones
+    /// summed so far, and returns its summed loss.
+    pub fn accumulate(
+        &mut self,
+        model: &Transformer,
+        batch: &Batch,
+        objective: &Objective,
+    ) -> Result<Outcome> {
         if self.micro == 0 {
             self.load_weights(model)?;
         }
@@ -273,10 +279,10 @@ impl FusedStep {
             candle_core::bail!("sequence of {t} tokens exceeds the RoPE tables");
         }
         let geometry = attention::Geometry::new(b, t, d.heads, d.kv_heads, d.head_dim)?;
-        let loss = self.forward(&tokens, &targets, &mask, geometry);
+        let outcome = self.forward(&tokens, &targets, &mask, geometry, objective);
         self.backward(&tokens, geometry);
         self.micro += 1;
-        Ok(loss)
+        Ok(outcome)
     }
 
     /// The forward pass; leaves the logits' gradient in `top.2` and returns the loss sum.
@@ -286,7 +292,8 @@ impl FusedStep {
         targets: &[u32],
         mask: &[f32],
         g: attention::Geometry,
-    ) -> f64 {
+        objective: &Objective,
+    ) -> Outcome {
         let d = self.dims;
         let (n, h) = (tokens.len(), d.hidden);
         let w = &self.weights;
@@ -368,7 +375,19 @@ impl FusedStep {
             Mat::rows(head, d.vocab, h, h).t(),
             1.0,
         );
-        nll_sum_and_grad(logits, targets, mask, d.vocab)
+        match objective {
+            Objective::Nll => Outcome {
+                loss_sum: nll_sum_and_grad(logits, targets, mask, d.vocab),
+                dpo: None,
+            },
+            Objective::Dpo { pairs, beta } => {
+                let sums = dpo::loss_and_grad(logits, targets, mask, d.vocab, pairs, *beta);
+                Outcome {
+                    loss_sum: sums.loss,
+                    dpo: Some(sums),
+                }
+            }
+        }
     }
 
     /// The backward pass from the logits' gradient in `top.2`, adding into `grads`.
@@ -606,16 +625,7 @@ mod tests {
                 .map(|_| (rng.normal().abs() * 9.0) as u32 % vocab)
                 .collect()
         };
-        let samples = [
-            Sample {
-                tokens: tokens(72),
-                loss_from: 20,
-            },
-            Sample {
-                tokens: tokens(51),
-                loss_from: 1,
-            },
-        ];
+        let samples = [Sample::new(tokens(72), 20), Sample::new(tokens(51), 1)];
         let refs: Vec<&Sample> = samples.iter().collect();
         Batch::new(&refs, 0, &Device::Cpu).unwrap()
     }
@@ -670,7 +680,7 @@ mod tests {
         let mut step = FusedStep::new(&model, names.iter().map(|n| n.0.clone()).collect())?;
         let mut loss = 0f64;
         for b in &batches {
-            loss += step.accumulate(&model, b)?;
+            loss += step.accumulate(&model, b, &Objective::Nll)?.loss_sum;
         }
         let got = step.take_grads(&names)?;
         assert!(
@@ -724,7 +734,7 @@ mod tests {
         let b = batch(9, 37);
         let mut runs = Vec::new();
         for _ in 0..2 {
-            let loss = step.accumulate(&model, &b)?;
+            let loss = step.accumulate(&model, &b, &Objective::Nll)?.loss_sum;
             let g = step.take_grads(&names)?[0]
                 .flatten_all()?
                 .to_vec1::<f32>()?;

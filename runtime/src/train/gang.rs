@@ -12,7 +12,7 @@
 
 use super::TrainError;
 use super::trainer::Trainer;
-use crate::data::{Loader, Sample};
+use crate::data::Loader;
 use crate::dist::{DistError, Ring};
 use candle_core::{DType, Tensor};
 use sha2::{Digest, Sha256};
@@ -27,7 +27,7 @@ pub fn shard<T>(global: Vec<T>, rank: usize, per_rank: usize) -> Vec<T> {
 }
 
 /// The samples of one micro-batch for this rank: its shard of the next global batch.
-pub fn next_shard<'a>(loader: &'a mut Loader, gang: &Ring, per_rank: usize) -> Vec<&'a Sample> {
+pub fn next_shard<'a, T>(loader: &'a mut Loader<T>, gang: &Ring, per_rank: usize) -> Vec<&'a T> {
     let global = loader.next_samples(per_rank * gang.world());
     shard(global, gang.rank(), per_rank)
 }
@@ -56,16 +56,13 @@ pub fn sum_gradients(ring: &mut Ring, grads: Vec<Tensor>) -> Result<Vec<Tensor>,
         .collect()
 }
 
-/// `(loss sum, loss tokens, tokens)` summed over the gang (f64: exact for counts below 2^53).
-pub fn sum_counts(
-    ring: &mut Ring,
-    loss_sum: f64,
-    counted: usize,
-    tokens: usize,
-) -> Result<(f64, usize, usize), DistError> {
-    let mut v = [loss_sum, counted as f64, tokens as f64];
-    ring.all_reduce_sum(&mut v)?;
-    Ok((v[0], v[1] as usize, v[2] as usize))
+/// A step's sums (loss, counts, preference metrics) summed over the gang in place (f64: exact
+/// for counts below 2^53).
+pub fn sum_stats(ring: &mut Ring, sums: &mut [f64]) -> Result<(), DistError> {
+    if ring.world() > 1 {
+        ring.all_reduce_sum(sums)?;
+    }
+    Ok(())
 }
 
 /// `sha256:<hex>` of everything a step depends on: weights and optimizer moments (by name),
@@ -73,7 +70,7 @@ pub fn sum_counts(
 pub fn state_digest(t: &Trainer) -> Result<String, TrainError> {
     let mut h = Sha256::new();
     let state = serde_json::json!({
-        "step": t.step, "optimizerStep": t.optimizer.t, "cursor": t.loader.cursor, "rng": t.rng,
+        "step": t.step, "optimizerStep": t.optimizer.t, "cursor": t.data.cursor(), "rng": t.rng,
     });
     h.update(state.to_string().as_bytes());
     let mut feed = |tensors: std::collections::HashMap<String, Tensor>| -> Result<(), TrainError> {

@@ -4,7 +4,8 @@
 //! is never silently dropped between the API server and the trainer.
 
 use super::config::{
-    CheckpointSpec, DatasetSpec, Hyperparameters, ModelSpec, OutputSpec, Stage, TrainConfig,
+    CheckpointSpec, DatasetSpec, DpoSettings, Hyperparameters, ModelSpec, OutputSpec, Stage,
+    TrainConfig,
 };
 use crate::data::SplitRatios;
 use crate::model::ModelConfig;
@@ -51,6 +52,10 @@ pub fn from_spec(spec: &TrainingJobSpec) -> Result<TrainConfig, String> {
         stage: match spec.stage {
             trainingjob::Stage::Pretrain => Stage::Pretrain,
             trainingjob::Stage::Sft => Stage::Sft,
+            trainingjob::Stage::Dpo => Stage::Dpo,
+        },
+        dpo: DpoSettings {
+            beta: spec.dpo.as_ref().map_or(0.1, |d| d.beta),
         },
         hyperparameters: Hyperparameters {
             steps: h.steps,

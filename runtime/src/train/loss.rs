@@ -5,6 +5,54 @@ use crate::model::kernels::math::softmax_into;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// What a step minimises.
+#[derive(Debug, Clone, Copy)]
+pub enum Objective<'a> {
+    /// The language-model loss: negative log-likelihood of the counted targets.
+    Nll,
+    /// DPO over the batch's preference pairs.
+    Dpo {
+        /// Each pair's rows and reference log-probabilities.
+        pairs: &'a [super::dpo::Pair],
+        /// The KL penalty's strength.
+        beta: f64,
+    },
+}
+
+/// A micro-batch's summed loss, and the preference sums of a DPO one.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    /// The summed loss (over counted tokens, or over pairs).
+    pub loss_sum: f64,
+    /// DPO's sums.
+    pub dpo: Option<super::dpo::Sums>,
+}
+
+/// `objective`'s summed loss over `batch` under `logits` (batch, t, vocab), as a tensor to
+/// differentiate (candle's autograd path), with its value.
+pub fn loss_tensor(
+    logits: &Tensor,
+    batch: &crate::data::Batch,
+    objective: &Objective,
+) -> Result<(Tensor, Outcome)> {
+    match objective {
+        Objective::Nll => {
+            let loss = masked_nll_sum(logits, &batch.targets, &batch.mask)?;
+            let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            Ok((
+                loss,
+                Outcome {
+                    loss_sum: value,
+                    dpo: None,
+                },
+            ))
+        }
+        Objective::Dpo { pairs, beta } => {
+            super::dpo::loss_tensor(logits, &batch.targets, &batch.mask, pairs, *beta)
+        }
+    }
+}
+
 /// Sum over the counted positions of the negative log-likelihood of `targets` (batch, t)
 /// under `logits` (batch, t, vocab); `mask` (batch, t) is 1.0 where a prediction counts.
 /// Summing (not averaging) lets gradient accumulation divide once by the total token count.

@@ -6,6 +6,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
@@ -26,6 +27,8 @@ pub struct TrainMetrics {
     tokens: Counter,
     checkpoints: Counter,
     last_checkpoint: FloatGauge,
+    /// DPO's rewards, by `kind` (chosen, rejected, margins, accuracies).
+    rewards: Family<Vec<(&'static str, &'static str)>, FloatGauge>,
 }
 
 impl Default for TrainMetrics {
@@ -73,8 +76,15 @@ impl Default for TrainMetrics {
             "When the last checkpoint was written (Unix time; the age is time() minus this)",
             last_checkpoint.clone(),
         );
+        let rewards = Family::<Vec<(&'static str, &'static str)>, FloatGauge>::default();
+        registry.register(
+            "dpo_rewards",
+            "DPO implicit rewards at the last logged step (stage dpo): kind chosen, rejected, margins (means of beta times the log-probability ratio to the reference) or accuracies (share of pairs ranked right)",
+            rewards.clone(),
+        );
         Self {
             registry,
+            rewards,
             step,
             total_steps,
             loss,
@@ -99,6 +109,16 @@ impl TrainMetrics {
         self.grad_norm.set(f.grad_norm);
         self.tokens_per_second.set(f.tokens_per_sec);
         self.tokens.inc_by(tokens);
+        if let Some(p) = &f.preference {
+            for (kind, v) in [
+                ("chosen", p.rewards_chosen),
+                ("rejected", p.rewards_rejected),
+                ("margins", p.rewards_margins),
+                ("accuracies", p.rewards_accuracies),
+            ] {
+                self.rewards.get_or_create(&vec![("kind", kind)]).set(v);
+            }
+        }
     }
 
     /// Records a checkpoint.
@@ -171,6 +191,10 @@ mod tests {
             grad_norm: 0.5,
             tokens_per_sec: 1000.0,
             epoch: 0,
+            preference: Some(crate::train::dpo::Stats {
+                rewards_accuracies: 0.75,
+                ..Default::default()
+            }),
         };
         metrics.step(&report, 4096);
         metrics.checkpoint();
@@ -186,5 +210,9 @@ mod tests {
         assert!(text.contains("anneal_train_loss 1.25"), "{text}");
         assert!(text.contains("anneal_train_tokens_total 4096"), "{text}");
         assert!(text.contains("anneal_train_checkpoints_total 1"), "{text}");
+        assert!(
+            text.contains("anneal_train_dpo_rewards{kind=\"accuracies\"} 0.75"),
+            "{text}"
+        );
     }
 }

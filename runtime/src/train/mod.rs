@@ -1,6 +1,7 @@
 //! `anneal-runtime train --config FILE` (or `--job-spec FILE`, a TrainingJob's spec): trains a model, checkpointing every N steps and
 //! resuming exactly from the newest valid checkpoint, then writes the model directory.
 
+pub mod base;
 pub mod config;
 pub mod dpo;
 pub mod fused;
@@ -277,6 +278,20 @@ pub fn train(
             "step": step, "checkpoint": path.display().to_string(), "changed": accepted.changes,
         }));
     }
+    if let Some(kind) = t.base_kind {
+        reporter.event(&serde_json::json!({
+            "event": "base", "model": t.config.model.base, "kind": kind,
+            "parameters": t.model_config.param_count(),
+        }));
+    }
+    let started = Instant::now();
+    let scored = t.compute_reference()?;
+    if scored > 0 {
+        reporter.event(&serde_json::json!({
+            "event": "reference", "pairs": scored,
+            "seconds": (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        }));
+    }
     if gang.placement.world > 1 {
         let spec = GangSpec {
             job_uid: job.uid.clone().unwrap_or_else(|| "local".into()),
@@ -290,7 +305,7 @@ pub fn train(
     }
     reporter.event(&serde_json::json!({
         "event": "start", "step": t.step, "attempt": attempt,
-        "parameters": t.model_config.param_count(), "train_samples": t.loader.len(),
+        "parameters": t.model_config.param_count(), "train_samples": t.data.len(),
     }));
     let h = t.config.hyperparameters.clone();
     let reporter_k8s = match (&job.name, &job.namespace) {
@@ -324,19 +339,28 @@ pub fn train(
                 lr: stats.lr,
                 grad_norm: stats.grad_norm,
                 tokens_per_sec: window_tokens as f64 / secs,
-                epoch: t.loader.cursor.epoch,
+                epoch: t.data.cursor().epoch,
+                preference: stats.preference,
             };
             reporter.step(&report);
             if let Some(m) = &observers.metrics {
                 m.step(&report, window_tokens as u64);
             }
             if let Some(w) = &mut events {
-                let scalars = [
+                let mut scalars = vec![
                     ("train/loss", report.loss),
                     ("train/learning_rate", report.lr),
                     ("train/grad_norm", report.grad_norm),
                     ("train/tokens_per_second", report.tokens_per_sec),
                 ];
+                if let Some(p) = &report.preference {
+                    scalars.extend([
+                        ("train/rewards/chosen", p.rewards_chosen),
+                        ("train/rewards/rejected", p.rewards_rejected),
+                        ("train/rewards/margins", p.rewards_margins),
+                        ("train/rewards/accuracies", p.rewards_accuracies),
+                    ]);
+                }
                 if let Err(e) = w.scalars(report.step, &scalars) {
                     reporter.warn(&format!("tensorboard: {e}"));
                     events = None;
@@ -348,6 +372,15 @@ pub fn train(
                 p.loss = Some(report.loss);
                 p.learning_rate = Some(report.lr);
                 p.tokens_per_second = Some(report.tokens_per_sec);
+                p.rewards =
+                    report
+                        .preference
+                        .map(|r| anneal_crds::trainingjob::PreferenceRewards {
+                            chosen: r.rewards_chosen,
+                            rejected: r.rewards_rejected,
+                            margins: r.rewards_margins,
+                            accuracies: r.rewards_accuracies,
+                        });
                 k8s.report(p);
             }
             (window_start, window_tokens) = (Instant::now(), 0);
@@ -382,8 +415,7 @@ pub fn train(
         reporter.event(&serde_json::json!({ "event": "done", "step": t.step, "rank": rank }));
         return Ok(());
     }
-    let (spec, spec_dir) = &t.tokenizer_spec;
-    let sha256 = model_dir::save(&output, &t.model_config, &t.tensors()?, spec, spec_dir)?;
+    let sha256 = model_dir::save(&output, &t.model_config, &t.tensors()?, &t.text)?;
     let gguf = match t.config.output.gguf {
         Some(q) => Some(crate::checkpoint::gguf_export::export(&output, q)?),
         None => None,

@@ -23,6 +23,9 @@ pub struct StepReport {
     pub tokens_per_sec: f64,
     /// Completed passes over the training data.
     pub epoch: u64,
+    /// DPO's metrics (stage dpo): TRL's `rewards/*`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preference: Option<crate::train::dpo::Stats>,
 }
 
 /// Prints progress.

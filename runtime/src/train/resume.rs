@@ -137,7 +137,7 @@ impl<'a> RunSpec<'a> {
                 seed: h.seed,
                 freeze_fraction: match config.stage {
                     Stage::Sft => h.freeze_fraction,
-                    Stage::Pretrain => 0.0,
+                    Stage::Pretrain | Stage::Dpo => 0.0,
                 },
             },
         }

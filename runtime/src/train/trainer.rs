@@ -1,13 +1,16 @@
 //! The training state and one optimizer step; checkpoint save and restore of that state.
 
 use super::TrainError;
+use super::base;
 use super::config::{Stage, TrainConfig};
+use super::dpo;
 use super::fused::{self, FusedStep};
-use super::loss::masked_nll_sum;
+use super::loss::{self, Objective};
 use super::optim::{self, AdamW};
 use super::resume::{self, JobIdentity};
-use crate::checkpoint::{CheckpointDir, CheckpointError, atomic, model_dir};
-use crate::data::{self, Batch, Cursor, Loader, Split};
+use crate::checkpoint::model_dir::TextFiles;
+use crate::checkpoint::{CheckpointDir, CheckpointError, atomic};
+use crate::data::{self, Batch, Cursor, Format, Loader, PairSample, Sample, Split};
 use crate::model::{ModelConfig, Transformer, init_params};
 use crate::rng::Rng;
 use crate::tokenizer::{Tokenizer, TokenizerSpec};
@@ -55,6 +58,82 @@ pub struct StepStats {
     pub lr: f64,
     /// Input tokens processed.
     pub tokens: usize,
+    /// DPO's metrics (stage dpo).
+    pub preference: Option<dpo::Stats>,
+}
+
+/// What a run trains on: samples (pretraining, sft) or preference pairs (dpo).
+pub enum TrainData {
+    /// Token samples.
+    Samples(Loader<Sample>),
+    /// Preference pairs.
+    Pairs {
+        /// The pairs, with their reference log-probabilities.
+        loader: Loader<PairSample>,
+        /// DPO's beta.
+        beta: f64,
+    },
+}
+
+impl TrainData {
+    /// The loader's position.
+    pub fn cursor(&self) -> Cursor {
+        match self {
+            Self::Samples(l) => l.cursor,
+            Self::Pairs { loader, .. } => loader.cursor,
+        }
+    }
+
+    /// Moves the loader to `cursor`.
+    pub fn seek(&mut self, cursor: Cursor) {
+        match self {
+            Self::Samples(l) => l.seek(cursor),
+            Self::Pairs { loader, .. } => loader.seek(cursor),
+        }
+    }
+
+    /// Number of training items (samples or pairs).
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Samples(l) => l.len(),
+            Self::Pairs { loader, .. } => loader.len(),
+        }
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Name of the reference log-probabilities' file in a DPO checkpoint.
+const REFERENCE: &str = "reference.safetensors";
+
+/// A [`VarMap`] of a base model's weights, each one the model needs present.
+fn varmap_of(
+    config: &ModelConfig,
+    mut tensors: HashMap<String, Tensor>,
+) -> Result<VarMap, TrainError> {
+    let varmap = VarMap::new();
+    {
+        let mut data = lock(&varmap)?;
+        for (name, shape) in crate::model::param_names(config) {
+            let t = tensors.remove(&name).ok_or_else(|| {
+                TrainError::Config(format!("base model: missing tensor `{name}`"))
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(TrainError::Config(format!(
+                    "base model: `{name}` has shape {:?}, the architecture needs {shape:?}",
+                    t.dims()
+                )));
+            }
+            data.insert(
+                name,
+                candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?,
+            );
+        }
+    }
+    Ok(varmap)
 }
 
 /// A model being trained.
@@ -70,11 +149,13 @@ pub struct Trainer {
     /// Optimizer over the trainable weights.
     pub optimizer: AdamW,
     /// Training batches.
-    pub loader: Loader,
+    pub data: TrainData,
     /// Tokenizer.
     pub tokenizer: Box<dyn Tokenizer>,
-    /// Tokenizer to record in the output, and the directory its file is relative to.
-    pub tokenizer_spec: (TokenizerSpec, PathBuf),
+    /// The tokenizer and chat template to record in the output (the base model's).
+    pub text: TextFiles,
+    /// What kind of base model the run started from, if any.
+    pub base_kind: Option<&'static str>,
     /// Optimizer steps done.
     pub step: u64,
     /// Trainer RNG.
@@ -98,46 +179,32 @@ impl Trainer {
     pub fn new(config: TrainConfig, device: Device) -> Result<Self, TrainError> {
         let h = &config.hyperparameters;
         let base = match &config.model.base {
-            Some(uri) => Some(resolve(uri)?),
+            Some(uri) => Some(base::load(&resolve(uri)?, &device).map_err(TrainError::Base)?),
             None => None,
         };
-        let (model_config, base_tensors, tokenizer, tokenizer_spec) = match &base {
-            Some(dir) => {
-                let loaded = model_dir::load(dir, &device).map_err(TrainError::Base)?;
-                let spec: TokenizerSpec = read_json(&dir.join(crate::tokenizer::TOKENIZER_CONFIG))?;
-                let tensors =
-                    candle_core::safetensors::load(dir.join(model_dir::WEIGHTS), &device)?;
-                (
-                    loaded.config,
-                    Some(tensors),
-                    loaded.tokenizer,
-                    (spec, dir.clone()),
-                )
-            }
+        let base_kind = base.as_ref().map(|b| b.kind);
+        let (model_config, base_tensors, text) = match base {
+            Some(b) => (b.config, Some(b.tensors), b.text),
             None => {
-                let spec = match &config.tokenizer {
-                    TokenizerSpec::Huggingface { path } => TokenizerSpec::Huggingface {
-                        path: resolve(path)?.display().to_string(),
-                    },
-                    TokenizerSpec::Byte => TokenizerSpec::Byte,
+                let text = match &config.tokenizer {
+                    TokenizerSpec::Huggingface { path, bos, eos } => {
+                        TextFiles::huggingface(&resolve(path)?, bos.clone(), eos.clone(), None)
+                            .map_err(|e| TrainError::Config(e.to_string()))?
+                    }
+                    TokenizerSpec::Byte => TextFiles::byte(),
                 };
-                let tokenizer = spec
-                    .load(Path::new("."))
-                    .map_err(|e| TrainError::Config(e.to_string()))?;
+                let tokenizer =
+                    base::text_tokenizer(&text).map_err(|e| TrainError::Config(e.to_string()))?;
                 let mut arch = config.model.architecture.clone().ok_or_else(|| {
                     TrainError::Config("model needs an architecture or a base".into())
                 })?;
                 if arch.vocab_size == 0 {
                     arch.vocab_size = tokenizer.vocab_size();
                 }
-                (
-                    arch.normalized(),
-                    None,
-                    tokenizer,
-                    (spec, PathBuf::from(".")),
-                )
+                (arch.normalized(), None, text)
             }
         };
+        let tokenizer = base::text_tokenizer(&text).map_err(TrainError::Base)?;
         model_config
             .validate()
             .map_err(|e| TrainError::Config(e.to_string()))?;
@@ -156,20 +223,16 @@ impl Trainer {
             )));
         }
 
-        let mut varmap = init_params(&model_config, h.seed, &device)?;
-        if let Some(tensors) = base_tensors {
-            for (name, t) in tensors {
-                varmap
-                    .set_one(&name, &t)
-                    .map_err(|e| TrainError::Config(format!("base model: {e}")))?;
-            }
-        }
+        let varmap = match base_tensors {
+            Some(tensors) => varmap_of(&model_config, tensors)?,
+            None => init_params(&model_config, h.seed, &device)?,
+        };
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let model = Transformer::new(&model_config, &vb, &device)?;
 
         let frozen_blocks = match config.stage {
             Stage::Sft => (h.freeze_fraction * model_config.n_layers as f64).floor() as usize,
-            Stage::Pretrain => 0,
+            Stage::Pretrain | Stage::Dpo => 0,
         };
         let trainable: Vec<_> = lock(&varmap)?
             .iter()
@@ -178,18 +241,38 @@ impl Trainer {
             .collect();
         let optimizer = AdamW::new(trainable, h)?;
 
+        let format = Format::new(tokenizer.as_ref(), text.chat_template.as_deref())?;
         let examples = data::load_as(&config.dataset.uri, config.dataset.format)?;
         let train = data::split(examples, &config.dataset.split, Split::Train);
-        let samples = data::tokenize(
-            &train,
-            tokenizer.as_ref(),
-            config.stage == Stage::Sft,
-            seq_len,
-        )?;
-        if samples.is_empty() {
-            return Err(data::DataError::Empty(config.dataset.uri.clone()).into());
-        }
-        let loader = Loader::new(samples, h.seed, Cursor::default());
+        let tok = tokenizer.as_ref();
+        let data = match config.stage {
+            Stage::Dpo => {
+                let mut pairs = Vec::new();
+                for ex in &train {
+                    if let Some((chosen, rejected)) = format.preference(tok, ex, seq_len)? {
+                        pairs.push(PairSample {
+                            chosen,
+                            rejected,
+                            reference: None,
+                        });
+                    }
+                }
+                if pairs.is_empty() {
+                    return Err(data::DataError::Empty(config.dataset.uri.clone()).into());
+                }
+                TrainData::Pairs {
+                    loader: Loader::new(pairs, h.seed, Cursor::default()),
+                    beta: config.dpo.beta,
+                }
+            }
+            stage => {
+                let samples = data::tokenize(&train, tok, &format, stage == Stage::Sft, seq_len)?;
+                if samples.is_empty() {
+                    return Err(data::DataError::Empty(config.dataset.uri.clone()).into());
+                }
+                TrainData::Samples(Loader::new(samples, h.seed, Cursor::default()))
+            }
+        };
         let pad = tokenizer.eos_id().unwrap_or(0);
         let rng = Rng::new(h.seed, 0x7EA1);
         let compute_dtype = crate::device::training_dtype(h.precision, &device);
@@ -205,9 +288,10 @@ impl Trainer {
             model,
             varmap,
             optimizer,
-            loader,
+            data,
             tokenizer,
-            tokenizer_spec,
+            text,
+            base_kind,
             step: 0,
             rng,
             compute_dtype,
@@ -219,11 +303,51 @@ impl Trainer {
         })
     }
 
+    /// Computes the reference log-probabilities of every preference pair that has none yet,
+    /// with the model as it is (the base model, before the first step); returns how many
+    /// pairs were scored. A no-op for other stages and after a resume (the checkpoint has them).
+    pub fn compute_reference(&mut self) -> Result<usize, TrainError> {
+        let TrainData::Pairs { loader, .. } = &mut self.data else {
+            return Ok(0);
+        };
+        let per_batch = self.config.hyperparameters.batch_size.max(1);
+        let todo: Vec<usize> = (0..loader.items().len())
+            .filter(|&i| loader.items()[i].reference.is_none())
+            .collect();
+        let vocab = self.model_config.vocab_size;
+        for chunk in todo.chunks(per_batch) {
+            let items = loader.items();
+            let samples: Vec<&Sample> = chunk
+                .iter()
+                .flat_map(|&i| [&items[i].chosen, &items[i].rejected])
+                .collect();
+            let batch = Batch::new(&samples, self.pad, &self.device)?;
+            let t = batch.inputs.dim(1)?;
+            let logits = self
+                .model
+                .forward(&batch.inputs, 0, None)?
+                .detach()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let targets = batch.targets.flatten_all()?.to_vec1::<u32>()?;
+            let mask = batch.mask.flatten_all()?.to_vec1::<f32>()?;
+            let rows: Vec<_> = (0..samples.len()).map(|r| r * t..(r + 1) * t).collect();
+            let logps = dpo::sequence_logps(&logits, &targets, &mask, vocab, &rows);
+            let items = loader.items_mut();
+            for (k, &i) in chunk.iter().enumerate() {
+                items[i].reference = Some((logps[2 * k], logps[2 * k + 1]));
+            }
+        }
+        Ok(todo.len())
+    }
+
     /// One optimizer step over `gradientAccumulation` micro-batches.
     pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
         let h = &self.config.hyperparameters;
         let lr = optim::learning_rate(h, self.step);
         let (mut loss_sum, mut counted, mut tokens) = (0f64, 0usize, 0usize);
+        let mut preference: Option<dpo::Sums> = None;
         // candle's autograd path (GPU, bf16, or ANNEAL_FUSED_STEP=0) sums its gradients here.
         let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
         let cast;
@@ -236,31 +360,75 @@ impl Trainer {
         let (per_rank, pad, device) = (h.batch_size, self.pad, self.device.clone());
         for _ in 0..h.gradient_accumulation {
             // A lone worker's shard is the whole batch; a rank's is its part of the gang's.
-            let samples = super::gang::next_shard(&mut self.loader, &self.gang, per_rank);
-            tokens += samples.iter().map(|s| s.tokens.len() - 1).sum::<usize>();
-            let batch = Batch::new(&samples, pad, &device)?;
+            let (batch, pairs, beta) = match &mut self.data {
+                TrainData::Samples(loader) => {
+                    let samples = super::gang::next_shard(loader, &self.gang, per_rank);
+                    (Batch::new(&samples, pad, &device)?, Vec::new(), 0.0)
+                }
+                TrainData::Pairs { loader, beta } => {
+                    let picked = super::gang::next_shard(loader, &self.gang, per_rank);
+                    let samples: Vec<&Sample> = picked
+                        .iter()
+                        .flat_map(|p| [&p.chosen, &p.rejected])
+                        .collect();
+                    let batch = Batch::new(&samples, pad, &device)?;
+                    let t = batch.inputs.dim(1)?;
+                    let pairs = picked
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| {
+                            let (ref_chosen, ref_rejected) = p.reference.ok_or_else(|| {
+                                TrainError::Internal("reference log-probs not computed".into())
+                            })?;
+                            Ok(dpo::Pair {
+                                chosen: 2 * i * t..(2 * i + 1) * t,
+                                rejected: (2 * i + 1) * t..(2 * i + 2) * t,
+                                ref_chosen,
+                                ref_rejected,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, TrainError>>()?;
+                    (batch, pairs, *beta)
+                }
+            };
+            tokens += batch.n_inputs;
+            let objective = match self.data {
+                TrainData::Samples(_) => Objective::Nll,
+                TrainData::Pairs { .. } => Objective::Dpo {
+                    pairs: &pairs,
+                    beta,
+                },
+            };
             if batch.n_tokens == 0 {
                 continue;
             }
-            counted += batch.n_tokens;
-            if let Some(step) = self.fused.as_mut() {
-                loss_sum += step.accumulate(model, &batch)?;
-                continue;
-            }
-            // The loss is computed in f32 whatever the compute dtype (a no-op in f32).
-            let logits = model
-                .forward(&batch.inputs, 0, None)?
-                .to_dtype(DType::F32)?;
-            let loss = masked_nll_sum(&logits, &batch.targets, &batch.mask)?;
-            loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-            let store = loss.backward()?;
-            for (acc, p) in sums.iter_mut().zip(&self.optimizer.params) {
-                if let Some(g) = store.get(p.var.as_tensor()) {
-                    *acc = Some(match acc.take() {
-                        None => g.clone(),
-                        Some(a) => (a + g)?,
-                    });
+            counted += match objective {
+                Objective::Nll => batch.n_tokens,
+                Objective::Dpo { pairs, .. } => pairs.len(),
+            };
+            let outcome = match self.fused.as_mut() {
+                Some(step) => step.accumulate(model, &batch, &objective)?,
+                None => {
+                    // The loss is computed in f32 whatever the compute dtype (a no-op in f32).
+                    let logits = model
+                        .forward(&batch.inputs, 0, None)?
+                        .to_dtype(DType::F32)?;
+                    let (loss, outcome) = loss::loss_tensor(&logits, &batch, &objective)?;
+                    let store = loss.backward()?;
+                    for (acc, p) in sums.iter_mut().zip(&self.optimizer.params) {
+                        if let Some(g) = store.get(p.var.as_tensor()) {
+                            *acc = Some(match acc.take() {
+                                None => g.clone(),
+                                Some(a) => (a + g)?,
+                            });
+                        }
+                    }
+                    outcome
                 }
+            };
+            loss_sum += outcome.loss_sum;
+            if let Some(d) = outcome.dpo {
+                preference.get_or_insert_default().add(&d);
             }
         }
         let grads = match self.fused.as_mut() {
@@ -281,8 +449,16 @@ impl Trainer {
         };
         // The gang's sums: every rank then takes the step of the whole global batch.
         let grads = super::gang::sum_gradients(&mut self.gang, grads)?;
-        let (loss_sum, counted, tokens) =
-            super::gang::sum_counts(&mut self.gang, loss_sum, counted, tokens)?;
+        let mut totals = vec![loss_sum, counted as f64, tokens as f64];
+        let is_dpo = matches!(self.data, TrainData::Pairs { .. });
+        if is_dpo {
+            totals.extend(preference.unwrap_or_default().to_array());
+        }
+        super::gang::sum_stats(&mut self.gang, &mut totals)?;
+        let (loss_sum, counted, tokens) = (totals[0], totals[1] as usize, totals[2] as usize);
+        let preference = is_dpo.then(|| {
+            dpo::Sums::from_array([totals[3], totals[4], totals[5], totals[6], totals[7]]).means()
+        });
         let scale = 1.0 / counted.max(1) as f64;
         let grad_norm = optim::global_norm(&grads, scale)?;
         if !grad_norm.is_finite() {
@@ -298,6 +474,7 @@ impl Trainer {
             grad_norm,
             lr,
             tokens,
+            preference,
         })
     }
 
@@ -315,7 +492,7 @@ impl Trainer {
         let state = TrainState {
             step: self.step,
             attempt: dir.attempt,
-            cursor: self.loader.cursor,
+            cursor: self.data.cursor(),
             rng: self.rng,
             optimizer_step: self.optimizer.t,
             model: self.model_config.clone(),
@@ -324,12 +501,33 @@ impl Trainer {
             spec_digest: Some(resume::spec_digest(&self.config, &self.model_config)),
         };
         let keep = self.config.checkpoint.keep;
+        // DPO's reference log-probs, so that a resume uses the very same numbers.
+        let reference = match &self.data {
+            TrainData::Pairs { loader, .. } => {
+                let values = loader
+                    .items()
+                    .iter()
+                    .map(|p| p.reference.ok_or(()))
+                    .collect::<Result<Vec<_>, ()>>()
+                    .map_err(|()| TrainError::Internal("reference log-probs missing".into()))?;
+                let flat: Vec<f64> = values.into_iter().flat_map(|(c, r)| [c, r]).collect();
+                let n = flat.len() / 2;
+                Some(Tensor::from_vec(flat, (n, 2), &Device::Cpu)?)
+            }
+            TrainData::Samples(_) => None,
+        };
         Ok(dir.save(self.step, keep, |tmp| {
             candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
             candle_core::safetensors::save(
                 &self.optimizer.state_tensors(),
                 tmp.join("optimizer.safetensors"),
             )?;
+            if let Some(refs) = &reference {
+                candle_core::safetensors::save(
+                    &HashMap::from([("reference".to_string(), refs.clone())]),
+                    tmp.join(REFERENCE),
+                )?;
+            }
             let json = serde_json::to_vec_pretty(&state)
                 .map_err(|e| CheckpointError::Format(e.to_string()))?;
             atomic::write_synced(&tmp.join("state.json"), &json)
@@ -353,7 +551,27 @@ impl Trainer {
         self.optimizer
             .load_state(moments, state.optimizer_step)
             .map_err(|e| corrupt(&e))?;
-        self.loader.seek(state.cursor);
+        self.data.seek(state.cursor);
+        if let TrainData::Pairs { loader, .. } = &mut self.data {
+            let refs = candle_core::safetensors::load(path.join(REFERENCE), &Device::Cpu)
+                .map_err(|e| corrupt(&e))?;
+            let values = refs
+                .get("reference")
+                .ok_or_else(|| corrupt(&"no `reference` tensor"))?
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f64>())
+                .map_err(|e| corrupt(&e))?;
+            if values.len() != 2 * loader.len() {
+                return Err(corrupt(&format!(
+                    "{} reference log-probs for {} pairs",
+                    values.len(),
+                    loader.len()
+                )));
+            }
+            for (item, v) in loader.items_mut().iter_mut().zip(values.chunks_exact(2)) {
+                item.reference = Some((v[0], v[1]));
+            }
+        }
         self.rng = state.rng;
         self.step = state.step;
         Ok(accepted)

@@ -21,12 +21,22 @@ const CLOSE: char = '\u{FDD1}';
 pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// `system`, `user` or `assistant`.
     pub role: String,
     /// The text.
     pub content: String,
+}
+
+impl ChatMessage {
+    /// A message of `role` saying `content`.
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
 }
 
 /// A compiled chat template.
@@ -65,6 +75,17 @@ impl ChatTemplate {
 
     /// The prompt for `messages`, ending where the assistant's answer begins.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<ChatPrompt, TemplateError> {
+        self.render_with(messages, true)
+    }
+
+    /// The conversation `messages` as the template writes it, with the assistant's turn
+    /// opened at the end when `add_generation_prompt` (a prompt) and not otherwise (a whole
+    /// conversation, as training sees it).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<ChatPrompt, TemplateError> {
         let t = self
             .env
             .get_template("chat")
@@ -80,7 +101,7 @@ impl ChatTemplate {
         let text = t
             .render(context! {
                 messages => messages.iter().map(|m| minijinja::Value::from_pairs([("role", m.role.clone()), ("content", framed(&m.content))])).collect::<Vec<_>>(),
-                add_generation_prompt => true,
+                add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos.as_str(),
                 eos_token => self.eos.as_str(),
             })
