@@ -10,7 +10,9 @@ mod train_support;
 use anneal_runtime::checkpoint::{CheckpointDir, atomic, committed, fence};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use train_support::{BIN, Scratch, assert_ok, events, job_env, run, tiny_config};
+use train_support::{
+    BIN, Scratch, assert_ok, events, job_env, run, tiny_config, train_until_killed,
+};
 
 const STEPS: u64 = 120;
 
@@ -24,32 +26,6 @@ fn config(s: &Scratch, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
         s.write(&format!("{name}.yaml"), &cfg),
         s.path(&format!("{name}-model/model.safetensors")),
     )
-}
-
-/// Spawns `train`, reads its progress until `stop(event)` is true, then SIGKILLs it.
-fn train_until_killed(
-    cfg: &std::path::Path,
-    attempt: &str,
-    stop: impl Fn(&serde_json::Value) -> bool,
-) {
-    let mut child = Command::new(BIN)
-        .args(["train", "--config", cfg.to_str().unwrap()])
-        .env("ANNEAL_ATTEMPT", attempt)
-        .env_remove("ANNEAL_CHECKPOINT_DIR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if stop(&v) {
-            break;
-        }
-    }
-    // Child::kill sends SIGKILL: no handler runs, exactly like a node dying.
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[test]

@@ -236,6 +236,21 @@ pub fn loss_and_grad(
     sums
 }
 
+/// Each batch row's summed completion log-probability under `logits` (batch, t, vocab), as a
+/// tensor (candle's autograd path; the reference's pass uses it too, so that the first step's
+/// policy equals its reference exactly).
+pub fn batch_logps(
+    logits: &candle_core::Tensor,
+    targets: &candle_core::Tensor,
+    mask: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, candle_core::D::Minus1)?
+        .gather(&targets.reshape((b * t, 1))?, 1)?
+        .squeeze(1)?;
+    (logp * mask.reshape(b * t)?)?.reshape((b, t))?.sum(1)
+}
+
 /// The summed DPO loss of `pairs` as a tensor (candle's autograd path: GPU, bf16), from logits
 /// (batch, t, vocab) whose batch rows are the pairs' sequences (a pair's ranges of token rows
 /// each cover one batch row), with its value and metrics.
@@ -246,13 +261,10 @@ pub fn loss_tensor(
     pairs: &[Pair],
     beta: f64,
 ) -> candle_core::Result<(candle_core::Tensor, super::loss::Outcome)> {
-    use candle_core::{D, DType, Tensor};
-    let (b, t, v) = logits.dims3()?;
+    use candle_core::{DType, Tensor};
+    let t = logits.dim(1)?;
     let dev = logits.device();
-    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?
-        .gather(&targets.reshape((b * t, 1))?, 1)?
-        .squeeze(1)?;
-    let per_seq = (logp * mask.reshape(b * t)?)?.reshape((b, t))?.sum(1)?;
+    let per_seq = batch_logps(logits, targets, mask)?;
     let row = |r: &Range<usize>| (r.start / t) as u32;
     let pick = |rows: Vec<u32>| per_seq.index_select(&Tensor::new(rows, dev)?, 0);
     let chosen = pick(pairs.iter().map(|p| row(&p.chosen)).collect())?;

@@ -260,6 +260,32 @@ impl FusedStep {
         batch: &Batch,
         objective: &Objective,
     ) -> Result<Outcome> {
+        let (tokens, targets, mask, geometry) = self.prepare(model, batch)?;
+        let outcome = self.forward(&tokens, &targets, &mask, geometry, Some(objective));
+        self.backward(&tokens, geometry);
+        self.micro += 1;
+        Ok(outcome.unwrap_or(Outcome {
+            loss_sum: 0.0,
+            dpo: None,
+        }))
+    }
+
+    /// The logits of `batch` (one row of `vocab` per position) from the very forward pass the
+    /// step runs, gradients untouched: DPO's reference log-probabilities are computed with it,
+    /// so that at the first step the policy equals its reference bit for bit.
+    pub fn logits(&mut self, model: &Transformer, batch: &Batch) -> Result<&[f32]> {
+        let (tokens, targets, mask, geometry) = self.prepare(model, batch)?;
+        self.forward(&tokens, &targets, &mask, geometry, None);
+        Ok(&self.top.2)
+    }
+
+    /// The batch as flat vectors, checked, with the model's weights loaded at the first
+    /// micro-batch of a step.
+    fn prepare(
+        &mut self,
+        model: &Transformer,
+        batch: &Batch,
+    ) -> Result<(Vec<u32>, Vec<u32>, Vec<f32>, attention::Geometry)> {
         if self.micro == 0 {
             self.load_weights(model)?;
         }
@@ -279,21 +305,19 @@ impl FusedStep {
             candle_core::bail!("sequence of {t} tokens exceeds the RoPE tables");
         }
         let geometry = attention::Geometry::new(b, t, d.heads, d.kv_heads, d.head_dim)?;
-        let outcome = self.forward(&tokens, &targets, &mask, geometry, objective);
-        self.backward(&tokens, geometry);
-        self.micro += 1;
-        Ok(outcome)
+        Ok((tokens, targets, mask, geometry))
     }
 
-    /// The forward pass; leaves the logits' gradient in `top.2` and returns the loss sum.
+    /// The forward pass; with an objective, leaves the logits' gradient in `top.2` and returns
+    /// the loss sum, without one leaves the logits there.
     fn forward(
         &mut self,
         tokens: &[u32],
         targets: &[u32],
         mask: &[f32],
         g: attention::Geometry,
-        objective: &Objective,
-    ) -> Outcome {
+        objective: Option<&Objective>,
+    ) -> Option<Outcome> {
         let d = self.dims;
         let (n, h) = (tokens.len(), d.hidden);
         let w = &self.weights;
@@ -375,7 +399,7 @@ impl FusedStep {
             Mat::rows(head, d.vocab, h, h).t(),
             1.0,
         );
-        match objective {
+        Some(match objective? {
             Objective::Nll => Outcome {
                 loss_sum: nll_sum_and_grad(logits, targets, mask, d.vocab),
                 dpo: None,
@@ -387,7 +411,7 @@ impl FusedStep {
                     dpo: Some(sums),
                 }
             }
-        }
+        })
     }
 
     /// The backward pass from the logits' gradient in `top.2`, adding into `grads`.

@@ -323,17 +323,28 @@ impl Trainer {
                 .collect();
             let batch = Batch::new(&samples, self.pad, &self.device)?;
             let t = batch.inputs.dim(1)?;
-            let logits = self
-                .model
-                .forward(&batch.inputs, 0, None)?
-                .detach()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
             let targets = batch.targets.flatten_all()?.to_vec1::<u32>()?;
             let mask = batch.mask.flatten_all()?.to_vec1::<f32>()?;
             let rows: Vec<_> = (0..samples.len()).map(|r| r * t..(r + 1) * t).collect();
-            let logps = dpo::sequence_logps(&logits, &targets, &mask, vocab, &rows);
+            // The forward pass the steps run (the fused one, or candle's in the training
+            // dtype), so that the first step's policy is its reference exactly.
+            let logps = match self.fused.as_mut() {
+                Some(step) => {
+                    let logits = step.logits(&self.model, &batch)?;
+                    dpo::sequence_logps(logits, &targets, &mask, vocab, &rows)
+                }
+                None => {
+                    let logits = self
+                        .model
+                        .to_dtype(self.compute_dtype)?
+                        .forward(&batch.inputs, 0, None)?
+                        .detach()
+                        .to_dtype(DType::F32)?;
+                    dpo::batch_logps(&logits, &batch.targets, &batch.mask)?
+                        .to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?
+                }
+            };
             let items = loader.items_mut();
             for (k, &i) in chunk.iter().enumerate() {
                 items[i].reference = Some((logps[2 * k], logps[2 * k + 1]));

@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_anneal-runtime");
@@ -137,4 +138,30 @@ pub fn assert_ok(out: &Output) {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// Spawns `train`, reads its progress until `stop(event)` is true, then SIGKILLs it.
+pub fn train_until_killed(
+    cfg: &std::path::Path,
+    attempt: &str,
+    stop: impl Fn(&serde_json::Value) -> bool,
+) {
+    let mut child = Command::new(BIN)
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("ANNEAL_ATTEMPT", attempt)
+        .env_remove("ANNEAL_CHECKPOINT_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if stop(&v) {
+            break;
+        }
+    }
+    // Child::kill sends SIGKILL: no handler runs, exactly like a node dying.
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
