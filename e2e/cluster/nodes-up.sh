@@ -43,6 +43,20 @@ claim_machine() {
     die "the real nodes of $other are up (one cluster per machine has real nodes: they share iptables, bridges and cgroups); take them down with ANNEAL_CLUSTER_DIR=$other e2e/cluster/nodes-down.sh"
   fi
   echo "$CLUSTER_STATE" >"$NODES_CLAIM"
+  # What another cluster's scripts need to take these nodes down and bring them back (e2e/test-nodes.sh makes
+  # the demo's nodes give way to its own, and brings them back after): this cluster's directory and ports.
+  {
+    echo "# The settings real nodes of $CLUSTER_STATE came up with (written by nodes-up.sh)."
+    local pair var
+    for pair in ANNEAL_CLUSTER_DIR=CLUSTER_STATE ANNEAL_KUBECONFIG=KUBECONFIG_PATH ANNEAL_CLUSTER_LOGS=LOG_DIR \
+      ANNEAL_ETCD_PORT=ETCD_PORT ANNEAL_ETCD_PEER_PORT=ETCD_PEER_PORT ANNEAL_APISERVER_PORT=APISERVER_PORT \
+      ANNEAL_CONTROLLER_MANAGER_PORT=CONTROLLER_MANAGER_PORT ANNEAL_SCHEDULER_PORT=SCHEDULER_PORT \
+      ANNEAL_KWOK_PORT=KWOK_PORT ANNEAL_NODE_PORT_BASE=NODE_PORT_BASE ANNEAL_REAL_NODE_GPUS=REAL_NODE_GPUS \
+      ANNEAL_CLUSTER_PROFILE=CLUSTER_PROFILE ANNEAL_IMAGES_DIR=IMAGES_DIR; do
+      var="${pair#*=}"
+      printf 'export %s=%q\n' "${pair%%=*}" "${!var}"
+    done
+  } >"$CLUSTER_STATE/real-nodes.env"
 }
 
 host_setup() {

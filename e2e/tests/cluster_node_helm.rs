@@ -2,8 +2,8 @@
 //! into a namespace under the restricted Pod Security profile; `helm upgrade` to a new image tag completes, the
 //! kubelets' real readiness probes gating the roll-out, and the new pods lead; `helm uninstall` leaves nothing
 //! of the release in the cluster (every object of its manifest gone, nothing anywhere annotated with the
-//! release, no release record) but the CRDs, as Helm does, and the operator's leader Lease, which the operator
-//! made at run time (Helm never knew it) and which nothing deletes.
+//! release, no release record) but the CRDs, as Helm does: the operator's leader Lease, which the replicas write
+//! at run time, is the chart's own (`templates/operator-lease.yaml`), so it goes with the release.
 //!
 //! The new tag is the same image tagged again in each node's containerd (`ctr images tag`): no registry is
 //! reachable, and what the test checks is the roll-out to another image reference, not new code.
@@ -240,16 +240,20 @@ async fn real_node_helm_upgrade_to_a_new_tag_with_two_replicas_and_uninstall_lea
         of_release.is_empty(),
         "objects annotated or labelled with the release (or its release record) left: {of_release:?}"
     );
-    // What is left in the release's namespace, besides what every namespace has and the leader Lease: the
-    // operator creates that one itself (Helm never knew it), and cannot release it on shutdown here, since
-    // helm uninstall deletes the operator's Role and ServiceAccount in the same breath as its Deployment.
+    // The leader Lease is the chart's, and the replicas held it: it was in the manifest and is gone with it.
+    ensure!(
+        objects
+            .iter()
+            .any(|(k, ns, n)| k == "Lease" && ns == RELEASE_NAMESPACE && n == "anneal-operator"),
+        "the chart owns the leader Lease: {objects:?}"
+    );
+    // What is left in the release's namespace, besides what every namespace has: nothing.
     let in_namespace: Vec<_> = present
         .iter()
         .filter(|(kind, ns, name)| {
             ns == RELEASE_NAMESPACE
                 && !(kind == "ConfigMap" && name == "kube-root-ca.crt")
                 && !(kind == "ServiceAccount" && name == "default")
-                && !(kind == "Lease" && name == "anneal-operator")
         })
         .collect();
     let crds: Vec<_> = present
