@@ -13,7 +13,7 @@ weight decay on matrices only, global clip 1.0, constant learning rate) and thre
                 log-probs anneal computed (the reference pass is not timed, as in anneal)
 
 Prints one JSON line: tokens/s over the steps after the first (real input tokens, the count
-anneal reports), each step's seconds and loss, peak RSS (ru_maxrss) and the RSS after loading."""
+anneal reports), each step's seconds (wall and CPU, all threads) and loss, peak RSS (ru_maxrss) and the RSS after loading."""
 
 import argparse, json, math, resource, time
 
@@ -56,7 +56,7 @@ def main():
     p.add_argument("--freeze", type=float, default=0.8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
@@ -88,12 +88,12 @@ def main():
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     loaded_rss = rss_mib()
     beta = spec.get("beta", 0.1)
-    secs, losses, tokens = [], [], []
+    secs, cpu, losses, tokens = [], [], [], []
     for b in spec["batches"]:
         inputs = torch.tensor(b["inputs"], dtype=torch.long)
         targets = torch.tensor(b["targets"], dtype=torch.long)
         mask = torch.tensor(b["mask"], dtype=torch.float32)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         logits = model(input_ids=inputs).logits
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if a.mode == "dpo":
@@ -110,10 +110,11 @@ def main():
         opt.step()
         losses.append(round(loss.item(), 6))
         secs.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         tokens.append(b["n_inputs"])
     out = {
         "mode": a.mode, "tokens_per_sec": sum(tokens[1:]) / sum(secs[1:]), "step_secs": secs,
-        "tokens": tokens, "losses": losses, "trainable": sum(q.numel() for q in params),
+        "step_cpu_secs": cpu, "tokens": tokens, "losses": losses, "trainable": sum(q.numel() for q in params),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_load_mib": loaded_rss, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }

@@ -12,7 +12,8 @@
 #   On a tiny model trained here from scratch (byte tokenizer) and on SmolLM2-135M-Instruct
 #   (Q4_1 GGUF dequantized to f32; SMOLLM2=0 skips it).
 # speed: steps of SmolLM2-135M-Instruct on builtin:instruct (sft: full fine-tune, 80% of the
-#   blocks frozen, LoRA r=16) and builtin:preferences (dpo, BATCH/2 pairs = BATCH sequences),
+#   blocks frozen, LoRA r=16 alpha 32 on q and v: "not yet" where the runtime refuses `lora:`)
+#   and builtin:preferences (dpo, BATCH/2 pairs = BATCH sequences),
 #   anneal's Trainer::train_step vs PyTorch eager (finetune_reference.py) on the same batches,
 #   weights and thread count: tokens/s over the steps after the first, and peak RSS.
 #
@@ -36,8 +37,12 @@ echo "building (release, target-cpu=native)..." >&2
 build() {
     (cd "$root" && RUSTFLAGS="-C target-cpu=native" CARGO_TARGET_DIR="$cache/target-native" "$@")
 }
-bench=$(build cargo bench -q -p anneal-runtime --bench train-post --no-run 2>&1 |
-    sed -n 's/.*Executable .*(\(.*train_post-[0-9a-f]*\)).*/\1/p' | tail -n1)
+bench=$(build cargo bench -q -p anneal-runtime --bench train-post --no-run --message-format=json |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("target", {}).get("name") == "train-post" and m.get("executable"):
+        print(m["executable"])')
 build cargo build -q --release -p anneal-runtime
 bin="$cache/target-native/release/anneal-runtime"
 [[ -x "$bench" ]] || { echo "train-post bench binary not found" >&2; exit 1; }
@@ -72,46 +77,32 @@ fi
 
 if [[ " $parts " == *" speed "* ]]; then
     "$bench" export --model "$smollm2" --out "$work/hf" --threads "$threads" >/dev/null
-    lora=$(grep -c -i lora "$root/runtime/src/train/config.rs" || true)
+    # name, anneal options, PyTorch options, data
     rows=(
-        "sft-full sft 0 full instruct"
-        "sft-frozen-0.8 sft 0.8 frozen instruct"
-        "sft-lora-r16 lora 0 lora instruct"
-        "dpo dpo 0 dpo preferences?ops=+"
+        "sft-full|--stage sft|--mode full|instruct"
+        "sft-frozen-0.8|--stage sft --freeze 0.8|--mode frozen --freeze 0.8|instruct"
+        "sft-lora-r16|--stage sft --lora-rank 16 --lora-alpha 32 --lora-targets q,v|--mode lora --rank 16 --alpha 32 --targets q_proj,v_proj|instruct"
+        "dpo|--stage dpo|--mode dpo|preferences?ops=+"
     )
     results=()
     for r in "${rows[@]}"; do
-        read -r name stage freeze mode data <<<"$r"
+        IFS='|' read -r name aopts popts data <<<"$r"
         before=$(load)
-        if [[ $stage == lora ]]; then
-            a='{"tokens_per_sec": null, "peak_rss_mib": null, "step_secs": [null]}'
-            # The adapter's batches: those of the full fine-tune (same data and seed).
-            batches="$work/sft-full/batches.json"
-            [[ $lora -gt 0 ]] && echo "note: runtime/src/train/config.rs mentions LoRA now; this script does not drive it yet" >&2
-        else
-            a=$("$bench" speed --model "$smollm2" --out "$work/$name" --stage "$stage" --freeze "$freeze" \
-                --batch "$batch" --steps "$steps" --data "builtin:$data" --threads "$threads")
+        # shellcheck disable=SC2086
+        if a=$("$bench" speed --model "$smollm2" --out "$work/$name" $aopts --batch "$batch" \
+            --steps "$steps" --data "builtin:$data" --threads "$threads" 2>"$work/$name.err"); then
             batches="$work/$name/batches.json"
+        else
+            # A runtime without LoRA refuses `lora:` in the config: the PyTorch row alone, on
+            # the full fine-tune's batches (same data and seed).
+            echo "$name: anneal: $(tail -n1 "$work/$name.err")" >&2
+            a='{"tokens_per_sec": null}'
+            batches="$work/sft-full/batches.json"
         fi
-        p=$("$py" "$here/finetune_reference.py" --model "$work/hf" --batches "$batches" --mode "$mode" \
-            --freeze "$freeze" --threads "$threads")
-        results+=("$name|$before $(load)|$a|$p")
+        # shellcheck disable=SC2086
+        p=$("$py" "$here/finetune_reference.py" --model "$work/hf" --batches "$batches" $popts --threads "$threads")
+        results+=("$name|$before -> $(load)|$a|$p")
     done
-    printf '%s\n' "${results[@]}" | python3 -c '
-import json, sys
-print(f"\nSmolLM2-135M-Instruct fine-tuning, {sys.argv[1]} sequences per step, {sys.argv[2]} steps (tokens/s over steps 2..)")
-print(f"{\"row\":<16} {\"anneal tok/s\":>12} {\"PyTorch tok/s\":>13} {\"ratio\":>6} {\"anneal s/step\":>13} {\"PyTorch s/step\":>14} "
-      f"{\"anneal peak RSS\":>15} {\"PyTorch peak RSS\":>16} {\"trainable\":>10} {\"load before/after\":>26}")
-for line in sys.stdin:
-    name, loads, a, p = line.rstrip("\n").split("|")
-    a, p = json.loads(a), json.loads(p)
-    med = lambda s: sorted(s[1:])[len(s[1:]) // 2] if len(s) > 1 and s[1] is not None else None
-    fmt = lambda v, f: "not yet" if v is None else format(v, f)
-    ratio = a["tokens_per_sec"] / p["tokens_per_sec"] if a["tokens_per_sec"] else None
-    print(f"{name:<16} {fmt(a[\"tokens_per_sec\"], \".0f\"):>12} {p[\"tokens_per_sec\"]:>13.0f} {fmt(ratio, \".2f\"):>6} "
-          f"{fmt(med(a[\"step_secs\"]), \".3f\"):>13} {med(p[\"step_secs\"]):>14.3f} "
-          f"{fmt(a[\"peak_rss_mib\"], \".0f\") + \" MiB\":>15} {p[\"peak_rss_mib\"]:>12.0f} MiB {p[\"trainable\"] / 1e6:>9.2f}M {loads:>26}")
-    print(f"    losses anneal {a.get(\"losses\")}  PyTorch {p[\"losses\"]}  (PyTorch RSS after loading {p[\"rss_after_load_mib\"]:.0f} MiB)", file=sys.stderr)
-' "$batch" "$steps"
+    printf '%s\n' "${results[@]}" | python3 "$here/post_table.py" "$batch" "$steps"
 fi
 exit $status

@@ -20,6 +20,8 @@
 //! - `speed`: `--steps` steps of `Trainer::train_step` (what `anneal-runtime train` runs, after
 //!   the same thread and allocator settings), each timed; prints tokens/s (steps after the
 //!   first) and the peak RSS, and writes each step's batch into `DIR/batches.json`.
+//!   `--lora-rank 16` trains LoRA adapters (`lora: {rank, alpha, targets}` in the config)
+//!   instead of the weights.
 //! - `export`: the base model's weights in Hugging Face layout into `DIR`.
 
 use anneal_runtime::data::{Batch, Loader, PairSample, Sample};
@@ -65,7 +67,10 @@ impl Opts {
     fn num<T: std::str::FromStr>(&self, key: &str, default: T) -> T {
         self.0
             .get(key)
-            .map(|v| v.parse().unwrap_or_else(|_| panic!("--{key} {v}: not a number")))
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("--{key} {v}: not a number"))
+            })
             .unwrap_or(default)
     }
 }
@@ -101,7 +106,8 @@ fn main() -> Res<()> {
 }
 
 /// A run's configuration: base model `--model`, data `--data`, `batch` items per step
-/// (sequences cut to `--seq-len`, default the model's context).
+/// (sequences cut to `--seq-len`, default the model's context); LoRA adapters with
+/// `--lora-rank R [--lora-alpha A] [--lora-targets q,v]`.
 fn config(o: &Opts, stage: &str, threads: usize, batch: usize, steps: u64) -> Res<TrainConfig> {
     let default_data = if stage == "dpo" {
         "builtin:preferences"
@@ -122,6 +128,16 @@ fn config(o: &Opts, stage: &str, threads: usize, batch: usize, steps: u64) -> Re
         },
         "output": {"path": "/nonexistent/not-written"},
     });
+    if let Some(rank) = o.0.get("lora-rank") {
+        // `lora: {rank, alpha, targets}`; a runtime without LoRA refuses the unknown field.
+        let targets: Vec<String> = o
+            .get("lora-targets", "q,v")
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        c["lora"] = json!({"rank": rank.parse::<usize>()?, "alpha": o.num("lora-alpha", 32.0),
+                           "targets": targets});
+    }
     if let Some(len) = o.0.get("seq-len") {
         c["hyperparameters"]["seqLen"] = json!(len.parse::<usize>()?);
     }
@@ -176,7 +192,10 @@ fn batch_json(batch: &Batch) -> Res<Value> {
 
 /// A DPO batch as the trainer builds it: chosen and rejected of each pair one after the other.
 fn pair_batch(pairs: &[PairSample]) -> Res<(Batch, Vec<dpo::Pair>)> {
-    let samples: Vec<&Sample> = pairs.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect();
+    let samples: Vec<&Sample> = pairs
+        .iter()
+        .flat_map(|p| [&p.chosen, &p.rejected])
+        .collect();
     let batch = Batch::new(&samples, pad_of(), &Device::Cpu)?;
     let t = batch.inputs.dim(1)?;
     let rows = pairs
@@ -221,7 +240,9 @@ fn stats_json(s: &dpo::Stats, grad_norm: f64) -> Value {
 }
 
 fn step_json(s: &StepStats) -> Res<Value> {
-    let p = s.preference.ok_or("a DPO step without preference figures")?;
+    let p = s
+        .preference
+        .ok_or("a DPO step without preference figures")?;
     Ok(stats_json(&p, s.grad_norm))
 }
 
@@ -283,7 +304,11 @@ fn dpo_check(o: &Opts, threads: usize) -> Res<()> {
     drop((store, grads, loss_t));
     // Each sequence's summed completion log-probability under the policy (candle's forward).
     let (b, tt) = batch1.inputs.dims2()?;
-    let flat = logits.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let flat = logits
+        .detach()
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let rows: Vec<_> = (0..b).map(|r| r * tt..(r + 1) * tt).collect();
     let logps = dpo::sequence_logps(
         &flat,
@@ -326,6 +351,15 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// CPU seconds (user + system, all threads) this process has used.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
 fn speed(o: &Opts, threads: usize) -> Res<()> {
     let out = PathBuf::from(o.need("out"));
     std::fs::create_dir_all(&out)?;
@@ -343,7 +377,8 @@ fn speed(o: &Opts, threads: usize) -> Res<()> {
     let scored = t.compute_reference()?;
     let reference_s = r.elapsed().as_secs_f64();
     let trainable: usize = t.optimizer.params.iter().map(|p| p.var.elem_count()).sum();
-    let (mut secs, mut tokens, mut losses, mut batches) = (vec![], vec![], vec![], vec![]);
+    let (mut secs, mut cpu, mut tokens, mut losses, mut batches) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..steps {
         let b = match &t.data {
             TrainData::Pairs { loader, .. } => {
@@ -352,13 +387,18 @@ fn speed(o: &Opts, threads: usize) -> Res<()> {
             }
             TrainData::Samples(loader) => {
                 let s = next_items(loader, seed, items);
-                batch_json(&Batch::new(&s.iter().collect::<Vec<_>>(), pad_of(), &Device::Cpu)?)?
+                batch_json(&Batch::new(
+                    &s.iter().collect::<Vec<_>>(),
+                    pad_of(),
+                    &Device::Cpu,
+                )?)?
             }
         };
         batches.push(b);
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_secs());
         let s = t.train_step()?;
         secs.push(start.elapsed().as_secs_f64());
+        cpu.push(cpu_secs() - cpu_start);
         tokens.push(s.tokens);
         losses.push(s.loss);
     }
@@ -367,7 +407,9 @@ fn speed(o: &Opts, threads: usize) -> Res<()> {
     let timed_tokens: usize = tokens[1..].iter().sum();
     std::fs::write(
         out.join("batches.json"),
-        serde_json::to_vec(&json!({"stage": stage, "beta": o.num("beta", 0.1), "batches": batches}))?,
+        serde_json::to_vec(
+            &json!({"stage": stage, "beta": o.num("beta", 0.1), "batches": batches}),
+        )?,
     )?;
     println!(
         "{}",
@@ -376,7 +418,7 @@ fn speed(o: &Opts, threads: usize) -> Res<()> {
             "steps": steps, "threads": threads, "trainable": trainable,
             "parameters": t.model_config.param_count(),
             "tokens_per_sec": timed_tokens as f64 / timed, "step_secs": secs,
-            "tokens": tokens, "losses": losses, "peak_rss_mib": peak,
+            "step_cpu_secs": cpu, "tokens": tokens, "losses": losses, "peak_rss_mib": peak,
             "load_secs": load_s, "reference_secs": reference_s, "reference_pairs": scored,
             "fused": std::env::var("ANNEAL_FUSED_STEP").map_or(true, |v| v != "0"),
         })
