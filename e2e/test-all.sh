@@ -4,7 +4,8 @@
 # pinned upstream sources on first use, cached in ~/.cache/anneal), then the node tier (real nodes:
 # containerd + kubelet, the images built here, the operator installed by Helm; e2e/test-nodes.sh).
 # Each tier has a cluster of its own, started clean and always taken down; the demo's cluster
-# (e2e/demo.sh) is left as it is.
+# (e2e/demo.sh) is left as it is (the node tier takes its real nodes down while it runs, since one cluster
+# per machine may have them, and brings them back after).
 #
 #   e2e/test-all.sh              everything
 #   ANNEAL_SKIP_CLUSTER=1 ...    only what needs no cluster
