@@ -77,6 +77,16 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
         "message": "dpo applies only to stage dpo",
         "fieldPath": ".dpo",
     },
+    {
+        "rule": "!has(self.lora) || (self.stage != 'pretrain' && has(self.model.baseModel))",
+        "message": "lora adapts a base model: it needs model.baseModel and stage sft or dpo",
+        "fieldPath": ".lora",
+    },
+    {
+        "rule": "!has(self.lora) || !has(self.hyperparameters.frozenLayerFraction) || self.hyperparameters.frozenLayerFraction == 0.0",
+        "message": "lora trains adapters of every block and leaves the weights frozen: hyperparameters.frozenLayerFraction must be 0 with it",
+        "fieldPath": ".hyperparameters.frozenLayerFraction",
+    },
 ]))]
 pub struct TrainingJobSpec {
     /// What to train: an architecture from scratch, or a base model to fine-tune.
@@ -91,6 +101,12 @@ pub struct TrainingJobSpec {
     /// DPO settings (stage `dpo`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<DpoSpec>,
+    /// Train low-rank adapters (LoRA) instead of the base model's weights, for sft or dpo: the
+    /// weights stay frozen, only the adapters have optimizer state. The output is the merged
+    /// model (what serving loads), with the adapters beside it in PEFT's format
+    /// (`adapter_model.safetensors`, `adapter_config.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
     /// Optimisation settings.
     pub hyperparameters: Hyperparameters,
     /// GPUs, CPU and memory per worker, and placement.
@@ -138,6 +154,72 @@ pub struct DpoSpec {
 
 fn default_beta() -> f64 {
     0.1
+}
+
+/// Low-rank adapters: every target weight `W` of every block trains as `W + (alpha / rank) B A`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraSpec {
+    /// Rank of each adapter.
+    #[serde(default = "default_lora_rank")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub rank: u32,
+    /// Scale numerator (the change is `alpha / rank` times `B A`).
+    #[serde(default = "default_lora_alpha")]
+    #[schemars(range(min = 0.001, max = 100000.0))]
+    pub alpha: f64,
+    /// Weights adapted in every block: `q`, `k`, `v`, `o` (attention), `gate`, `up`, `down`
+    /// (feed-forward). PEFT's default for llama models is `q` and `v`.
+    #[serde(default = "default_lora_targets")]
+    #[schemars(length(min = 1, max = 7))]
+    pub targets: Vec<LoraTarget>,
+}
+
+/// A weight of a decoder block that LoRA can adapt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraTarget {
+    /// Attention query projection.
+    Q,
+    /// Attention key projection.
+    K,
+    /// Attention value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// Feed-forward gate projection.
+    Gate,
+    /// Feed-forward up projection.
+    Up,
+    /// Feed-forward down projection.
+    Down,
+}
+
+impl LoraTarget {
+    /// The name the runtime uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Q => "q",
+            Self::K => "k",
+            Self::V => "v",
+            Self::O => "o",
+            Self::Gate => "gate",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
+fn default_lora_rank() -> u32 {
+    16
+}
+
+fn default_lora_alpha() -> f64 {
+    32.0
+}
+
+fn default_lora_targets() -> Vec<LoraTarget> {
+    vec![LoraTarget::Q, LoraTarget::V]
 }
 
 /// The model to train: exactly one of `architecture` and `baseModel`.

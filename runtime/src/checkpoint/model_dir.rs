@@ -91,6 +91,18 @@ pub fn save(
     tensors: &HashMap<String, Tensor>,
     text: &TextFiles,
 ) -> Result<String, CheckpointError> {
+    save_with(dest, config, tensors, text, |_| Ok(()))
+}
+
+/// [`save`], with `extra` writing more files into the directory before it is committed (they
+/// are in its manifest like the others).
+pub fn save_with(
+    dest: &Path,
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    text: &TextFiles,
+    extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<String, CheckpointError> {
     let parent = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -126,6 +138,7 @@ pub fn save(
         if let Some(template) = &text.chat_template {
             atomic::write_synced(&tmp.join(CHAT_TEMPLATE), template.as_bytes())?;
         }
+        extra(&tmp)?;
         let manifest = atomic::commit_dir(&tmp, dest, || Ok(()))?;
         Ok(manifest.files.get(WEIGHTS).cloned().unwrap_or_default())
     })();

@@ -249,7 +249,7 @@ fn hf_config(path: &Path) -> Result<ModelConfig, CheckpointError> {
 }
 
 /// The Hugging Face name of each runtime weight.
-fn hf_name(name: &str) -> String {
+pub fn hf_name(name: &str) -> String {
     let layer = |rest: &str| -> Option<(String, &'static str)> {
         let (i, w) = rest.split_once('.')?;
         let hf = match w {

@@ -27,6 +27,9 @@ pub struct TrainConfig {
     /// DPO settings (stage `dpo`).
     #[serde(default)]
     pub dpo: DpoSettings,
+    /// Train low-rank adapters of the base model's weights instead of the weights (sft, dpo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::lora::LoraSettings>,
     /// Optimisation settings.
     #[serde(default)]
     pub hyperparameters: Hyperparameters,
@@ -255,9 +258,20 @@ impl TrainConfig {
                 !(self.dpo.beta.is_finite() && self.dpo.beta > 0.0),
                 "dpo.beta must be positive",
             ),
+            (
+                self.lora.is_some() && self.model.base.is_none(),
+                "lora needs a base model to adapt",
+            ),
+            (
+                self.lora.is_some() && h.freeze_fraction > 0.0,
+                "lora trains adapters of every block: freezeFraction must be 0 with it",
+            ),
         ];
         if let Some((_, msg)) = checks.iter().find(|(bad, _)| *bad) {
             return Err((*msg).to_string());
+        }
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
         }
         self.dataset.split.validate()
     }

@@ -198,6 +198,9 @@ fn dense(l: &Linear) -> Result<&Tensor> {
     }
 }
 
+/// A micro-batch as the passes read it: token ids, targets, the loss mask, and the shapes.
+type Prepared = (Vec<u32>, Vec<u32>, Vec<f32>, attention::Geometry);
+
 /// Sets `v` to `len` values without touching the ones it keeps (they are overwritten).
 fn size(v: &mut Vec<f32>, len: usize) {
     v.resize(len, 0.0);
@@ -281,11 +284,7 @@ impl FusedStep {
 
     /// The batch as flat vectors, checked, with the model's weights loaded at the first
     /// micro-batch of a step.
-    fn prepare(
-        &mut self,
-        model: &Transformer,
-        batch: &Batch,
-    ) -> Result<(Vec<u32>, Vec<u32>, Vec<f32>, attention::Geometry)> {
+    fn prepare(&mut self, model: &Transformer, batch: &Batch) -> Result<Prepared> {
         if self.micro == 0 {
             self.load_weights(model)?;
         }

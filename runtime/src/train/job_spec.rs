@@ -57,6 +57,14 @@ pub fn from_spec(spec: &TrainingJobSpec) -> Result<TrainConfig, String> {
         dpo: DpoSettings {
             beta: spec.dpo.as_ref().map_or(0.1, |d| d.beta),
         },
+        lora: spec
+            .lora
+            .as_ref()
+            .map(|l| crate::train::lora::LoraSettings {
+                rank: l.rank as usize,
+                alpha: l.alpha,
+                targets: l.targets.iter().map(|t| t.as_str().to_string()).collect(),
+            }),
         hyperparameters: Hyperparameters {
             steps: h.steps,
             batch_size: h.batch_size as usize,

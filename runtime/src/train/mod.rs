@@ -7,6 +7,7 @@ pub mod dpo;
 pub mod fused;
 pub mod gang;
 pub mod job_spec;
+pub mod lora;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
@@ -415,7 +416,21 @@ pub fn train(
         reporter.event(&serde_json::json!({ "event": "done", "step": t.step, "rank": rank }));
         return Ok(());
     }
-    let sha256 = model_dir::save(&output, &t.model_config, &t.tensors()?, &t.text)?;
+    let sha256 =
+        model_dir::save_with(
+            &output,
+            &t.model_config,
+            &t.tensors()?,
+            &t.text,
+            |dir| match &t.lora {
+                Some(lora) => lora.write_peft(
+                    dir,
+                    &t.model_config,
+                    t.config.model.base.as_deref().unwrap_or_default(),
+                ),
+                None => Ok(()),
+            },
+        )?;
     let gguf = match t.config.output.gguf {
         Some(q) => Some(crate::checkpoint::gguf_export::export(&output, q)?),
         None => None,

@@ -5,6 +5,7 @@ use super::base;
 use super::config::{Stage, TrainConfig};
 use super::dpo;
 use super::fused::{self, FusedStep};
+use super::lora::Lora;
 use super::loss::{self, Objective};
 use super::optim::{self, AdamW};
 use super::resume::{self, JobIdentity};
@@ -106,6 +107,9 @@ impl TrainData {
     }
 }
 
+/// Name of the LoRA adapters' file in a checkpoint.
+const ADAPTERS: &str = "adapters.safetensors";
+
 /// Name of the reference log-probabilities' file in a DPO checkpoint.
 const REFERENCE: &str = "reference.safetensors";
 
@@ -156,6 +160,12 @@ pub struct Trainer {
     pub text: TextFiles,
     /// What kind of base model the run started from, if any.
     pub base_kind: Option<&'static str>,
+    /// The LoRA adapters, when the run trains adapters instead of weights.
+    pub lora: Option<Lora>,
+    /// The weights whose gradients a step computes (the optimizer's, or the adapted ones), by
+    /// name and shape, and their variables.
+    grad_names: Vec<(String, Vec<usize>)>,
+    grad_vars: Vec<candle_core::Var>,
     /// Optimizer steps done.
     pub step: u64,
     /// Trainer RNG.
@@ -234,12 +244,38 @@ impl Trainer {
             Stage::Sft => (h.freeze_fraction * model_config.n_layers as f64).floor() as usize,
             Stage::Pretrain | Stage::Dpo => 0,
         };
-        let trainable: Vec<_> = lock(&varmap)?
-            .iter()
-            .filter(|(name, _)| !is_frozen(name, frozen_blocks, model_config.tie_embeddings))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
+        let lora = match &config.lora {
+            Some(settings) => Some(Lora::new(
+                settings.clone(),
+                &model_config,
+                &varmap,
+                h.seed,
+                &device,
+            )?),
+            None => None,
+        };
+        // What the optimizer updates, and the weights whose gradients the step computes: the
+        // same, except with LoRA (the adapters; the adapted weights).
+        let trainable: Vec<_> = match &lora {
+            Some(l) => l.vars(),
+            None => lock(&varmap)?
+                .iter()
+                .filter(|(name, _)| !is_frozen(name, frozen_blocks, model_config.tie_embeddings))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
+        };
         let optimizer = AdamW::new(trainable, h)?;
+        let (grad_names, grad_vars) = match &lora {
+            Some(l) => (l.weights(), l.weight_vars()),
+            None => (
+                optimizer
+                    .params
+                    .iter()
+                    .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+                    .collect(),
+                optimizer.params.iter().map(|p| p.var.clone()).collect(),
+            ),
+        };
 
         let format = Format::new(tokenizer.as_ref(), text.chat_template.as_deref())?;
         let examples = data::load_as(&config.dataset.uri, config.dataset.format)?;
@@ -277,7 +313,7 @@ impl Trainer {
         let rng = Rng::new(h.seed, 0x7EA1);
         let compute_dtype = crate::device::training_dtype(h.precision, &device);
         let fused = if compute_dtype == DType::F32 && fused::applies(&model) {
-            let names = optimizer.params.iter().map(|p| p.name.clone()).collect();
+            let names = grad_names.iter().map(|(n, _)| n.clone()).collect();
             Some(FusedStep::new(&model, names)?)
         } else {
             None
@@ -292,6 +328,9 @@ impl Trainer {
             tokenizer,
             text,
             base_kind,
+            lora,
+            grad_names,
+            grad_vars,
             step: 0,
             rng,
             compute_dtype,
@@ -359,8 +398,11 @@ impl Trainer {
         let lr = optim::learning_rate(h, self.step);
         let (mut loss_sum, mut counted, mut tokens) = (0f64, 0usize, 0usize);
         let mut preference: Option<dpo::Sums> = None;
+        if let Some(lora) = &self.lora {
+            lora.merge()?;
+        }
         // candle's autograd path (GPU, bf16, or ANNEAL_FUSED_STEP=0) sums its gradients here.
-        let mut sums: Vec<Option<Tensor>> = vec![None; self.optimizer.params.len()];
+        let mut sums: Vec<Option<Tensor>> = vec![None; self.grad_vars.len()];
         let cast;
         let model = if self.fused.is_some() || self.compute_dtype == self.model.embedding.dtype() {
             &self.model
@@ -426,8 +468,8 @@ impl Trainer {
                         .to_dtype(DType::F32)?;
                     let (loss, outcome) = loss::loss_tensor(&logits, &batch, &objective)?;
                     let store = loss.backward()?;
-                    for (acc, p) in sums.iter_mut().zip(&self.optimizer.params) {
-                        if let Some(g) = store.get(p.var.as_tensor()) {
+                    for (acc, var) in sums.iter_mut().zip(&self.grad_vars) {
+                        if let Some(g) = store.get(var.as_tensor()) {
                             *acc = Some(match acc.take() {
                                 None => g.clone(),
                                 Some(a) => (a + g)?,
@@ -443,20 +485,28 @@ impl Trainer {
             }
         }
         let grads = match self.fused.as_mut() {
-            Some(step) => {
-                let names: Vec<_> = self
-                    .optimizer
-                    .params
-                    .iter()
-                    .map(|p| (p.name.clone(), p.var.dims().to_vec()))
-                    .collect();
-                step.take_grads(&names)?
-            }
+            Some(step) => step.take_grads(&self.grad_names)?,
             None => sums
                 .into_iter()
-                .zip(&self.optimizer.params)
-                .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
+                .zip(&self.grad_vars)
+                .map(|(g, var)| g.map_or_else(|| var.as_tensor().zeros_like(), Ok))
                 .collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        // With LoRA, the adapters' gradients from the adapted weights', in optimizer order.
+        let grads = match &self.lora {
+            Some(lora) => {
+                let mut by_name = lora.adapter_grads(&grads)?;
+                self.optimizer
+                    .params
+                    .iter()
+                    .map(|p| {
+                        by_name.remove(&p.name).ok_or_else(|| {
+                            TrainError::Internal(format!("no gradient for {}", p.name))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, TrainError>>()?
+            }
+            None => grads,
         };
         // The gang's sums: every rank then takes the step of the whole global batch.
         let grads = super::gang::sum_gradients(&mut self.gang, grads)?;
@@ -491,6 +541,10 @@ impl Trainer {
 
     /// Every weight by name (frozen ones included).
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>, TrainError> {
+        // The adapted weights as the adapters stand now (the last step moved them).
+        if let Some(lora) = &self.lora {
+            lora.merge()?;
+        }
         Ok(lock(&self.varmap)?
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
@@ -533,6 +587,9 @@ impl Trainer {
                 &self.optimizer.state_tensors(),
                 tmp.join("optimizer.safetensors"),
             )?;
+            if let Some(lora) = &self.lora {
+                candle_core::safetensors::save(&lora.tensors(), tmp.join(ADAPTERS))?;
+            }
             if let Some(refs) = &reference {
                 candle_core::safetensors::save(
                     &HashMap::from([("reference".to_string(), refs.clone())]),
@@ -563,6 +620,11 @@ impl Trainer {
             .load_state(moments, state.optimizer_step)
             .map_err(|e| corrupt(&e))?;
         self.data.seek(state.cursor);
+        if let Some(lora) = &self.lora {
+            let tensors = candle_core::safetensors::load(path.join(ADAPTERS), &self.device)
+                .map_err(|e| corrupt(&e))?;
+            lora.load(&tensors)?;
+        }
         if let TrainData::Pairs { loader, .. } = &mut self.data {
             let refs = candle_core::safetensors::load(path.join(REFERENCE), &Device::Cpu)
                 .map_err(|e| corrupt(&e))?;
