@@ -22,6 +22,9 @@
 //!   first) and the peak RSS, and writes each step's batch into `DIR/batches.json`.
 //!   `--lora-rank 16` trains LoRA adapters (`lora: {rank, alpha, targets}` in the config)
 //!   instead of the weights.
+//! - `phases`: where an sft step's time goes: the pieces `train_step` runs, timed one by one
+//!   (the fused step's forward + backward with its copy of the weights, handing the gradients
+//!   over as tensors, the gradient norm, AdamW), medians over the steps after the first.
 //! - `export`: the base model's weights in Hugging Face layout into `DIR`.
 
 use anneal_runtime::data::{Batch, Loader, PairSample, Sample};
@@ -94,6 +97,7 @@ fn main() -> Res<()> {
     match cmd.as_str() {
         "dpo-check" => dpo_check(&o, threads),
         "speed" => speed(&o, threads),
+        "phases" => phases(&o, threads),
         "export" => {
             let out = PathBuf::from(o.need("out"));
             let t = Trainer::new(config(&o, "sft", threads, 1, 1)?, Device::Cpu)?;
@@ -421,6 +425,74 @@ fn speed(o: &Opts, threads: usize) -> Res<()> {
             "step_cpu_secs": cpu, "tokens": tokens, "losses": losses, "peak_rss_mib": peak,
             "load_secs": load_s, "reference_secs": reference_s, "reference_pairs": scored,
             "fused": std::env::var("ANNEAL_FUSED_STEP").map_or(true, |v| v != "0"),
+        })
+    );
+    Ok(())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn phases(o: &Opts, threads: usize) -> Res<()> {
+    let batch: usize = o.num("batch", 8);
+    let steps: u64 = o.num("steps", 5);
+    let seed: u64 = o.num("seed", 0);
+    let mut t = Trainer::new(config(o, "sft", threads, batch, steps)?, Device::Cpu)?;
+    let _ = PAD.set(t.tokenizer.eos_id().unwrap_or(0));
+    let TrainData::Samples(loader) = &t.data else {
+        return Err("not an sft run".into());
+    };
+    let mut order = Loader::new(loader.items().to_vec(), seed, loader.cursor);
+    let names: Vec<(String, Vec<usize>)> = t
+        .optimizer
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .collect();
+    let mut fused = FusedStep::new(&t.model, names.iter().map(|(n, _)| n.clone()).collect())?;
+    let mut rows: Vec<[f64; 4]> = Vec::new();
+    let mut padded = 0;
+    for _ in 0..steps {
+        let samples = order.next_samples(batch);
+        let b = Batch::new(&samples, pad_of(), &Device::Cpu)?;
+        padded = b.inputs.elem_count();
+        let t0 = Instant::now();
+        let out = fused.accumulate(&t.model, &b, &Objective::Nll)?;
+        let t1 = Instant::now();
+        let grads = fused.take_grads(&names)?;
+        let t2 = Instant::now();
+        let scale = 1.0 / b.n_tokens.max(1) as f64;
+        let norm = optim::global_norm(&grads, scale)?;
+        let t3 = Instant::now();
+        let clip = optim::clip_factor(norm, t.config.hyperparameters.grad_clip);
+        t.optimizer
+            .step(&grads, scale * clip, t.config.hyperparameters.learning_rate)?;
+        let t4 = Instant::now();
+        let s = |a: Instant, b: Instant| (b - a).as_secs_f64();
+        rows.push([s(t0, t1), s(t1, t2), s(t2, t3), s(t3, t4)]);
+        eprintln!("loss {:.4}", out.loss_sum * scale);
+    }
+    let col = |i: usize| median(rows[1..].iter().map(|r| r[i]).collect());
+    let (fb, take, norm, adam) = (col(0), col(1), col(2), col(3));
+    let c = &t.model_config;
+    // Multiply-adds of the projections and the head per token (attention's own are left out).
+    let per_token = c.n_layers
+        * c.hidden_size
+        * ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim()
+            + c.n_heads * c.head_dim()
+            + 3 * c.intermediate_size)
+        + c.hidden_size * c.vocab_size;
+    println!(
+        "{}",
+        json!({
+            "freeze": o.num("freeze", 0.0), "batch": batch, "padded_tokens": padded,
+            "forward_backward_secs": fb, "take_grads_secs": take, "grad_norm_secs": norm,
+            "adamw_secs": adam, "step_secs": fb + take + norm + adam,
+            // Forward 2, backward 4 flops per multiply-add (input and weight gradients).
+            "forward_backward_gflops": 6.0 * per_token as f64 * padded as f64 / fb / 1e9,
+            "trainable": t.optimizer.params.iter().map(|p| p.var.elem_count()).sum::<usize>(),
         })
     );
     Ok(())
