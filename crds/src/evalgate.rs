@@ -194,13 +194,25 @@ pub struct MetricThreshold {
     pub dry_run: bool,
 }
 
-/// Compare against the model being served now.
+/// Compare against a baseline model, evaluated in the same pod on the same examples: the one a
+/// ModelServer serves now, or the one a TrainingJob wrote (the sft model a dpo job started
+/// from: "exact match not below the sft model's").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.modelServer) != has(self.trainingJob)",
+    "message": "noRegression names exactly one of modelServer and trainingJob",
+}]))]
 pub struct NoRegression {
     /// The ModelServer whose current model is the baseline. While it serves nothing there is
     /// nothing to compare with, and only the thresholds decide (said in the status).
-    pub model_server: LocalObjectReference,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_server: Option<LocalObjectReference>,
+    /// A TrainingJob of this namespace whose model (`status.artifact`) is the baseline. Until
+    /// it has succeeded there is nothing to compare with (as for a server that serves nothing);
+    /// a candidate trained from its model comes after it anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_job: Option<LocalObjectReference>,
     /// Relative slack: the candidate may be this much worse (0.01 = 1%) and still pass.
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 1.0))]
@@ -300,6 +312,10 @@ pub struct ResolvedModel {
     /// The EvalGate that passed it, for a model a gate promoted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<String>,
+    /// For a model aligned with DPO: the model it was aligned against (its TrainingJob's base
+    /// model), against which `preferenceAccuracy` ranks pairs by the implicit reward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 impl ResolvedModel {

@@ -58,13 +58,13 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
         "fieldPath": ".hyperparameters.warmupSteps",
     },
     {
-        "rule": "self.stage != 'sft' || has(self.model.baseModel) || self.dataset.uri.startsWith('builtin:') || self.dataset.format != 'text'",
+        "rule": "self.stage != 'sft' || has(self.model.baseModel) || has(self.model.fromTrainingJob) || self.dataset.uri.startsWith('builtin:') || self.dataset.format != 'text'",
         "message": "stage sft needs prompt/response data: dataset.format must be jsonl (or auto) or a builtin set",
         "fieldPath": ".dataset.format",
     },
     {
-        "rule": "self.stage != 'dpo' || has(self.model.baseModel)",
-        "message": "stage dpo needs model.baseModel: the model it aligns, which is also its reference",
+        "rule": "self.stage != 'dpo' || has(self.model.baseModel) || has(self.model.fromTrainingJob)",
+        "message": "stage dpo needs model.baseModel (or model.fromTrainingJob): the model it aligns, which is also its reference",
         "fieldPath": ".model.baseModel",
     },
     {
@@ -78,8 +78,8 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
         "fieldPath": ".dpo",
     },
     {
-        "rule": "!has(self.lora) || (self.stage != 'pretrain' && has(self.model.baseModel))",
-        "message": "lora adapts a base model: it needs model.baseModel and stage sft or dpo",
+        "rule": "!has(self.lora) || (self.stage != 'pretrain' && (has(self.model.baseModel) || has(self.model.fromTrainingJob)))",
+        "message": "lora adapts a base model: it needs model.baseModel (or model.fromTrainingJob) and stage sft or dpo",
         "fieldPath": ".lora",
     },
     {
@@ -226,8 +226,8 @@ fn default_lora_targets() -> Vec<LoraTarget> {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.architecture) != has(self.baseModel)",
-    "message": "exactly one of model.architecture and model.baseModel must be set",
+    "rule": "(has(self.architecture) ? 1 : 0) + (has(self.baseModel) ? 1 : 0) + (has(self.fromTrainingJob) ? 1 : 0) == 1",
+    "message": "exactly one of model.architecture, model.baseModel and model.fromTrainingJob must be set",
 }]))]
 pub struct ModelSpec {
     /// Train a new decoder-only transformer of this shape.
@@ -238,6 +238,13 @@ pub struct ModelSpec {
     /// `model.safetensors`, `tokenizer.json`). Its tokenizer and chat template are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<StorageUri>,
+    /// Fine-tune the model another TrainingJob of this namespace writes (its
+    /// `status.artifact`): this job waits, Pending with condition `BaseModelReady=False`, until
+    /// that one has succeeded, then records the model it starts from in `status.baseModel` and
+    /// keeps it (a re-run of the other job does not change a job that has started). How an sft
+    /// job and a dpo job on top of it are applied together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_training_job: Option<crate::common::LocalObjectReference>,
 }
 
 /// Shape of a decoder-only transformer (pre-norm RMSNorm, RoPE, grouped-query attention, SwiGLU).
@@ -597,6 +604,10 @@ pub struct TrainingJobStatus {
     /// The trained model, once the job succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<ModelArtifact>,
+    /// The base model this job trains from, when `spec.model.fromTrainingJob` named it:
+    /// recorded before the first worker starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<BaseModelRecord>,
     /// The current attempt's gang, when the job has more than one worker: its state and where
     /// each worker runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -665,6 +676,18 @@ impl TrainingProgress {
             ..Self::default()
         }
     }
+}
+
+/// The model a job fine-tunes, taken from another TrainingJob.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseModelRecord {
+    /// The TrainingJob it came from.
+    pub training_job: String,
+    /// Where the model is (that job's `status.artifact.uri`).
+    pub uri: String,
+    /// sha256 of its weights (hex).
+    pub sha256: String,
 }
 
 /// A checkpoint that was written and verified.

@@ -87,6 +87,8 @@ async fn api_server_accepts_every_example() -> Result<()> {
         "evalgate.yaml",
         "modelserver.yaml",
         "pipeline.yaml",
+        "pipeline-smollm2.yaml",
+        "serve-smollm2.yaml",
     ] {
         let out = server_dry_run(
             namespace.name(),

@@ -966,3 +966,121 @@ async fn kwok_operator_sigkilled_during_evaluation_and_promotion_evaluates_once_
     );
     Ok(())
 }
+
+/// `manifests/examples/pipeline-smollm2.yaml` wired end to end (the runtime's part played as
+/// above): the dpo job waits for the sft job's model (Pending, `BaseModelReady=False`), then
+/// records it in `status.baseModel` and its workers read it as their `baseModel`; the gate's
+/// evaluation ranks preference pairs against that model (`--reference`) and compares with the
+/// sft model (`--baseline`, noRegression on a TrainingJob); the server serves the dpo model.
+#[tokio::test]
+#[ignore = "needs the cluster tier: e2e/cluster/up.sh"]
+async fn kwok_smollm2_pipeline_dpo_waits_for_its_sft_base_and_the_gate_ranks_against_it()
+-> Result<()> {
+    let client = client().await?;
+    let (namespace, _operator) = restricted_namespace(&client, "smollm2").await?;
+    let ns = namespace.name();
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/examples/pipeline-smollm2.yaml"),
+    )?;
+    apply(ns, &yaml).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
+
+    // The dpo job waits for its base, says why, and runs nothing.
+    let waiting = wait_for(&jobs, "smollm2-dpo", TIMEOUT, |j: Option<&TrainingJob>| {
+        j.and_then(|j| j.status.as_ref()).is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "BaseModelReady" && c.status == "False")
+        })
+    })
+    .await?
+    .context("dpo job")?;
+    let why = &waiting.status.as_ref().context("status")?.conditions;
+    ensure!(
+        why.iter()
+            .any(|c| c.reason == "WaitingForTrainingJob" && c.message.contains("smollm2-sft")),
+        "{why:?}"
+    );
+    running_worker(&pods, "smollm2-sft", 1, TIMEOUT).await?;
+    ensure!(
+        pods.get_opt(&worker("smollm2-dpo", 1)).await?.is_none(),
+        "the dpo job started before its base model existed"
+    );
+
+    let sft = json!({"artifact": {"uri": "pvc://anneal-models/smollm2-sft", "sha256": sha(1)}});
+    exit_pod(&client, ns, &worker("smollm2-sft", 1), 0, &sft.to_string()).await?;
+    running_worker(&pods, "smollm2-dpo", 1, TIMEOUT).await?;
+    let dpo = jobs.get("smollm2-dpo").await?;
+    let recorded = dpo
+        .status
+        .as_ref()
+        .and_then(|s| s.base_model.clone())
+        .context("status.baseModel")?;
+    ensure!(
+        recorded.uri == "pvc://anneal-models/smollm2-sft" && recorded.sha256 == sha(1),
+        "{recorded:?}"
+    );
+    ensure!(
+        dpo.spec.model.base_model.is_none(),
+        "the operator wrote the user's spec"
+    );
+    // The workers' configuration names the sft model as the base.
+    let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels("anneal.dev/trainingjob=smollm2-dpo"))
+        .await?;
+    let config = cm
+        .items
+        .iter()
+        .flat_map(|c| c.data.iter().flat_map(|d| d.values()))
+        .find(|v| v.contains("baseModel"))
+        .context("the dpo job's configuration")?;
+    ensure!(
+        config.contains("pvc://anneal-models/smollm2-sft") && !config.contains("fromTrainingJob"),
+        "{config}"
+    );
+
+    let dpo_artifact =
+        json!({"artifact": {"uri": "pvc://anneal-models/smollm2-dpo", "sha256": sha(2)}});
+    exit_pod(
+        &client,
+        ns,
+        &worker("smollm2-dpo", 1),
+        0,
+        &dpo_artifact.to_string(),
+    )
+    .await?;
+    let pod = eval_pod(&client, ns, "smollm2").await?;
+    let args = pod.spec.as_ref().context("spec")?.containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    for (flag, value) in [
+        ("--model", "pvc://anneal-models/smollm2-dpo"),
+        ("--reference", "pvc://anneal-models/smollm2-sft"),
+        ("--baseline", "pvc://anneal-models/smollm2-sft"),
+    ] {
+        ensure!(
+            args.windows(2).any(|w| w == [flag, value]),
+            "{flag} {value} missing: {args:?}"
+        );
+    }
+    let baseline = json!({"model_sha256": sha(1), "examples": 30, "loss": 0.5,
+        "exact_match": 0.5, "preference_accuracy": 0.0});
+    let report = json!({"event": "eval", "model_sha256": sha(2), "examples": 30, "loss": 0.4,
+        "exact_match": 0.55, "preference_accuracy": 0.96, "baseline": baseline});
+    exit_pod(&client, ns, &pod.name_any(), 0, &report.to_string()).await?;
+    let gate = gate_decided(&client, ns, "smollm2", GatePhase::Passed).await?;
+    let results = gate.status.context("status")?.results;
+    ensure!(
+        results.iter().any(
+            |r| r.metric == anneal_crds::evalgate::Metric::PreferenceAccuracy
+                && r.value == Some(0.96)
+                && r.passed
+        ),
+        "{results:?}"
+    );
+    server_serving(&client, ns, "smollm2-tuned", ServerPhase::Ready, &sha(2)).await?;
+    Ok(())
+}

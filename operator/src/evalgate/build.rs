@@ -106,10 +106,14 @@ pub fn eval_pod(
     if let Some(base) = baseline {
         args.extend(["--baseline".into(), base.uri.clone()]);
     }
+    if let Some(reference) = &candidate.reference {
+        args.extend(["--reference".into(), reference.clone()]);
+    }
     let reads = [
         Some(candidate.uri.as_str()),
         Some(spec.dataset.uri.as_str()),
         baseline.map(|b| b.uri.as_str()),
+        candidate.reference.as_deref(),
     ];
     let (claim_volumes, claim_mounts) = pod::claim_volumes(reads.into_iter().flatten(), []);
     let mut volumes = vec![json!({"name": "tmp", "emptyDir": {}})];
@@ -161,6 +165,7 @@ mod tests {
             uri: "pvc://anneal-models/arith".into(),
             sha256: Some("ab".repeat(32)),
             gate: None,
+            reference: None,
         };
         let baseline = ResolvedModel {
             uri: "pvc://served/v1".into(),

@@ -673,6 +673,7 @@ mod tests {
             uri: "pvc://anneal-models/arith".into(),
             sha256: Some(SHA.into()),
             gate: None,
+            reference: None,
         }
     }
 
@@ -831,9 +832,10 @@ mod tests {
     fn a_regression_against_the_served_model_fails_within_bounds() {
         let mut gate = gate();
         gate.spec.no_regression = Some(NoRegression {
-            model_server: anneal_crds::common::LocalObjectReference {
+            model_server: Some(anneal_crds::common::LocalObjectReference {
                 name: "arith".into(),
-            },
+            }),
+            training_job: None,
             tolerance: 0.01,
         });
         let served = ResolvedModel {
@@ -841,6 +843,7 @@ mod tests {
             uri: "pvc://anneal-models/arith-v1".into(),
             sha256: Some(BASE_SHA.into()),
             gate: Some("arith".into()),
+            reference: None,
         };
         let gate = started(gate, &Baseline::Model(served.clone()));
         assert_eq!(gate.status.as_ref().unwrap().baseline, Some(served));

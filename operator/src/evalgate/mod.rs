@@ -146,6 +146,7 @@ async fn resolve_candidate(gate: &EvalGate, client: &Client) -> Result<Candidate
             uri: uri.0.clone(),
             sha256: None,
             gate: None,
+            reference: None,
         }));
     }
     let Some(reference) = &gate.spec.candidate.training_job else {
@@ -160,6 +161,16 @@ async fn resolve_candidate(gate: &EvalGate, client: &Client) -> Result<Candidate
     else {
         return Ok(Candidate::Gone);
     };
+    // A DPO model is ranked against what it was aligned from: its job's base model.
+    let aligned_against = (job.spec.stage == anneal_crds::trainingjob::Stage::Dpo)
+        .then(|| {
+            job.status
+                .as_ref()
+                .and_then(|s| s.base_model.as_ref())
+                .map(|b| b.uri.clone())
+                .or_else(|| job.spec.model.base_model.as_ref().map(|u| u.0.clone()))
+        })
+        .flatten();
     let status = job.status.unwrap_or_default();
     let name = &reference.name;
     Ok(match (status.phase, status.artifact) {
@@ -168,6 +179,7 @@ async fn resolve_candidate(gate: &EvalGate, client: &Client) -> Result<Candidate
             uri: artifact.uri,
             sha256: Some(artifact.sha256.to_lowercase()),
             gate: None,
+            reference: aligned_against,
         }),
         (Some(TrainingPhase::Failed), _) => {
             let why = status
@@ -199,13 +211,37 @@ async fn resolve_candidate(gate: &EvalGate, client: &Client) -> Result<Candidate
     })
 }
 
-/// The model `noRegression` compares with: what the named ModelServer serves now.
+/// The model `noRegression` compares with: what the named ModelServer serves now, or the model
+/// the named TrainingJob wrote.
 async fn resolve_baseline(gate: &EvalGate, client: &Client) -> Result<Baseline, Error> {
     let Some(nr) = &gate.spec.no_regression else {
         return Ok(Baseline::NotAsked);
     };
     let ns = gate.namespace().unwrap_or_default();
-    let name = &nr.model_server.name;
+    if let Some(job) = &nr.training_job {
+        let name = &job.name;
+        let status = Api::<TrainingJob>::namespaced(client.clone(), &ns)
+            .get_opt(name)
+            .await?
+            .and_then(|j| j.status)
+            .unwrap_or_default();
+        return Ok(match (status.phase, status.artifact) {
+            (Some(TrainingPhase::Succeeded), Some(artifact)) => Baseline::Model(ResolvedModel {
+                source: format!("trainingjob/{name}"),
+                uri: artifact.uri,
+                sha256: Some(artifact.sha256.to_lowercase()),
+                gate: None,
+                reference: None,
+            }),
+            _ => Baseline::NothingServed(format!("TrainingJob {name} has no model yet")),
+        });
+    }
+    let Some(server) = &nr.model_server else {
+        return Err(Error::Build(
+            "spec.noRegression names neither a modelServer nor a trainingJob".into(),
+        ));
+    };
+    let name = &server.name;
     let Some(server) = Api::<ModelServer>::namespaced(client.clone(), &ns)
         .get_opt(name)
         .await?

@@ -214,6 +214,7 @@ mod tests {
             uri: "pvc://anneal-models/arith".into(),
             sha256: Some("cd".repeat(32)),
             gate: Some("arith".into()),
+            reference: None,
         };
         let d = serde_json::to_value(
             deployment(&server(), &model, &OperatorConfig::default()).unwrap(),

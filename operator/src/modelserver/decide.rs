@@ -385,6 +385,7 @@ mod tests {
             uri: format!("pvc://anneal-models/v{n}"),
             sha256: Some(format!("{n}").repeat(64)),
             gate: Some("arith".into()),
+            reference: None,
         }
     }
 

@@ -157,6 +157,7 @@ async fn resolve(server: &ModelServer, client: &Client) -> Result<Desired, Error
             uri: uri.0.clone(),
             sha256: None,
             gate: None,
+            reference: None,
         }));
     }
     let Some(reference) = &source.from_eval_gate else {

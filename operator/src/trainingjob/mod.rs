@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anneal_crds::TrainingJob;
+use anneal_crds::common::{StorageUri, set_condition};
+use anneal_crds::trainingjob::{BaseModelRecord, TrainingPhase};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServiceAccount};
@@ -29,9 +31,12 @@ use crate::leader::WriteGate;
 use crate::metrics::{FailoverLabels, Metrics};
 use crate::node_health::{NodeView, gpus_lost, lease_deadline, node_failure, pod_gpus};
 use crate::reconcile::{
-    Applied, Backoff, Error, Writer, apply_child, apply_status, delete_child, ensure_created,
-    owned_by_operator, retry_after, scoped, watched_store,
+    Applied, Backoff, Error, Writer, apply_child, apply_status, condition, delete_child,
+    ensure_created, owned_by_operator, retry_after, scoped, watched_store,
 };
+
+/// Condition of a job with `spec.model.fromTrainingJob`: whether its base model exists.
+pub const BASE_MODEL_READY: &str = "BaseModelReady";
 use decide::{Observed, Plan, decide};
 
 /// What every reconcile shares.
@@ -194,10 +199,102 @@ async fn gpus_held_by_others(
         .sum())
 }
 
+/// Where a job that names its base model through `spec.model.fromTrainingJob` stands.
+enum BaseModel {
+    /// The model, recorded in status (or about to be).
+    Ready(BaseModelRecord),
+    /// Why the job waits.
+    Waiting(String),
+}
+
+/// The base model of a job with `spec.model.fromTrainingJob`: the one its status recorded, or
+/// the other job's artifact once it has succeeded. `None` for other jobs.
+async fn resolve_base(job: &TrainingJob, client: &Client) -> Result<Option<BaseModel>, Error> {
+    let Some(from) = &job.spec.model.from_training_job else {
+        return Ok(None);
+    };
+    if let Some(recorded) = job.status.as_ref().and_then(|s| s.base_model.clone()) {
+        return Ok(Some(BaseModel::Ready(recorded)));
+    }
+    let namespace = job.namespace().unwrap_or_default();
+    let name = &from.name;
+    let other = Api::<TrainingJob>::namespaced(client.clone(), &namespace)
+        .get_opt(name)
+        .await?;
+    let status = other.and_then(|o| o.status);
+    Ok(Some(match status {
+        Some(s) if s.phase == Some(TrainingPhase::Succeeded) && s.artifact.is_some() => {
+            let artifact = s.artifact.unwrap_or_default();
+            BaseModel::Ready(BaseModelRecord {
+                training_job: name.clone(),
+                uri: artifact.uri,
+                sha256: artifact.sha256.to_lowercase(),
+            })
+        }
+        Some(s) => BaseModel::Waiting(format!(
+            "waiting for TrainingJob {name} to succeed (phase {})",
+            s.phase
+                .map_or_else(|| "Pending".to_string(), |p| format!("{p:?}"))
+        )),
+        None => BaseModel::Waiting(format!(
+            "waiting for TrainingJob {name}, which does not exist (yet)"
+        )),
+    }))
+}
+
 async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     if job.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    // A job fine-tuning another job's model starts once that model exists, and from then on
+    // trains as if `spec.model.baseModel` named it (never written into the spec: the spec is
+    // the user's).
+    let job = match resolve_base(&job, &ctx.client).await? {
+        None => job,
+        Some(BaseModel::Ready(record)) => {
+            let mut effective = (*job).clone();
+            effective.spec.model.base_model = Some(StorageUri(record.uri.clone()));
+            effective.spec.model.from_training_job = None;
+            let status = effective.status.get_or_insert_with(Default::default);
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    BASE_MODEL_READY,
+                    true,
+                    "Resolved",
+                    &format!(
+                        "fine-tunes the model of TrainingJob {} ({}, sha256 {})",
+                        record.training_job, record.uri, record.sha256
+                    ),
+                    job.metadata.generation,
+                    Timestamp::now(),
+                ),
+            );
+            status.base_model = Some(record);
+            Arc::new(effective)
+        }
+        Some(BaseModel::Waiting(message)) => {
+            let mut status = job.status.clone().unwrap_or_default();
+            status.phase = Some(TrainingPhase::Pending);
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    BASE_MODEL_READY,
+                    false,
+                    "WaitingForTrainingJob",
+                    &message,
+                    job.metadata.generation,
+                    Timestamp::now(),
+                ),
+            );
+            if job.status.as_ref() != Some(&status) {
+                let api: Api<TrainingJob> =
+                    Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+                apply_status(&api, &job, &status, &ctx.writer).await?;
+            }
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+    };
     let name = job.name_any();
     let namespace = job.namespace().unwrap_or_default();
     let client = &ctx.client;
