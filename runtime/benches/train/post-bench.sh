@@ -4,6 +4,7 @@
 #   runtime/benches/train/post-bench.sh            # both parts
 #   PARTS=check runtime/benches/train/post-bench.sh   # DPO correctness only (exit 1 on a mismatch)
 #   PARTS=speed runtime/benches/train/post-bench.sh   # fine-tuning speed only
+#   PARTS=phases runtime/benches/train/post-bench.sh  # where anneal's sft step of SmolLM2 spends its time
 #
 # check: DPO's loss, rewards and gradient norm of one batch, computed by anneal (the fused CPU
 #   step, candle's autograd, and Trainer::train_step) and by PyTorch (transformers'
@@ -104,5 +105,12 @@ if [[ " $parts " == *" speed "* ]]; then
         results+=("$name|$before -> $(load)|$a|$p")
     done
     printf '%s\n' "${results[@]}" | python3 "$here/post_table.py" "$batch" "$steps"
+fi
+if [[ " $parts " == *" phases "* ]]; then
+    for freeze in 0 0.8; do
+        echo "== phases of an sft step, freezeFraction $freeze (load $(load))"
+        "$bench" phases --model "$smollm2" --batch "$batch" --steps "$steps" --freeze "$freeze" \
+            --threads "$threads" 2>/dev/null
+    done
 fi
 exit $status
