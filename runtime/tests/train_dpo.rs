@@ -40,32 +40,13 @@ output:
     )
 }
 
-/// DPO from `base` with checkpoints every 10 steps.
+/// DPO from `base` with checkpoints every 10 steps into `ckpt`.
 fn dpo_config(base: &std::path::Path, output: &std::path::Path, ckpt: &std::path::Path) -> String {
-    format!(
-        r#"model:
-  base: {}
-dataset:
-  uri: builtin:preferences
-stage: dpo
-dpo:
-  beta: 0.1
-hyperparameters:
-  steps: 40
-  batchSize: 8
-  learningRate: 0.002
-  warmupSteps: 2
-  threads: 2
-  logEvery: 1
-checkpoint:
-  dir: {}
-  everySteps: 10
-output:
-  path: {}
-"#,
-        base.display(),
-        ckpt.display(),
-        output.display()
+    train_support::dpo_config(
+        base,
+        output,
+        "  steps: 40\n  batchSize: 8\n  learningRate: 0.002\n  warmupSteps: 2\n  threads: 2\n  logEvery: 1",
+        &format!("checkpoint:\n  dir: {}\n  everySteps: 10", ckpt.display()),
     )
 }
 

@@ -165,3 +165,13 @@ pub fn train_until_killed(
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A dpo config from `base` on `builtin:preferences` (beta 0.1), with `extra` top-level YAML
+/// (lora, checkpoints) and `hyper` hyperparameter lines, writing its model to `output`.
+pub fn dpo_config(base: &Path, output: &Path, hyper: &str, extra: &str) -> String {
+    format!(
+        "model:\n  base: {}\ndataset:\n  uri: builtin:preferences\nstage: dpo\ndpo:\n  beta: 0.1\n{extra}\nhyperparameters:\n{hyper}\noutput:\n  path: {}\n",
+        base.display(),
+        output.display()
+    )
+}
