@@ -67,8 +67,9 @@ pub struct EvalGateSpec {
     #[schemars(length(min = 1, max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["metric"]))]
     pub metrics: Vec<MetricThreshold>,
-    /// Also require that the candidate is not worse than the model a ModelServer serves now,
-    /// both measured in the same evaluation pod on the same data.
+    /// Also require that the candidate is not worse than a baseline (the model a ModelServer
+    /// serves now, or a TrainingJob's model), both measured in the same evaluation pod on the
+    /// same data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_regression: Option<NoRegression>,
     /// The gate fails when one evaluation (all its tries) takes longer than this.

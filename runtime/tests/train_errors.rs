@@ -83,7 +83,7 @@ fn eval_bad_inputs() {
         ],
         &[],
     );
-    assert_user_error(&out, "no such model directory");
+    assert_user_error(&out, "no such model");
     std::fs::create_dir_all(s.path("broken")).unwrap();
     let broken = s.path("broken");
     let out = run(

@@ -376,6 +376,69 @@ mod tests {
         Ok(())
     }
 
+    /// Runtime weights written in Hugging Face layout (what the PyTorch references load, and
+    /// transformers agrees with the runtime's loss on them: BENCHMARKS.md) read back equal, and
+    /// a Hugging Face `config.json` gives the architecture.
+    #[test]
+    fn hugging_face_layout_round_trips() -> Result<(), CheckpointError> {
+        let config = ModelConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            intermediate_size: 24,
+            max_seq_len: 32,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            tie_embeddings: true,
+        };
+        let vars = crate::model::init_params(&config, 5, &Device::Cpu)?;
+        let ours: HashMap<String, Tensor> = vars
+            .data()
+            .lock()
+            .map_err(|_| CheckpointError::Format("lock".into()))?
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let hf = to_hf_names(&config, &ours)?;
+        assert!(hf.contains_key("model.layers.1.self_attn.k_proj.weight"));
+        let back = from_hf_names(&config, hf)?;
+        for (name, t) in &ours {
+            let (a, b) = (
+                t.flatten_all()?.to_vec1::<f32>()?,
+                back[name].flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert_eq!(a, b, "{name}");
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "anneal-hf-{}",
+            crate::checkpoint::atomic::writer_tag()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::Format(e.to_string()))?;
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 40, "hidden_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 24, "max_position_embeddings": 32, "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+        });
+        std::fs::write(dir.join("config.json"), json.to_string())
+            .map_err(|e| CheckpointError::Format(e.to_string()))?;
+        let parsed = hf_config(&dir.join("config.json"));
+        let missing = huggingface_dir(&dir, &Device::Cpu)
+            .err()
+            .map(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(parsed?, config);
+        assert!(
+            missing
+                .as_deref()
+                .is_some_and(|m| m.contains("has no model.safetensors")),
+            "{missing:?}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn hugging_face_names() {
         assert_eq!(
