@@ -354,6 +354,11 @@ impl Trainer {
             .filter(|&i| loader.items()[i].reference.is_none())
             .collect();
         let vocab = self.model_config.vocab_size;
+        // candle's path computes in the training dtype: cast the model once, not per batch.
+        let cast = match self.fused {
+            Some(_) => None,
+            None => Some(self.model.to_dtype(self.compute_dtype)?),
+        };
         for chunk in todo.chunks(per_batch) {
             let items = loader.items();
             let samples: Vec<&Sample> = chunk
@@ -373,9 +378,10 @@ impl Trainer {
                     dpo::sequence_logps(logits, &targets, &mask, vocab, &rows)
                 }
                 None => {
-                    let logits = self
-                        .model
-                        .to_dtype(self.compute_dtype)?
+                    let model = cast.as_ref().ok_or_else(|| {
+                        TrainError::Internal("no model in the training dtype".into())
+                    })?;
+                    let logits = model
                         .forward(&batch.inputs, 0, None)?
                         .detach()
                         .to_dtype(DType::F32)?;
