@@ -279,12 +279,7 @@ fn dpo_check(o: &Opts, threads: usize) -> Res<()> {
         pairs: &pairs1,
         beta: o.num("beta", 0.1),
     };
-    let names: Vec<(String, Vec<usize>)> = t
-        .optimizer
-        .params
-        .iter()
-        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
-        .collect();
+    let names = param_shapes(&t);
     let scale = 1.0 / pairs1.len() as f64;
     let mut fused = FusedStep::new(&t.model, names.iter().map(|(n, _)| n.clone()).collect())?;
     let f = fused.accumulate(&t.model, &batch1, &objective)?;
@@ -445,12 +440,7 @@ fn phases(o: &Opts, threads: usize) -> Res<()> {
         return Err("not an sft run".into());
     };
     let mut order = Loader::new(loader.items().to_vec(), seed, loader.cursor);
-    let names: Vec<(String, Vec<usize>)> = t
-        .optimizer
-        .params
-        .iter()
-        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
-        .collect();
+    let names = param_shapes(&t);
     let mut fused = FusedStep::new(&t.model, names.iter().map(|(n, _)| n.clone()).collect())?;
     let mut rows: Vec<[f64; 4]> = Vec::new();
     let mut padded = 0;
@@ -496,4 +486,13 @@ fn phases(o: &Opts, threads: usize) -> Res<()> {
         })
     );
     Ok(())
+}
+
+/// The optimizer's parameters by name and shape (what a fused step computes gradients for).
+fn param_shapes(t: &Trainer) -> Vec<(String, Vec<usize>)> {
+    t.optimizer
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .collect()
 }
