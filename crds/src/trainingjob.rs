@@ -53,6 +53,11 @@ use crate::common::{ComputeResources, Condition, DatasetSpec, StorageUri};
         "fieldPath": ".hyperparameters.frozenLayerFraction",
     },
     {
+        "rule": "self.workers == 1 || has(self.checkpoint.storage)",
+        "message": "checkpoint.storage is required with more than one worker: every worker of a gang resumes from the same checkpoint, so it must be a ReadWriteMany claim (checkpoints inside the pods would be lost with the gang)",
+        "fieldPath": ".checkpoint.storage",
+    },
+    {
         "rule": "self.hyperparameters.warmupSteps < self.hyperparameters.steps",
         "message": "hyperparameters.warmupSteps must be less than hyperparameters.steps",
         "fieldPath": ".hyperparameters.warmupSteps",
@@ -115,7 +120,9 @@ pub struct TrainingJobSpec {
     /// Number of worker pods: a data-parallel gang, one model trained on all of them, each worker
     /// on its shard of every global batch of `workers x batchSize` samples, on distinct nodes.
     /// Losing any worker replaces the whole gang from the last checkpoint, which every worker
-    /// reads: with more than one, `checkpoint.storage` must be a ReadWriteMany claim.
+    /// reads: with more than one, `checkpoint.storage` is required and must be a ReadWriteMany
+    /// claim (the operator holds the gang Pending with condition `StorageShared=False` until
+    /// every claim its workers mount can be mounted on several nodes).
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 64))]
     pub workers: u32,

@@ -10,6 +10,8 @@
 //!   is refused by the API server (fenced).
 //! - A gang of 3 that asks for H100 nodes (there are 2) releases its workers after its
 //!   placement timeout and says why in the GangPlaced condition.
+//! - A gang whose checkpoint claim is ReadWriteOnce is held Pending with no worker, says why in
+//!   StorageShared and an Event, and starts once its spec names a ReadWriteMany claim.
 //!
 //! Cluster tier: `e2e/cluster/up.sh && cargo test -p anneal-e2e --test cluster_kwok_trainingjob_gang -- --include-ignored`.
 
@@ -20,20 +22,22 @@ use std::time::Duration;
 use anneal_crds::TrainingJob;
 use anneal_crds::common::GpuType;
 use anneal_crds::contract;
-use anneal_crds::trainingjob::{CheckpointRecord, GangState, TrainingPhase, TrainingProgress};
+use anneal_crds::trainingjob::{
+    CheckpointRecord, CheckpointStorage, GangState, TrainingPhase, TrainingProgress,
+};
 use anneal_e2e::client;
 use anneal_e2e::cluster::client_as;
 use anneal_e2e::faults::{self, RestoreOnDrop};
 use anneal_e2e::trainingjob::{
-    TIMEOUT, attempt_label, condition, example_job, is_live_running, job_where, node_of,
-    restricted_namespace, selector,
+    MODELS_CLAIM, TIMEOUT, attempt_label, condition, event_seen, example_job, is_live_running,
+    job_where, node_of, restricted_namespace, selector,
 };
 use anneal_e2e::wait::wait_for_set;
 use anneal_runtime::train::status::{PatchOutcome, send_status_patch, status_patch};
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio::sync::Mutex;
@@ -41,10 +45,16 @@ use tokio::sync::Mutex;
 /// A test of this file kills a node: one at a time in this binary.
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
+/// The example job as a gang of `workers`, its checkpoints on the namespace's ReadWriteMany
+/// models claim (a gang needs a claim every worker resumes from).
 fn gang_job(name: &str, workers: u32, gpu_type: GpuType) -> Result<TrainingJob> {
     let mut job = example_job(name)?;
     job.spec.workers = workers;
     job.spec.resources.gpu_type = gpu_type;
+    job.spec.checkpoint.storage = Some(CheckpointStorage {
+        pvc: Some(MODELS_CLAIM.into()),
+        uri: None,
+    });
     Ok(job)
 }
 
@@ -307,4 +317,80 @@ async fn kwok_gang_that_cannot_be_placed_releases_its_workers_and_says_why() -> 
     )
     .await?;
     Ok(())
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs e2e/cluster/up.sh"]
+async fn kwok_gang_on_a_read_write_once_claim_waits_with_a_reason_until_its_claim_is_shared()
+-> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let client = client().await?;
+    let (namespace, _operator) = restricted_namespace(&client, "tj-gang-rwo").await?;
+    let ns = namespace.name();
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    // A claim one node at a time can mount (left unbound: the operator reads only its spec).
+    let rwo: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "scratch"},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }))?;
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &rwo)
+        .await?;
+    let mut job = gang_job("rwo", 2, GpuType::Any)?;
+    job.spec.checkpoint.storage = Some(CheckpointStorage {
+        pvc: Some("scratch".into()),
+        uri: None,
+    });
+    jobs.create(&PostParams::default(), &job).await?;
+
+    let held = job_where(&jobs, "rwo", "held on its ReadWriteOnce claim", |s| {
+        condition(s, "StorageShared").is_some_and(|c| c.status == "False")
+    })
+    .await?;
+    let status = held.status.context("status")?;
+    let shared = condition(&status, "StorageShared").context("StorageShared")?;
+    ensure!(
+        shared.reason == "ClaimNotShared"
+            && shared.message.contains("scratch")
+            && shared.message.contains("ReadWriteMany"),
+        "{shared:?}"
+    );
+    ensure!(status.phase == Some(TrainingPhase::Pending), "{status:?}");
+    let event = event_seen(&client, ns, "rwo", "ClaimNotShared").await?;
+    ensure!(event.type_.as_deref() == Some("Warning"), "{event:?}");
+    // The operator decided, and created no worker: none ever sits in ContainerCreating on a
+    // claim its node cannot attach.
+    let listed = pods.list(&selector_params("rwo")).await?;
+    ensure!(
+        listed.items.is_empty(),
+        "workers created: {:?}",
+        names(&listed.items)
+    );
+
+    // The user points the job at the shared claim; the gang starts.
+    let patch = serde_json::json!({"spec": {"checkpoint": {"storage": {"pvc": MODELS_CLAIM}}}});
+    jobs.patch("rwo", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    gang_running(&pods, "rwo", 1, 2).await?;
+    let job = job_where(&jobs, "rwo", "StorageShared", |s| {
+        condition(s, "StorageShared").is_some_and(|c| c.status == "True")
+    })
+    .await?;
+    let shared = condition(job.status.as_ref().context("status")?, "StorageShared")
+        .context("StorageShared")?;
+    ensure!(shared.message.contains(MODELS_CLAIM), "{shared:?}");
+    Ok(())
+}
+
+fn selector_params(job: &str) -> kube::api::ListParams {
+    kube::api::ListParams::default().labels(&format!("anneal.dev/trainingjob={job}"))
+}
+
+fn names(pods: &[Pod]) -> Vec<String> {
+    pods.iter().map(ResourceExt::name_any).collect()
 }

@@ -121,6 +121,12 @@ pub const CLUSTER_WIDE: &[ApiCalls] = &[
     ),
     calls(
         "",
+        "persistentvolumeclaims",
+        &["get"],
+        "a gang starts only on claims that several nodes can mount (ReadWriteMany, or ReadOnlyMany when read-only)",
+    ),
+    calls(
+        "",
         "nodes",
         &["get", "list", "watch"],
         "node health for fail-over: Ready, GPU taints and conditions, allocatable GPUs",

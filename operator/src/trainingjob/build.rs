@@ -276,6 +276,23 @@ pub fn rendezvous(job: &str, namespace: &str, attempt: u32) -> String {
     )
 }
 
+/// The claims `pod` mounts, each with whether every mount of it is read-only.
+pub fn claims_of(pod: &Pod) -> Vec<(String, bool)> {
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    volumes
+        .iter()
+        .filter_map(|v| {
+            let claim = v.persistent_volume_claim.as_ref()?;
+            Some((claim.claim_name.clone(), claim.read_only.unwrap_or(false)))
+        })
+        .collect()
+}
+
 /// The headless Service of a gang (`workers` > 1): DNS names for its workers, published before
 /// they are ready, since the workers themselves wait for each other to become ready.
 pub fn gang_service(job: &TrainingJob) -> Result<Service, BuildError> {

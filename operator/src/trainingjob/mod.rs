@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use anneal_crds::TrainingJob;
 use anneal_crds::common::{StorageUri, set_condition};
-use anneal_crds::trainingjob::{BaseModelRecord, TrainingPhase};
+use anneal_crds::trainingjob::{BaseModelRecord, TrainingJobStatus, TrainingPhase};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Node, PersistentVolumeClaim, Pod, Service, ServiceAccount,
+};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams};
@@ -37,6 +39,9 @@ use crate::reconcile::{
 
 /// Condition of a job with `spec.model.fromTrainingJob`: whether its base model exists.
 pub const BASE_MODEL_READY: &str = "BaseModelReady";
+/// Condition of a gang (`workers` > 1): whether every claim its workers mount can be mounted on
+/// several nodes at once.
+pub const STORAGE_SHARED: &str = "StorageShared";
 use decide::{Observed, Plan, decide};
 
 /// What every reconcile shares.
@@ -242,10 +247,111 @@ async fn resolve_base(job: &TrainingJob, client: &Client) -> Result<Option<BaseM
     }))
 }
 
+/// Keeps `job` Pending with condition `type_` False (`reason`, `message`): status written and a
+/// Warning Event published when that changes what the status says.
+async fn hold(
+    job: &TrainingJob,
+    ctx: &Context,
+    type_: &str,
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
+    let mut status = job.status.clone().unwrap_or_default();
+    status.phase = Some(TrainingPhase::Pending);
+    set_condition(
+        &mut status.conditions,
+        condition(
+            type_,
+            false,
+            reason,
+            &message,
+            job.metadata.generation,
+            Timestamp::now(),
+        ),
+    );
+    if job.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<TrainingJob> =
+        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    apply_status(&api, job, &status, &ctx.writer).await?;
+    ctx.writer
+        .event(&job.object_ref(&()), true, reason, message)
+        .await
+}
+
+/// For a gang (`workers` > 1) about to place workers (none live, not finished): whether every
+/// claim its pods mount can be mounted on several nodes at once. ReadWriteMany for a writable
+/// mount (the checkpoints every worker resumes from, the output), ReadWriteMany or ReadOnlyMany
+/// for a read-only one (data, base model). A ReadWriteOnce claim would hold the second worker in
+/// ContainerCreating (multi-attach) until the gang's placement timeout, without saying why.
+/// `None` when there is nothing to check, `Ok(message)` when all are shared, `Err((reason,
+/// message))` when not.
+async fn gang_storage(
+    job: &TrainingJob,
+    pods: &[Pod],
+    ctx: &Context,
+) -> Result<Option<Result<String, (&'static str, String)>>, Error> {
+    let finished = job
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| matches!(p, TrainingPhase::Succeeded | TrainingPhase::Failed));
+    let live = pods.iter().any(|p| p.metadata.deletion_timestamp.is_none());
+    if job.spec.workers <= 1 || finished || live {
+        return Ok(None);
+    }
+    let namespace = job.namespace().unwrap_or_default();
+    let attempt = job.status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
+    let pod = build::worker_pod(job, attempt, 0, &[], &ctx.config)?;
+    let claims = build::claims_of(&pod);
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut shared = Vec::new();
+    for (claim, read_only) in claims {
+        let Some(pvc) = api.get_opt(&claim).await? else {
+            return Ok(Some(Err((
+                "ClaimNotFound",
+                format!(
+                    "PersistentVolumeClaim {claim} does not exist; the {} workers wait for it",
+                    job.spec.workers
+                ),
+            ))));
+        };
+        let modes = pvc.spec.and_then(|s| s.access_modes).unwrap_or_default();
+        let ok = modes
+            .iter()
+            .any(|m| m == "ReadWriteMany" || (read_only && m == "ReadOnlyMany"));
+        if !ok {
+            let wanted = if read_only {
+                "ReadWriteMany or ReadOnlyMany"
+            } else {
+                "ReadWriteMany"
+            };
+            return Ok(Some(Err((
+                "ClaimNotShared",
+                format!(
+                    "PersistentVolumeClaim {claim} has access modes {modes:?}; the {} workers of \
+                     a gang run on distinct nodes and all mount it, so it must be {wanted} \
+                     (recreate the claim, or train with workers: 1)",
+                    job.spec.workers
+                ),
+            ))));
+        }
+        shared.push(claim);
+    }
+    Ok(Some(Ok(format!(
+        "every worker's node can mount the gang's claims ({})",
+        shared.join(", ")
+    ))))
+}
+
 async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     if job.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    // The status as stored: what a decision is compared with before it is written (the job
+    // below may carry conditions added on the way, not stored yet).
+    let stored = job.status.clone();
     // A job fine-tuning another job's model starts once that model exists, and from then on
     // trains as if `spec.model.baseModel` named it (never written into the spec: the spec is
     // the user's).
@@ -274,24 +380,14 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
             Arc::new(effective)
         }
         Some(BaseModel::Waiting(message)) => {
-            let mut status = job.status.clone().unwrap_or_default();
-            status.phase = Some(TrainingPhase::Pending);
-            set_condition(
-                &mut status.conditions,
-                condition(
-                    BASE_MODEL_READY,
-                    false,
-                    "WaitingForTrainingJob",
-                    &message,
-                    job.metadata.generation,
-                    Timestamp::now(),
-                ),
-            );
-            if job.status.as_ref() != Some(&status) {
-                let api: Api<TrainingJob> =
-                    Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
-                apply_status(&api, &job, &status, &ctx.writer).await?;
-            }
+            hold(
+                &job,
+                &ctx,
+                BASE_MODEL_READY,
+                "WaitingForTrainingJob",
+                message,
+            )
+            .await?;
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
     };
@@ -317,6 +413,30 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
     if newest.is_some_and(|n| n > recorded) {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
+    // A gang starts only on claims that every worker's node can mount at once.
+    let job = match gang_storage(&job, &pods, &ctx).await? {
+        None => job,
+        Some(Ok(message)) => {
+            let mut effective = (*job).clone();
+            let status = effective.status.get_or_insert_with(Default::default);
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    STORAGE_SHARED,
+                    true,
+                    "ClaimsShared",
+                    &message,
+                    job.metadata.generation,
+                    Timestamp::now(),
+                ),
+            );
+            Arc::new(effective)
+        }
+        Some(Err((reason, message))) => {
+            hold(&job, &ctx, STORAGE_SHARED, reason, message).await?;
+            return Ok(Action::requeue(Duration::from_secs(15)));
+        }
+    };
 
     let timeout = SignedDuration::from_secs(i64::from(
         job.spec.failover_policy.node_lease_timeout_seconds,
@@ -385,7 +505,7 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
     if let Some(at) = plan.requeue_at {
         next_look = Some(next_look.map_or(at, |t| t.min(at)));
     }
-    execute(&job, &plan, &pods_api, &ctx).await?;
+    execute(&job, stored.as_ref(), &plan, &pods_api, &ctx).await?;
     // Success: the next failure of this job starts the backoff from the beginning.
     ctx.failures
         .succeeded(&ObjectRef::new(&name).within(&namespace));
@@ -422,6 +542,7 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
 
 async fn execute(
     job: &TrainingJob,
+    stored: Option<&TrainingJobStatus>,
     plan: &Plan,
     pods_api: &Api<Pod>,
     ctx: &Context,
@@ -430,7 +551,7 @@ async fn execute(
     let namespace = job.namespace().unwrap_or_default();
     // Status first: the next attempt and the excluded node are recorded before any pod is
     // touched, so that a crash in between resumes the same decision.
-    let mut current = job.status.clone().unwrap_or_default();
+    let mut current = stored.cloned().unwrap_or_default();
     current.progress = None;
     current.last_checkpoint = None;
     if current != plan.status {
