@@ -1,4 +1,4 @@
-//! GFLOP/s of the training kernels' matrix product (`model::kernels::sgemm`) on the shapes a
+//! GFLOP/s of the training kernels' matrix product (`kernels::gemm::sgemm`) on the shapes a
 //! training step runs, per instruction set, against the `gemm` crate (AVX2 kernels: it is
 //! built without `x86-v4`). Prints a table; not a test.
 //!
@@ -14,8 +14,9 @@
 
 use std::time::{Duration, Instant};
 
-use anneal_runtime::model::kernels::Mat;
-use anneal_runtime::model::kernels::sgemm::Isa;
+use anneal_runtime::kernels::Mat;
+use anneal_runtime::kernels::gemm::sgemm::Isa;
+use anneal_runtime::kernels::pool::Pool;
 
 /// How the operands of one product are stored, as the training step stores them.
 #[derive(Clone, Copy)]
@@ -119,6 +120,8 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
+    // Ours on anneal's pool, the `gemm` crate on a rayon pool, each with `threads` threads.
+    let ours_pool = Pool::new(threads, Duration::from_micros(200));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -169,7 +172,7 @@ fn main() {
         let single = role.single_thread();
         let mut ours = Vec::new();
         for &isa in &isas {
-            let t = pool.install(|| {
+            let t = ours_pool.install(|| {
                 time(|| {
                     if single {
                         isa.matmul(&mut dst, n, false, lhs, rhs, 1.0);

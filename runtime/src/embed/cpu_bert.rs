@@ -1,17 +1,17 @@
 //! The BERT encoder on the CPU over packed sequences: the inputs of a batch are laid end to end
 //! (no padding), so the dense layers multiply exactly the tokens there are, and attention runs
 //! per sequence and head over that sequence's own rows (what text-embeddings-inference does on a
-//! GPU with variable-length attention). The products are anneal's own ([`crate::model::kernels`],
+//! GPU with variable-length attention). The products are anneal's own ([`crate::kernels`],
 //! AVX-512 or AVX2), element-wise work uses its vectorised `exp`/`erf`.
 //!
 //! Padded batches, as PyTorch and candle-transformers run them, spend most of their work on pad
 //! tokens when lengths differ; here a batch costs what its tokens cost.
 
-use crate::model::kernels::math::{self, gelu_erf};
-use crate::model::kernels::{Mat, SharedOut, matmul, matmul_par};
+use crate::kernels::math::{self, gelu_erf};
+use crate::kernels::{Mat, SharedOut, matmul, matmul_par};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
-use rayon::prelude::*;
+use crate::kernels::pool;
 
 /// `y = x @ w^T + b` with `w` (out, inp) row-major.
 struct Dense {
@@ -75,7 +75,7 @@ impl LayerNorm {
     /// Normalises each row of `x` (width = its length) in place.
     fn apply(&self, x: &mut [f32]) {
         let d = self.w.len();
-        x.par_chunks_mut(d).for_each(|row| {
+        pool::chunks_mut(x, d, |_, row| {
             let mean = math::sum(row) / d as f32;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
             let inv = 1.0 / (var + self.eps).sqrt();
@@ -228,7 +228,8 @@ impl CpuBert {
             .iter()
             .flat_map(|&(start, len)| (0..heads).map(move |h| (start, len, h)))
             .collect();
-        tasks.par_iter().for_each(|&(start, len, h)| {
+        pool::run(tasks.len(), |t| {
+            let (start, len, h) = tasks[t];
             let q = Mat::rows(&qkv[start * 3 * d + h * dh..], len, dh, 3 * d);
             let k = Mat::rows(&qkv[start * 3 * d + d + h * dh..], len, dh, 3 * d);
             let v = Mat::rows(&qkv[start * 3 * d + 2 * d + h * dh..], len, dh, 3 * d);
@@ -252,7 +253,7 @@ impl CpuBert {
 
     fn activate(&self, x: &mut [f32]) {
         let act = self.act;
-        x.par_chunks_mut(4096).for_each(|chunk| match act {
+        pool::chunks_mut(x, 4096, |_, chunk| match act {
             HiddenAct::Gelu => chunk.iter_mut().for_each(|v| *v = gelu_erf(*v)),
             HiddenAct::GeluApproximate => chunk.iter_mut().for_each(|v| {
                 let u = 0.797_884_6 * (*v + 0.044_715 * *v * *v * *v);

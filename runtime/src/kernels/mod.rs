@@ -1,27 +1,41 @@
-//! Fused CPU f32 kernels for the training step, each a candle custom op with its backward
-//! pass: causal self-attention (RoPE, scores, softmax and weighted sum per head, never
-//! materialising the (batch, heads, t, t) tensors), linear maps, RMSNorm and SwiGLU. candle's composite
-//! versions allocate and traverse about ten full-size temporaries per op in each direction,
-//! which cost more than the matrix products on a small model.
+//! anneal's own CPU kernels, by operation, for every caller: the training step (each a candle
+//! custom op with its backward pass, or called directly by the fused step), the serving engine's
+//! quantized forward pass, and the BERT encoder.
 //!
-//! The layers use them only for f32 tensors on the CPU that are tracked for gradients (see
-//! [`applies`]); other devices and dtypes, and inference, keep candle's path.
+//! - [`math`]: `exp` and what is built on it (softmax, sigmoid, SiLU, erf), fixed-lane sums;
+//! - [`norm`]: RMSNorm, forward (training and serving) and backward;
+//! - [`rope`]: the rotary position embedding and its inverse;
+//! - [`attention`]: causal self-attention for training (with backward) and single-query
+//!   attention over a serving KV cache (decode), on the same softmax and RoPE;
+//! - [`swiglu`]: the SwiGLU activation, forward and backward;
+//! - [`gemm`]: matrix products, f32 ([`gemm::sgemm`], with the `linear` custom op) and
+//!   quantized GGUF blocks ([`gemm::qmatmul`]);
+//! - [`pool`]: the thread pool and every parallel-for entry point the kernels use;
+//! - here: the candle custom-op glue ([`applies`], [`slice`], [`with_slice`], [`SharedOut`]).
 //!
-//! Determinism: work is split over rayon's pool by rows or heads whose results do not depend
+//! candle's composite versions of the training ops allocate and traverse about ten full-size
+//! temporaries per op in each direction, which cost more than the matrix products on a small
+//! model. The layers use the custom ops only for f32 tensors on the CPU that are tracked for
+//! gradients (see [`applies`]); other devices and dtypes, and inference, keep candle's path.
+//!
+//! Determinism: work is split over the [`pool`] by rows or heads whose results do not depend
 //! on which thread computes them, and every reduction across tasks sums fixed-size partials in
 //! a fixed order, so a run is bitwise reproducible for any thread count. The matrix products
-//! ([`sgemm`]) also give the same bits on every vector width, so a job can move between
+//! ([`gemm::sgemm`]) also give the same bits on every vector width, so a job can move between
 //! AVX-512 and AVX2 nodes.
 
-pub(crate) mod attention;
-mod linear;
+pub mod attention;
+pub mod gemm;
 pub(crate) mod math;
 pub(crate) mod norm;
-pub mod sgemm;
+pub mod pool;
+pub(crate) mod rope;
 pub(crate) mod swiglu;
 
 pub use attention::causal_self_attention;
-pub use linear::linear;
+pub use gemm::linear::linear;
+pub use gemm::Mat;
+pub(crate) use gemm::{matmul, matmul_par};
 pub use norm::rms_norm;
 pub use swiglu::swiglu;
 
@@ -51,90 +65,6 @@ pub(crate) fn with_slice<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -
         candle_core::bail!("{op}: CPU tensors only");
     };
     Ok(f(slice(cpu, layout, op)?))
-}
-
-/// A strided view of a row-major-or-not f32 matrix inside a slice (public for the [`sgemm`]
-/// benchmark).
-#[derive(Clone, Copy)]
-pub struct Mat<'a> {
-    /// The values; element (r, c) is `data[r * rs + c * cs]`.
-    pub data: &'a [f32],
-    /// Number of rows.
-    pub rows: usize,
-    /// Number of columns.
-    pub cols: usize,
-    /// Distance between rows.
-    pub rs: usize,
-    /// Distance between columns.
-    pub cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// Row-major `rows` x `cols` with row stride `rs`, starting at `data[0]`.
-    pub fn rows(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
-        Self {
-            data,
-            rows,
-            cols,
-            rs,
-            cs: 1,
-        }
-    }
-
-    /// The transposed view.
-    pub fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-
-    /// Rows `r0..r0 + n` and columns `c0..c0 + m`.
-    pub fn sub(self, r0: usize, n: usize, c0: usize, m: usize) -> Self {
-        assert!(r0 + n <= self.rows && c0 + m <= self.cols);
-        let start = if n == 0 || m == 0 {
-            0
-        } else {
-            r0 * self.rs + c0 * self.cs
-        };
-        Self {
-            data: &self.data[start..],
-            rows: n,
-            cols: m,
-            ..self
-        }
-    }
-
-    /// Panics unless every element lies inside `data` (the matrix products' unsafe code
-    /// relies on it).
-    fn check(&self) {
-        if self.rows > 0 && self.cols > 0 {
-            let last = (self.rows - 1)
-                .checked_mul(self.rs)
-                .zip((self.cols - 1).checked_mul(self.cs))
-                .and_then(|(r, c)| r.checked_add(c));
-            assert!(
-                last.is_some_and(|l| l < self.data.len()),
-                "view out of bounds"
-            );
-        }
-    }
-}
-
-/// `dst = (acc ? dst : 0) + beta * lhs @ rhs` on the calling thread, `dst` row-major with row
-/// stride `dst_rs`, with the same bits on every CPU ([`sgemm`]). Bounds are checked there, so
-/// callers stay safe.
-pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, acc: bool, lhs: Mat, rhs: Mat, beta: f32) {
-    sgemm::Isa::selected().matmul(dst, dst_rs, acc, lhs, rhs, beta);
-}
-
-/// [`matmul`] split over rayon's threads. The output is split, never the inner dimension, so
-/// each value is summed in the same order whatever the thread count.
-pub(crate) fn matmul_par(dst: &mut [f32], dst_rs: usize, acc: bool, lhs: Mat, rhs: Mat, beta: f32) {
-    sgemm::Isa::selected().matmul_par(dst, dst_rs, acc, lhs, rhs, beta);
 }
 
 /// A pointer that tasks writing disjoint parts of one output buffer share.

@@ -1,8 +1,9 @@
-//! RMSNorm with a learned scale, forward and backward in one pass over each row.
+//! RMSNorm with a learned scale, forward and backward in one pass over each row: the training
+//! step's (a candle custom op, or called by the fused step) and the serving forward pass's.
 
-use super::{slice, with_slice};
+use super::math::dot;
+use super::{pool, slice, with_slice};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Rows per parallel task; also the size of the partial sums of the scale's gradient, so
 /// their (fixed) summation order does not depend on the thread count.
@@ -21,24 +22,23 @@ struct RmsNorm {
 
 /// 1 / sqrt(mean(row^2) + eps).
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let ms = dot(row, row) / row.len() as f32;
     1.0 / (ms + eps).sqrt()
 }
 
-/// `out = x / rms(x) * w`, row by row (rows of `w.len()`).
+/// `out = x / rms(x) * w`, row by row (rows of `w.len()`), in parallel over blocks of rows.
 pub(crate) fn forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     assert!(n > 0 && x.len().is_multiple_of(n) && out.len() == x.len());
-    out.par_chunks_mut(ROWS * n)
-        .zip(x.par_chunks(ROWS * n))
-        .for_each(|(out, x)| {
-            for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                let r = inv_rms(x, eps);
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * r * w;
-                }
+    pool::chunks_mut(out, ROWS * n, |i, out| {
+        let x = &x[i * ROWS * n..];
+        for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+            let r = inv_rms(x, eps);
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * r * w;
             }
-        });
+        }
+    });
 }
 
 /// The gradients of [`forward`] from the output gradient `g`: into `dx` (added to it when
@@ -58,10 +58,9 @@ pub(crate) fn backward(
     let n = w.len();
     assert!(n > 0 && x.len().is_multiple_of(n) && g.len() == x.len() && dx.len() == x.len());
     assert_eq!(dw.len(), n);
-    let partials: Vec<Vec<f32>> = dx
-        .par_chunks_mut(ROWS * n)
-        .zip(x.par_chunks(ROWS * n).zip(g.par_chunks(ROWS * n)))
-        .map(|(dx, (x, g))| {
+    let partials: Vec<Vec<f32>> = pool::map_chunks_mut(dx, ROWS * n, |b, dx| {
+            let at = b * ROWS * n;
+            let (x, g) = (&x[at..at + dx.len()], &g[at..at + dx.len()]);
             let mut dw = vec![0f32; n];
             let rows = dx.chunks_exact_mut(n).zip(x.chunks_exact(n));
             for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
@@ -75,8 +74,7 @@ pub(crate) fn backward(
                 }
             }
             dw
-        })
-        .collect();
+        });
     if !acc_dw {
         dw.fill(0.0);
     }
@@ -135,7 +133,7 @@ impl CustomOp2 for RmsNorm {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{assert_same_grads, randn, rel_diff, var};
+    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
 
     /// Forward and both gradients match candle's composite RMSNorm to 1e-5 of the largest value.

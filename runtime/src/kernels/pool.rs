@@ -1,5 +1,13 @@
-//! A small fork-join pool for the inference kernels: the calling thread and `threads - 1`
-//! workers split a range of task indices, then the caller waits until every task is done.
+//! The one thread pool of anneal's own kernels (serving, training, embedding) and every
+//! parallel-for entry point they use: [`run`] (tasks by index), [`chunks_mut`] (disjoint chunks
+//! of an output) and [`map`] (one value per task, in task order). Kernels split work into tasks
+//! whose results do not depend on which thread runs them, so results do not depend on the
+//! thread count either.
+//!
+//! A fork-join pool: the calling thread and `threads - 1` workers split a range of task indices,
+//! then the caller waits until every task is done. A call made from inside a task, or while
+//! another thread's call holds the pool, runs its tasks on the calling thread (no nesting, no
+//! waiting on a pool that is busy with someone else's call).
 //!
 //! Why not candle's or rayon's pool: a decode step makes ~150 parallel calls of 20-100 µs each,
 //! so the per-call cost matters. Here a call is one atomic store (plus an unpark only for
@@ -7,8 +15,9 @@
 //! caller never waits for a worker that did not take a task (a descheduled worker on a shared
 //! node cannot stall the step). Workers spin for a short while after their last task, then park.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The claim word: generation (24 bits) | task count (20 bits) | next task (20 bits). Packing
@@ -52,7 +61,22 @@ struct Shared {
 pub struct Pool {
     shared: Arc<Shared>,
     threads: usize,
-    generation: std::sync::Mutex<u64>,
+    generation: Mutex<u64>,
+}
+
+thread_local! {
+    /// Set while this thread runs a task of some pool: a parallel call from there runs inline.
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+    /// The pool that [`run`] and friends use on this thread ([`Pool::install`]); the global one
+    /// when null.
+    static CURRENT: Cell<*const Pool> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Runs `f` with [`IN_TASK`] set.
+fn as_task(f: impl FnOnce()) {
+    let was = IN_TASK.replace(true);
+    f();
+    IN_TASK.set(was);
 }
 
 impl Pool {
@@ -83,7 +107,7 @@ impl Pool {
         Self {
             shared,
             threads,
-            generation: std::sync::Mutex::new(0),
+            generation: Mutex::new(0),
         }
     }
 
@@ -92,17 +116,34 @@ impl Pool {
         self.threads
     }
 
+    /// Runs `f` with this pool as the one [`run`], [`chunks_mut`] and [`map`] use on the
+    /// calling thread (tests and benchmarks pick a thread count this way).
+    pub fn install<R>(&self, f: impl FnOnce() -> R) -> R {
+        let was = CURRENT.replace(self);
+        let r = f();
+        CURRENT.set(was);
+        r
+    }
+
     /// Runs `f(i)` for every `i` in `0..n`, spread over the pool, and returns when all are done.
     pub fn run<F: Fn(usize) + Sync>(&self, n: usize, f: F) {
         if n == 0 {
             return;
         }
-        if self.threads == 1 || n == 1 {
+        if self.threads == 1 || n == 1 || IN_TASK.get() {
             (0..n).for_each(f);
             return;
         }
         assert!(n <= MAX_TASKS, "pool: {n} tasks");
-        let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let mut generation = match self.generation.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // Another thread's call holds the workers: run here rather than wait for it.
+            Err(std::sync::TryLockError::WouldBlock) => {
+                (0..n).for_each(|i| as_task(|| f(i)));
+                return;
+            }
+        };
         *generation += 1;
         let s = &*self.shared;
         s.finished.store(0, Ordering::Relaxed);
@@ -121,7 +162,7 @@ impl Pool {
         let g = *generation & 0xFF_FFFF;
         while let Some(i) = claim(s, g) {
             // A task that unwound out of here would leave workers running a dead closure.
-            abort_on_panic(|| f(i));
+            abort_on_panic(|| as_task(|| f(i)));
             s.finished.fetch_add(1, Ordering::Release);
         }
         while s.finished.load(Ordering::Acquire) < n {
@@ -155,6 +196,7 @@ fn claim(s: &Shared, g: u64) -> Option<usize> {
 }
 
 fn worker(s: &Shared, me: usize) {
+    IN_TASK.set(true);
     let mut seen = unpack(s.claim.load(Ordering::Acquire)).0;
     loop {
         // Wait for a new generation: spin, then sleep.
@@ -191,7 +233,7 @@ fn worker(s: &Shared, me: usize) {
     }
 }
 
-/// The process-wide pool of the inference kernels, sized by `RAYON_NUM_THREADS` (what
+/// The process-wide pool of the kernels, sized by `RAYON_NUM_THREADS` (what
 /// `--threads` sets) or the number of CPUs; workers spin `ANNEAL_SPIN_US` microseconds
 /// (default 200) before sleeping.
 pub fn global() -> &'static Pool {
@@ -213,6 +255,113 @@ pub fn global() -> &'static Pool {
     })
 }
 
+/// The pool the calling thread uses: the one [`Pool::install`] set, else [`global`].
+fn current() -> &'static Pool {
+    let p = CURRENT.get();
+    if p.is_null() {
+        global()
+    } else {
+        // SAFETY: `install` keeps the pool borrowed while the pointer is set.
+        unsafe { &*p }
+    }
+}
+
+/// Threads of the calling thread's pool (1 inside a task, where calls run inline).
+pub fn threads() -> usize {
+    if IN_TASK.get() { 1 } else { current().threads() }
+}
+
+/// Runs `f(i)` for every `i` in `0..n` on the calling thread's pool.
+pub fn run(n: usize, f: impl Fn(usize) + Sync) {
+    current().run(n, f);
+}
+
+/// A buffer whose disjoint chunks tasks take.
+struct Chunks<T> {
+    base: *mut T,
+    len: usize,
+    size: usize,
+}
+
+// SAFETY: each task takes a distinct chunk of the buffer, which outlives the call.
+unsafe impl<T: Send> Sync for Chunks<T> {}
+
+impl<T> Chunks<T> {
+    fn new(buf: &mut [T], size: usize) -> Self {
+        assert!(size > 0);
+        Self {
+            base: buf.as_mut_ptr(),
+            len: buf.len(),
+            size,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.len.div_ceil(self.size)
+    }
+
+    /// Chunk `i`.
+    ///
+    /// # Safety
+    /// No one else may hold chunk `i` while the result lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self, i: usize) -> &mut [T] {
+        let start = i * self.size;
+        assert!(start < self.len);
+        // SAFETY: in bounds (checked); exclusive (caller).
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(start), self.size.min(self.len - start)) }
+    }
+}
+
+/// Runs `f(i, chunk)` for the `i`-th chunk of `size` values of `buf` (the last may be
+/// shorter), in parallel.
+pub fn chunks_mut<T: Send>(buf: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let chunks = Chunks::new(buf, size);
+    // SAFETY: task i alone takes chunk i.
+    run(chunks.count(), |i| f(i, unsafe { chunks.get(i) }));
+}
+
+/// [`chunks_mut`] over two buffers with as many chunks each: `f(i, a_i, b_i)`.
+pub fn zip_chunks_mut<A: Send, B: Send>(
+    a: &mut [A],
+    size_a: usize,
+    b: &mut [B],
+    size_b: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    let (a, b) = (Chunks::new(a, size_a), Chunks::new(b, size_b));
+    assert_eq!(a.count(), b.count(), "zip_chunks_mut: chunk counts differ");
+    run(a.count(), |i| {
+        // SAFETY: task i alone takes chunk i of each.
+        let (ca, cb) = unsafe { (a.get(i), b.get(i)) };
+        f(i, ca, cb)
+    });
+}
+
+/// [`chunks_mut`] whose tasks return a value each: the values in chunk order.
+pub fn map_chunks_mut<T: Send, U: Send>(
+    buf: &mut [T],
+    size: usize,
+    f: impl Fn(usize, &mut [T]) -> U + Sync,
+) -> Vec<U> {
+    let chunks = Chunks::new(buf, size);
+    let mut out: Vec<Option<U>> = (0..chunks.count()).map(|_| None).collect();
+    let slots = Chunks::new(&mut out, 1);
+    run(chunks.count(), |i| {
+        // SAFETY: task i alone takes chunk i of each.
+        let (chunk, slot) = unsafe { (chunks.get(i), slots.get(i)) };
+        slot[0] = Some(f(i, chunk));
+    });
+    out.into_iter().map(|v| v.expect("every task ran")).collect()
+}
+
+/// `f(i)` for every `i` in `0..n`, computed in parallel, in order of `i`.
+pub fn map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    chunks_mut(&mut out, 1, |i, o| o[0] = Some(f(i)));
+    out.into_iter().map(|v| v.expect("every task ran")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +378,24 @@ mod tests {
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
             }
         }
+    }
+
+    #[test]
+    fn nested_and_concurrent_calls_run_inline() {
+        let pool = Pool::new(2, Duration::from_micros(50));
+        pool.install(|| {
+            let sums = map(8, |i| map(4, |j| i * j).iter().sum::<usize>());
+            assert_eq!(sums, (0..8).map(|i| 6 * i).collect::<Vec<_>>());
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| {
+                        let mut v = vec![0usize; 1000];
+                        chunks_mut(&mut v, 7, |i, c| c.fill(i));
+                        assert!(v.iter().enumerate().all(|(j, &x)| x == j / 7));
+                    });
+                }
+            });
+        });
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! SwiGLU on the fused gate/up projection: `silu(gate) * up`, forward and backward in one pass.
+//! SwiGLU on the fused gate/up projection: `silu(gate) * up`, forward and backward in one pass;
+//! the training step's (a candle custom op, or called by the fused step) and the serving
+//! forward pass's.
 
-use super::slice;
+use super::math::{sigmoid, silu};
+use super::{pool, slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Rows per parallel task.
 const ROWS: usize = 16;
@@ -15,21 +17,18 @@ pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-use super::math::sigmoid;
-
 /// `out = silu(a) * b` for rows `[a | b]` of `x` (each 2n wide); `out` rows are n wide.
 pub(crate) fn forward(x: &[f32], n: usize, out: &mut [f32]) {
     assert!(n > 0 && x.len().is_multiple_of(2 * n) && out.len() * 2 == x.len());
-    out.par_chunks_mut(ROWS * n)
-        .zip(x.par_chunks(ROWS * 2 * n))
-        .for_each(|(out, x)| {
-            for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(2 * n)) {
-                let (a, b) = x.split_at(n);
-                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                    *o = a * sigmoid(*a) * b;
-                }
+    pool::chunks_mut(out, ROWS * n, |i, out| {
+        let x = &x[i * ROWS * 2 * n..];
+        for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(2 * n)) {
+            let (a, b) = x.split_at(n);
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = silu(*a) * b;
             }
-        });
+        }
+    });
 }
 
 /// The gradient of [`forward`] with respect to `x`, from the output gradient `g`, into `dx`
@@ -38,9 +37,8 @@ pub(crate) fn backward(x: &[f32], g: &[f32], n: usize, dx: &mut [f32]) {
     assert!(
         n > 0 && x.len().is_multiple_of(2 * n) && g.len() * 2 == x.len() && dx.len() == x.len()
     );
-    dx.par_chunks_mut(ROWS * 2 * n)
-        .zip(x.par_chunks(ROWS * 2 * n).zip(g.par_chunks(ROWS * n)))
-        .for_each(|(dx, (x, g))| {
+    pool::chunks_mut(dx, ROWS * 2 * n, |i, dx| {
+            let (x, g) = (&x[i * ROWS * 2 * n..], &g[i * ROWS * n..]);
             let rows = dx.chunks_exact_mut(2 * n).zip(x.chunks_exact(2 * n));
             for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
                 let (a, b) = x.split_at(n);
@@ -52,7 +50,7 @@ pub(crate) fn backward(x: &[f32], g: &[f32], n: usize, dx: &mut [f32]) {
                     db[i] = g[i] * silu;
                 }
             }
-        });
+    });
 }
 
 /// Row width (half the input's last dimension) and the output shape.
@@ -115,7 +113,7 @@ impl CustomOp2 for SwiGluBwd {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{assert_same_grads, randn, rel_diff, var};
+    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
     use candle_core::D;
 

@@ -1,7 +1,9 @@
 //! The layers of the transformer. Fields are public so that other forward paths (a batched
 //! decode) can be written from the same weights.
 
-use super::{KvCache, ModelConfig, Weights, apply_rope, attention, kernels};
+use super::block::{BlockOps, NormAt, Proj};
+use super::{KvCache, ModelConfig, Weights, apply_rope, attention};
+use crate::kernels;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor};
 
@@ -85,66 +87,53 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Projects `x` (batch, seq, hidden) into q (b, heads, t, d) and k, v (b, kv_heads, t, d),
-    /// with RoPE applied to q and k.
-    pub fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, heads: usize| {
-            y.reshape((b, t, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q.forward(x)?, self.n_heads)?;
-        let k = split(self.k.forward(x)?, self.n_kv_heads)?;
-        let v = split(self.v.forward(x)?, self.n_kv_heads)?;
-        Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
-    }
-
-    /// Merges heads (b, heads, t, d) back to (b, t, hidden) and applies the output projection.
-    pub fn output(&self, y: &Tensor) -> Result<Tensor> {
-        let (b, h, t, d) = y.dims4()?;
-        self.o.forward(&y.transpose(1, 2)?.reshape((b, t, h * d))?)
-    }
-
-    /// Attention over `x` whose first token sits at `start_pos`, through the cache of layer
-    /// `cache.1` when one is given. `mask` is the causal mask `causal_mask(t, start_pos)`
-    /// (none for a single token); a training step on the CPU applies causality in its fused
-    /// kernel instead.
-    pub fn forward(
+    /// Attention from the projected heads ([`Acts::One`]: the stacked `[q | k | v]` of a
+    /// training step on the CPU, causal in the fused kernel; [`Acts::Parts`]: q, k and v),
+    /// whose first token sits at `start_pos`, through the cache of layer `cache.1` when one is
+    /// given. `mask` is the causal mask `causal_mask(t, start_pos)` (none for a single token).
+    /// Returns the heads' outputs side by side, (b, t, heads * head_dim).
+    pub fn attend(
         &self,
-        x: &Tensor,
+        qkv: Acts,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
         start_pos: usize,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        if cache.is_none()
-            && kernels::applies(x)
-            && let (Linear::Dense(q), Linear::Dense(k), Linear::Dense(v)) =
-                (&self.q, &self.k, &self.v)
-        {
-            {
-                // One product with the stacked weights instead of three; the kernel takes the
-                // heads out of its rows as they are.
-                let qkv = Linear::Dense(Tensor::cat(&[q, k, v], 0)?).forward(x)?;
-                let y = kernels::causal_self_attention(
+        let (q, k, v) = match qkv {
+            // The kernel takes the heads out of the stacked rows as they are.
+            Acts::One(qkv) => {
+                return kernels::causal_self_attention(
                     &qkv,
                     cos,
                     sin,
                     self.n_heads,
                     self.n_kv_heads,
                     self.head_dim,
-                )?;
-                return self.o.forward(&y);
+                );
             }
-        }
-        let (q, k, v) = self.qkv(x, cos, sin)?;
+            Acts::Parts(p) => match <[Tensor; 3]>::try_from(p) {
+                Ok([q, k, v]) => (q, k, v),
+                Err(p) => candle_core::bail!("attention: {} projections", p.len()),
+            },
+        };
+        let (b, t, _) = q.dims3()?;
+        let split = |y: Tensor, heads: usize| {
+            y.reshape((b, t, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = apply_rope(&split(q, self.n_heads)?, cos, sin)?;
+        let k = apply_rope(&split(k, self.n_kv_heads)?, cos, sin)?;
+        let v = split(v, self.n_kv_heads)?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, start_pos, &k, &v)?,
             None => (k, v),
         };
-        self.output(&attention(&q, &k, &v, mask)?)
+        let y = attention(&q, &k, &v, mask)?;
+        let (b, h, t, d) = y.dims4()?;
+        y.transpose(1, 2)?.reshape((b, t, h * d))
     }
 }
 
@@ -157,21 +146,6 @@ pub struct Mlp {
     pub up: Linear,
     /// Down projection (intermediate -> hidden).
     pub down: Linear,
-}
-
-impl Mlp {
-    /// Applies the feed-forward to the last dimension.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if kernels::applies(x)
-            && let (Linear::Dense(g), Linear::Dense(u)) = (&self.gate, &self.up)
-        {
-            // One product with the stacked gate and up weights, then the fused SwiGLU.
-            let gate_up = Linear::Dense(Tensor::cat(&[g, u], 0)?).forward(x)?;
-            return self.down.forward(&kernels::swiglu(&gate_up)?);
-        }
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
-    }
 }
 
 /// One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)).
@@ -213,26 +187,125 @@ impl Block {
         })
     }
 
-    /// Applies the block.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        start_pos: usize,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
-        let a = self.attn.forward(
-            &self.attn_norm.forward(x)?,
-            cos,
-            sin,
-            mask,
-            start_pos,
-            cache,
-        )?;
-        let x = (x + a)?;
-        let m = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
-        x + m
+    /// The projections, in the order [`CandleOps::project`] numbers them: q, k, v, o, gate,
+    /// up, down.
+    pub fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.attn, &self.mlp);
+        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+    }
+}
+
+/// Activations on candle's path: one tensor, or the parts of a stacked projection computed
+/// one by one (stacking the weights of an inference model would copy them on every pass).
+pub enum Acts {
+    /// One tensor.
+    One(Tensor),
+    /// The parts of [`Proj::Qkv`] (q, k, v) or [`Proj::GateUp`] (gate, up).
+    Parts(Vec<Tensor>),
+}
+
+impl Acts {
+    /// The one tensor.
+    pub fn one(self) -> Result<Tensor> {
+        match self {
+            Self::One(t) => Ok(t),
+            Self::Parts(p) => candle_core::bail!("{} projections where one was expected", p.len()),
+        }
+    }
+}
+
+/// The block operations ([`BlockOps`]) on candle's layers, for every candle forward pass of
+/// the architecture; a pass plugs in its attention and how it applies a projection.
+pub struct CandleOps<'a, A, P> {
+    /// The model's blocks.
+    pub blocks: &'a [Block],
+    /// Whether a training step on the CPU may run the fused kernels (no KV cache).
+    pub fused: bool,
+    /// `attend(layer, qkv)`: the layer's attention from its projected heads (see
+    /// [`Attention::attend`]).
+    pub attend: A,
+    /// `project(layer, i, linear, x)`: applies projection `i` (in [`Block::linears`] order)
+    /// of the layer, `linear`, to `x`.
+    pub project: P,
+}
+
+impl<A, P> CandleOps<'_, A, P>
+where
+    P: FnMut(usize, usize, &Linear, &Tensor) -> Result<Tensor>,
+{
+    /// Projections `parts` (indices into [`Block::linears`]) of layer `layer` applied to `x`:
+    /// one product with the stacked weights where the fused training kernels run (dense
+    /// weights, tracked f32 on the CPU), else one product each.
+    fn stacked(&mut self, layer: usize, parts: &[usize], x: &Tensor) -> Result<Acts> {
+        let linears = self.blocks[layer].linears();
+        if self.fused && kernels::applies(x) {
+            let dense: Option<Vec<&Tensor>> = parts
+                .iter()
+                .map(|&i| match linears[i] {
+                    Linear::Dense(w) => Some(w),
+                    Linear::Quantized(_) => None,
+                })
+                .collect();
+            if let Some(w) = dense {
+                return Ok(Acts::One(Linear::Dense(Tensor::cat(&w, 0)?).forward(x)?));
+            }
+        }
+        let parts = parts
+            .iter()
+            .map(|&i| (self.project)(layer, i, linears[i], x))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Acts::Parts(parts))
+    }
+}
+
+impl<A, P> BlockOps for CandleOps<'_, A, P>
+where
+    A: FnMut(usize, Acts) -> Result<Tensor>,
+    P: FnMut(usize, usize, &Linear, &Tensor) -> Result<Tensor>,
+{
+    type X = Acts;
+    type Error = candle_core::Error;
+
+    fn norm(&mut self, layer: usize, at: NormAt, x: &Acts) -> Result<Acts> {
+        let Acts::One(x) = x else {
+            candle_core::bail!("norm of stacked projections");
+        };
+        let b = &self.blocks[layer];
+        let norm = match at {
+            NormAt::Attention => &b.attn_norm,
+            NormAt::FeedForward => &b.ffn_norm,
+        };
+        Ok(Acts::One(norm.forward(x)?))
+    }
+
+    fn linear(&mut self, layer: usize, proj: Proj, x: Acts) -> Result<Acts> {
+        let x = x.one()?;
+        match proj {
+            Proj::Qkv => self.stacked(layer, &[0, 1, 2], &x),
+            Proj::GateUp => self.stacked(layer, &[4, 5], &x),
+            Proj::O | Proj::Down => {
+                let i = if proj == Proj::O { 3 } else { 6 };
+                let linear = self.blocks[layer].linears()[i];
+                Ok(Acts::One((self.project)(layer, i, linear, &x)?))
+            }
+        }
+    }
+
+    fn attention(&mut self, layer: usize, qkv: Acts) -> Result<Acts> {
+        Ok(Acts::One((self.attend)(layer, qkv)?))
+    }
+
+    fn activation(&mut self, _layer: usize, gate_up: Acts) -> Result<Acts> {
+        Ok(Acts::One(match gate_up {
+            Acts::One(gu) => kernels::swiglu(&gu)?,
+            Acts::Parts(p) => match <[Tensor; 2]>::try_from(p) {
+                Ok([gate, up]) => (candle_nn::ops::silu(&gate)? * up)?,
+                Err(p) => candle_core::bail!("SwiGLU of {} projections", p.len()),
+            },
+        }))
+    }
+
+    fn residual(&mut self, x: Acts, y: Acts) -> Result<Acts> {
+        Ok(Acts::One((x.one()? + y.one()?)?))
     }
 }

@@ -7,16 +7,18 @@
 //! Tensor names follow GGUF's llama naming (`token_embd`, `blk.N.attn_q`, ...), and RoPE is the
 //! interleaved (GGUF) variant, so a GGUF llama file loads without permuting any weight.
 
+pub mod block;
 mod cache;
 mod config;
-pub mod kernels;
+// The old path of the kernels, until the fused training step names the new one.
+pub use crate::kernels;
 mod layers;
 mod ops;
 mod weights;
 
 pub use cache::KvCache;
 pub use config::{ConfigError, ModelConfig};
-pub use layers::{Attention, Block, Linear, Mlp, RmsNorm};
+pub use layers::{Acts, Attention, Block, CandleOps, Linear, Mlp, RmsNorm};
 pub use ops::{apply_rope, attention, causal_mask, repeat_kv, rope_tables};
 pub use weights::{Weights, init_params, param_names};
 
@@ -151,12 +153,22 @@ impl Transformer {
         } else {
             None
         };
-        let mut x = self.embed(tokens)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = block.forward(&x, &cos, &sin, mask.as_ref(), start_pos, layer_cache)?;
+        let mut ops = CandleOps {
+            blocks: &self.blocks,
+            fused: cache.is_none(),
+            attend: |layer: usize, qkv: Acts| {
+                let layer_cache = cache.as_deref_mut().map(|c| (c, layer));
+                self.blocks[layer]
+                    .attn
+                    .attend(qkv, &cos, &sin, mask.as_ref(), start_pos, layer_cache)
+            },
+            project: |_: usize, _: usize, l: &Linear, x: &Tensor| l.forward(x),
+        };
+        let mut x = Acts::One(self.embed(tokens)?);
+        for layer in 0..self.blocks.len() {
+            x = block::block(&mut ops, layer, x)?;
         }
-        let x = self.norm.forward(&x)?;
+        let x = self.norm.forward(&x.one()?)?;
         self.lm_head.forward(&x)
     }
 

@@ -1,6 +1,7 @@
 //! The CPU inference path of the shared [`Transformer`]: the same weights (GGUF Q4_1/Q8_0
-//! blocks as stored, in the [`crate::kernels`] layout), the same architecture, computed on
-//! plain buffers by our own kernels instead of a chain of candle ops.
+//! blocks as stored, in the [`crate::kernels`] layout), the same architecture (the block
+//! recipe of [`crate::model::block`]), computed on plain buffers by our own kernels instead
+//! of a chain of candle ops.
 //!
 //! One [`CpuModel::forward`] runs any mix of sequences: a prompt (prefill) is a segment of
 //! many tokens, a decode step is a segment of one token per sequence, and all rows go through
@@ -9,17 +10,20 @@
 //! GEMM operand), not a second model definition: it is built from a `Transformer`, and the
 //! engine uses it only when every projection is quantized and on the CPU.
 
-use crate::kernels::attention::{KEY_TILE, attend, key_index};
-use crate::kernels::ops::{add_assign, rms_norm, rope, silu_mul};
+use crate::kernels::attention::decode::{KEY_TILE, attend, key_index};
+use crate::kernels::gemm::qmatmul::{QActs, QMatrix, matmul};
+use crate::kernels::math::add_assign;
 use crate::kernels::pool::{self, Pool};
-use crate::kernels::qmatmul::{QActs, QMatrix, matmul};
+use crate::kernels::rope::rope;
+use crate::kernels::{norm, swiglu};
+use crate::model::block::{BlockOps, NormAt, Proj, block};
 use crate::model::{Linear, ModelConfig, Transformer};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use std::cell::RefCell;
 
 /// Keys and values of one sequence, every layer, preallocated to `capacity` positions.
 /// Layout: (layer, keys|values, kv head, then for keys the transposed tiles of
-/// [`crate::kernels::attention::key_index`], for values (position, head_dim)).
+/// [`crate::kernels::attention::decode::key_index`], for values (position, head_dim)).
 pub struct CpuKv {
     data: Vec<f32>,
     capacity: usize,
@@ -96,13 +100,8 @@ enum Embedding {
 /// Reused buffers of a forward pass.
 #[derive(Default)]
 pub struct Scratch {
-    x: Vec<f32>,
-    h: Vec<f32>,
-    qkv: Vec<f32>,
-    attn: Vec<f32>,
-    proj: Vec<f32>,
-    gate_up: Vec<f32>,
-    act: Vec<f32>,
+    /// Activation buffers not in use, taken and given back by the block operations.
+    spare: Vec<Vec<f32>>,
     acts: QActs,
 }
 
@@ -153,33 +152,6 @@ fn dense(t: &candle_core::Tensor) -> Option<Vec<f32>> {
         return None;
     }
     t.flatten_all().ok()?.to_vec1::<f32>().ok()
-}
-
-/// Applies `f` to blocks of rows of `x` (width `wx`) and `y` (width `wy`) on the pool, so that
-/// the other threads do not spin while one works through a batch.
-fn parallel_rows(
-    pool: &Pool,
-    x: &[f32],
-    wx: usize,
-    y: &mut [f32],
-    wy: usize,
-    f: impl Fn(&[f32], &mut [f32]) + Sync,
-) {
-    let rows = x.len() / wx;
-    if rows < 2 || pool.threads() == 1 {
-        return f(x, y);
-    }
-    let per = rows.div_ceil(2 * pool.threads());
-    let parts: Vec<_> = x
-        .chunks(per * wx)
-        .zip(y.chunks_mut(per * wy))
-        .map(std::sync::Mutex::new)
-        .collect();
-    pool.run(parts.len(), |i| {
-        let mut part = parts[i].lock().unwrap_or_else(|p| p.into_inner());
-        let (x, y) = &mut *part;
-        f(x, y);
-    });
 }
 
 impl CpuModel {
@@ -252,9 +224,7 @@ impl CpuModel {
     ) -> Result<(), String> {
         let pool = pool::global();
         let c = &self.config;
-        let (h, hd) = (c.hidden_size, c.head_dim());
-        let (nh, kvh) = (c.n_heads, c.n_kv_heads);
-        let qkv_w = (nh + 2 * kvh) * hd;
+        let h = c.hidden_size;
         // Row index -> (segment, position).
         let mut rows = Vec::new();
         for (s, seg) in segments.iter().enumerate() {
@@ -263,11 +233,10 @@ impl CpuModel {
             rows.extend((seg.start..end).map(|p| (s, p)));
         }
         let r = rows.len();
-        let s = scratch;
-        s.x.resize(r * h, 0.0);
-        for (row, seg) in
-            s.x.chunks_exact_mut(h)
-                .zip(segments.iter().flat_map(|g| g.tokens))
+        let mut x = take(&mut scratch.spare, r * h);
+        for (row, seg) in x
+            .chunks_exact_mut(h)
+            .zip(segments.iter().flat_map(|g| g.tokens))
         {
             match &self.embedding {
                 Embedding::Tied => self.lm_head.dequantize_row(*seg as usize, row),
@@ -276,67 +245,30 @@ impl CpuModel {
                 }
             }
         }
-        let eps = c.rms_norm_eps as f32;
-        for (l, layer) in self.layers.iter().enumerate() {
-            // Attention.
-            s.h.resize(r * h, 0.0);
-            rms_norm(&s.x, &layer.attn_norm, eps, &mut s.h);
-            s.acts.quantize(&s.h, h, pool);
-            s.qkv.resize(r * qkv_w, 0.0);
-            matmul(&layer.qkv, &s.acts, &mut s.qkv, pool);
-            let half = hd / 2;
-            for (row, &(seg, pos)) in s.qkv.chunks_exact_mut(qkv_w).zip(&rows) {
-                let (cos, sin) = (
-                    &self.cos[pos * half..(pos + 1) * half],
-                    &self.sin[pos * half..(pos + 1) * half],
-                );
-                let (qk, v) = row.split_at_mut((nh + kvh) * hd);
-                for head in qk.chunks_exact_mut(hd) {
-                    rope(head, cos, sin);
-                }
-                let cache = &mut *segments[seg].cache;
-                let k = &qk[nh * hd..];
-                for g in 0..kvh {
-                    let keys = cache.head_mut(l, false, g);
-                    for (d, &x) in k[g * hd..(g + 1) * hd].iter().enumerate() {
-                        keys[key_index(pos, d, hd)] = x;
-                    }
-                    let at = pos * hd..(pos + 1) * hd;
-                    cache.head_mut(l, true, g)[at].copy_from_slice(&v[g * hd..(g + 1) * hd]);
-                }
-            }
-            s.attn.resize(r * nh * hd, 0.0);
-            self.attention(l, segments, &rows, &s.qkv, &mut s.attn, pool);
-            s.acts.quantize(&s.attn, nh * hd, pool);
-            s.proj.resize(r * h, 0.0);
-            matmul(&layer.o, &s.acts, &mut s.proj, pool);
-            add_assign(&mut s.x, &s.proj);
-            // Feed-forward.
-            rms_norm(&s.x, &layer.ffn_norm, eps, &mut s.h);
-            s.acts.quantize(&s.h, h, pool);
-            let inter = c.intermediate_size;
-            s.gate_up.resize(r * 2 * inter, 0.0);
-            matmul(&layer.gate_up, &s.acts, &mut s.gate_up, pool);
-            s.act.resize(r * inter, 0.0);
-            parallel_rows(pool, &s.gate_up, 2 * inter, &mut s.act, inter, |x, y| {
-                silu_mul(x, inter, y)
-            });
-            s.acts.quantize(&s.act, inter, pool);
-            matmul(&layer.down, &s.acts, &mut s.proj, pool);
-            add_assign(&mut s.x, &s.proj);
+        let mut pass = Pass {
+            model: self,
+            segments,
+            rows: &rows,
+            scratch,
+            pool,
+        };
+        for l in 0..self.layers.len() {
+            x = block(&mut pass, l, x).unwrap_or_else(|e| match e {});
         }
+        let (segments, s) = (pass.segments, pass.scratch);
         // The head, on the last row of each segment only.
-        let mut last = Vec::with_capacity(segments.len() * h);
+        let mut last = take(&mut s.spare, 0);
         let mut end = 0;
         for seg in segments.iter() {
             end += seg.tokens.len();
-            last.extend_from_slice(&s.x[(end - 1) * h..end * h]);
+            last.extend_from_slice(&x[(end - 1) * h..end * h]);
         }
-        s.h.resize(last.len(), 0.0);
-        rms_norm(&last, &self.norm, eps, &mut s.h);
-        s.acts.quantize(&s.h, h, pool);
+        let mut normed = take(&mut s.spare, last.len());
+        norm::forward(&last, &self.norm, c.rms_norm_eps as f32, &mut normed);
+        s.acts.quantize(&normed, h, pool);
         logits.resize(segments.len() * self.lm_head.rows(), 0.0);
         matmul(&self.lm_head, &s.acts, logits, pool);
+        s.spare.extend([x, last, normed]);
         Ok(())
     }
 
@@ -401,5 +333,112 @@ impl CpuModel {
                 }
             });
         });
+    }
+}
+
+/// A spare buffer of `len` values (contents unspecified).
+fn take(spare: &mut Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut v = spare.pop().unwrap_or_default();
+    v.resize(len, 0.0);
+    v
+}
+
+/// One forward pass of a [`CpuModel`]: the block operations on plain buffers, one row per
+/// token of every segment.
+struct Pass<'p, 'a> {
+    model: &'p CpuModel,
+    segments: &'p mut [Segment<'a>],
+    /// Row index -> (segment, position).
+    rows: &'p [(usize, usize)],
+    scratch: &'p mut Scratch,
+    pool: &'static Pool,
+}
+
+impl Pass<'_, '_> {
+    fn take(&mut self, len: usize) -> Vec<f32> {
+        take(&mut self.scratch.spare, len)
+    }
+
+    fn give_back(&mut self, v: Vec<f32>) {
+        self.scratch.spare.push(v);
+    }
+}
+
+impl BlockOps for Pass<'_, '_> {
+    type X = Vec<f32>;
+    type Error = std::convert::Infallible;
+
+    fn norm(&mut self, layer: usize, at: NormAt, x: &Vec<f32>) -> Result<Vec<f32>, Self::Error> {
+        let l = &self.model.layers[layer];
+        let w = match at {
+            NormAt::Attention => &l.attn_norm,
+            NormAt::FeedForward => &l.ffn_norm,
+        };
+        let mut out = self.take(x.len());
+        norm::forward(x, w, self.model.config.rms_norm_eps as f32, &mut out);
+        Ok(out)
+    }
+
+    fn linear(&mut self, layer: usize, proj: Proj, x: Vec<f32>) -> Result<Vec<f32>, Self::Error> {
+        let l = &self.model.layers[layer];
+        let m = match proj {
+            Proj::Qkv => &l.qkv,
+            Proj::O => &l.o,
+            Proj::GateUp => &l.gate_up,
+            Proj::Down => &l.down,
+        };
+        let r = self.rows.len();
+        self.scratch.acts.quantize(&x, x.len() / r, self.pool);
+        self.give_back(x);
+        let mut out = self.take(r * m.rows());
+        matmul(m, &self.scratch.acts, &mut out, self.pool);
+        Ok(out)
+    }
+
+    fn attention(&mut self, layer: usize, mut qkv: Vec<f32>) -> Result<Vec<f32>, Self::Error> {
+        let c = &self.model.config;
+        let (hd, nh, kvh) = (c.head_dim(), c.n_heads, c.n_kv_heads);
+        let qkv_w = (nh + 2 * kvh) * hd;
+        let half = hd / 2;
+        // RoPE of q and k, and the new keys and values into the caches.
+        for (row, &(seg, pos)) in qkv.chunks_exact_mut(qkv_w).zip(self.rows) {
+            let (cos, sin) = (
+                &self.model.cos[pos * half..(pos + 1) * half],
+                &self.model.sin[pos * half..(pos + 1) * half],
+            );
+            let (qk, v) = row.split_at_mut((nh + kvh) * hd);
+            for head in qk.chunks_exact_mut(hd) {
+                rope(head, cos, sin, 1.0);
+            }
+            let cache = &mut *self.segments[seg].cache;
+            let k = &qk[nh * hd..];
+            for g in 0..kvh {
+                let keys = cache.head_mut(layer, false, g);
+                for (d, &x) in k[g * hd..(g + 1) * hd].iter().enumerate() {
+                    keys[key_index(pos, d, hd)] = x;
+                }
+                let at = pos * hd..(pos + 1) * hd;
+                cache.head_mut(layer, true, g)[at].copy_from_slice(&v[g * hd..(g + 1) * hd]);
+            }
+        }
+        let mut out = self.take(self.rows.len() * nh * hd);
+        self.model
+            .attention(layer, self.segments, self.rows, &qkv, &mut out, self.pool);
+        self.give_back(qkv);
+        Ok(out)
+    }
+
+    fn activation(&mut self, _layer: usize, gate_up: Vec<f32>) -> Result<Vec<f32>, Self::Error> {
+        let inter = self.model.config.intermediate_size;
+        let mut out = self.take(gate_up.len() / 2);
+        swiglu::forward(&gate_up, inter, &mut out);
+        self.give_back(gate_up);
+        Ok(out)
+    }
+
+    fn residual(&mut self, mut x: Vec<f32>, y: Vec<f32>) -> Result<Vec<f32>, Self::Error> {
+        add_assign(&mut x, &y);
+        self.give_back(y);
+        Ok(x)
     }
 }

@@ -271,7 +271,7 @@ impl Engine {
         };
         tracing::info!(
             cpu_kernels = cpu.is_some(),
-            isa = ?crate::kernels::qmatmul::detect(),
+            isa = ?crate::kernels::gemm::qmatmul::detect(),
             "engine path"
         );
         // Caches live where the model does (the GPU when serving on one).

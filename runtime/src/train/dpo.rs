@@ -16,8 +16,8 @@
 //! language-model loss, everything is a sum over the batch, so that gradient accumulation and
 //! a gang divide once by the total number of pairs.
 
-use crate::model::kernels::math::softmax_into;
-use rayon::prelude::*;
+use crate::kernels::math::softmax_into;
+use crate::kernels::pool;
 use std::ops::Range;
 
 /// One preference pair's place in the batch and its reference log-probabilities.
@@ -137,11 +137,8 @@ fn row_logps(
 ) -> Vec<f64> {
     assert!(vocab > 0 && logits.len() == targets.len() * vocab && mask.len() == targets.len());
     let mut out = vec![0f64; targets.len()];
-    logits
-        .par_chunks_mut(ROWS * vocab)
-        .zip(targets.par_chunks(ROWS).zip(mask.par_chunks(ROWS)))
-        .zip(out.par_chunks_mut(ROWS))
-        .for_each(|((logits, (targets, mask)), out)| {
+    pool::zip_chunks_mut(logits, ROWS * vocab, &mut out, ROWS, |i, logits, out| {
+            let (targets, mask) = (&targets[i * ROWS..], &mask[i * ROWS..]);
             let mut p = vec![0f32; vocab];
             for (((row, &t), &m), o) in logits
                 .chunks_exact_mut(vocab)
@@ -212,11 +209,8 @@ pub fn loss_and_grad(
             accurate: f64::from(u8::from(reward_chosen > reward_rejected)),
         });
     }
-    logits
-        .par_chunks_mut(ROWS * vocab)
-        .zip(targets.par_chunks(ROWS).zip(mask.par_chunks(ROWS)))
-        .zip(weight.par_chunks(ROWS))
-        .for_each(|((logits, (targets, mask)), weight)| {
+    pool::chunks_mut(logits, ROWS * vocab, |i, logits| {
+            let (targets, mask, weight) = (&targets[i * ROWS..], &mask[i * ROWS..], &weight[i * ROWS..]);
             for (((row, &t), &m), &w) in logits
                 .chunks_exact_mut(vocab)
                 .zip(targets)

@@ -1,9 +1,9 @@
 //! The training loss.
 
-use crate::model::kernels;
-use crate::model::kernels::math::softmax_into;
+use crate::kernels;
+use crate::kernels::math::softmax_into;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use crate::kernels::pool;
 
 /// What a step minimises.
 #[derive(Debug, Clone, Copy)]
@@ -87,10 +87,8 @@ pub(crate) fn nll_sum_and_grad(
     vocab: usize,
 ) -> f64 {
     assert!(vocab > 0 && logits.len() == targets.len() * vocab && mask.len() == targets.len());
-    let partials: Vec<f64> = logits
-        .par_chunks_mut(ROWS * vocab)
-        .zip(targets.par_chunks(ROWS).zip(mask.par_chunks(ROWS)))
-        .map(|(logits, (targets, mask))| {
+    let partials: Vec<f64> = pool::map_chunks_mut(logits, ROWS * vocab, |i, logits| {
+            let (targets, mask) = (&targets[i * ROWS..], &mask[i * ROWS..]);
             let mut p = vec![0f32; vocab];
             let mut sum = 0f64;
             for ((row, &t), &m) in logits.chunks_exact_mut(vocab).zip(targets).zip(mask) {
@@ -105,8 +103,7 @@ pub(crate) fn nll_sum_and_grad(
                 row.iter_mut().for_each(|x| *x *= m);
             }
             sum
-        })
-        .collect();
+        });
     partials.iter().sum::<f64>()
 }
 
@@ -203,7 +200,7 @@ impl candle_core::CustomOp2 for MaskedNllBwd {
         let mut d = logits.to_vec();
         nll_sum_and_grad(&mut d, targets, mask, v);
         if self.grad != 1.0 {
-            d.par_iter_mut().for_each(|x| *x *= self.grad);
+            pool::chunks_mut(&mut d, 1 << 14, |_, d| d.iter_mut().for_each(|x| *x *= self.grad));
         }
         Ok((CpuStorage::F32(d), ll.shape().clone()))
     }

@@ -2,9 +2,9 @@
 //! learning-rate schedule, and global-norm gradient clipping.
 
 use super::config::Hyperparameters;
-use crate::model::kernels;
+use crate::kernels;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
-use rayon::prelude::*;
+use crate::kernels::pool;
 use std::collections::HashMap;
 
 /// Elements per parallel task of the in-place update and of the gradient norm's partial sums.
@@ -196,9 +196,8 @@ impl InplaceOp2 for Moment {
             );
         }
         let (a, b) = (self.beta, 1.0 - self.beta);
-        m.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(m, g)| {
+        pool::chunks_mut(m, CHUNK, |i, m| {
+                let g = &g[i * CHUNK..];
                 if self.square {
                     m.iter_mut().zip(g).for_each(|(m, g)| {
                         let g = g * self.scale;
@@ -243,10 +242,8 @@ impl InplaceOp3 for Update {
         if theta.len() != m.len() || theta.len() != v.len() {
             candle_core::bail!("{}: moments do not match the parameter", self.name());
         }
-        theta
-            .par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(theta, (m, v))| {
+        pool::chunks_mut(theta, CHUNK, |i, theta| {
+                let (m, v) = (&m[i * CHUNK..], &v[i * CHUNK..]);
                 for ((theta, m), v) in theta.iter_mut().zip(m).zip(v) {
                     let update = (m / self.bias1) / ((v / self.bias2).sqrt() + self.eps);
                     *theta = *theta * self.decay - self.lr * update;
@@ -293,9 +290,10 @@ pub fn global_norm(grads: &[Tensor], scale: f64) -> Result<f64> {
         if g.device().is_cpu() && g.dtype() == DType::F32 {
             // Fixed-size partial sums added in order: the same result for any thread count.
             let partials: Vec<f64> = kernels::with_slice(g, "grad-norm", |x| {
-                x.par_chunks(CHUNK)
-                    .map(|c| f64::from(c.iter().map(|v| v * v).sum::<f32>()))
-                    .collect()
+                pool::map(x.len().div_ceil(CHUNK), |i| {
+                    let c = &x[i * CHUNK..x.len().min((i + 1) * CHUNK)];
+                    f64::from(c.iter().map(|v| v * v).sum::<f32>())
+                })
             })?;
             total += partials.iter().sum::<f64>();
             continue;

@@ -3,7 +3,7 @@
 //! beyond a reused score buffer (candle's path builds a chain of small tensors per sequence
 //! and layer).
 
-use super::ops::{axpy, softmax};
+use super::super::math::{axpy, softmax};
 
 /// Positions per key tile. Keys are cached transposed in tiles of this many positions,
 /// `[tile][head_dim][KEY_TILE]`, so that one query's scores against a tile are

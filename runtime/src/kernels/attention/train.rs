@@ -7,9 +7,10 @@
 //! key heads, then all value heads; the output is (batch, t, heads * head_dim), ready for the
 //! output projection. Query head `h` reads KV head `h / (heads / kv_heads)`.
 
-use super::{Mat, SharedOut, matmul, slice, with_slice};
+use super::super::gemm::{Mat, matmul};
+use super::super::rope::{rope, unrope};
+use super::super::{SharedOut, math, pool, slice, with_slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Rows of scores computed together. Only the blocks on or below the diagonal are computed,
 /// which skips ~3/8 of the products at t = 256.
@@ -200,21 +201,13 @@ pub(crate) fn forward(
     saved.q.resize(g.b * g.nh * t * d, 0.0);
     saved.k.resize(g.b * g.nkv * t * d, 0.0);
     saved.p.resize(g.b * g.nh * t * t, 0.0);
-    saved
-        .k
-        .par_chunks_mut(t * d)
-        .enumerate()
-        .for_each(|(task, k)| {
-            let (bi, kv) = (task / g.nkv, task % g.nkv);
-            rope_rows(&x[bi * t * g.w..], g, g.k_col(kv), cos, sin, 1.0, k);
-        });
+    pool::chunks_mut(&mut saved.k, t * d, |task, k| {
+        let (bi, kv) = (task / g.nkv, task % g.nkv);
+        rope_rows(&x[bi * t * g.w..], g, g.k_col(kv), cos, sin, 1.0, k);
+    });
     let keys = &saved.k;
     let shared = SharedOut::new(out);
-    let tasks = saved
-        .p
-        .par_chunks_mut(t * t)
-        .zip(saved.q.par_chunks_mut(t * d));
-    tasks.enumerate().for_each(|(task, (p, q))| {
+    pool::zip_chunks_mut(&mut saved.p, t * t, &mut saved.q, t * d, |task, p, q| {
         let (bi, h) = (task / g.nh, task % g.nh);
         let x = &x[bi * t * g.w..(bi + 1) * t * g.w];
         let kv = h / g.rep();
@@ -263,7 +256,7 @@ pub(crate) fn backward(
     assert_eq!(dy.len(), g.b * g.t * g.out_w());
     assert!(cos.len() >= g.t * g.d / 2 && sin.len() >= g.t * g.d / 2);
     let shared = SharedOut::new(dx);
-    (0..g.b * g.nkv).into_par_iter().for_each(|task| {
+    pool::run(g.b * g.nkv, |task| {
         let (bi, kv) = (task / g.nkv, task % g.nkv);
         let (t, d) = (g.t, g.d);
         let x = &x[bi * t * g.w..(bi + 1) * t * g.w];
@@ -367,14 +360,14 @@ fn probabilities(q: &[f32], k: &[f32], g: Geometry, p: &mut [f32]) {
         for i in r0..r0 + n {
             let row = &mut p[i * t..i * t + r0 + n];
             let (live, dead) = row.split_at_mut(i + 1);
-            super::math::softmax(live);
+            math::softmax(live);
             dead.fill(0.0);
         }
     }
 }
 
-/// Interleaved RoPE of the head at column `col` of every row of `x` (rows of `g.w`), times
-/// `scale`, into `out` (t x d). Same rotation as [`crate::model::apply_rope`].
+/// RoPE ([`rope`]) of the head at column `col` of every row of `x` (rows of `g.w`), times
+/// `scale`, into `out` (t x d).
 fn rope_rows(
     x: &[f32],
     g: Geometry,
@@ -385,41 +378,26 @@ fn rope_rows(
     out: &mut [f32],
 ) {
     let half = g.d / 2;
-    for pos in 0..g.t {
-        let src = &x[pos * g.w + col..pos * g.w + col + g.d];
-        let dst = &mut out[pos * g.d..(pos + 1) * g.d];
-        let (c, s) = (
-            &cos[pos * half..(pos + 1) * half],
-            &sin[pos * half..(pos + 1) * half],
-        );
-        for i in 0..half {
-            let (a, b) = (src[2 * i], src[2 * i + 1]);
-            dst[2 * i] = (a * c[i] - b * s[i]) * scale;
-            dst[2 * i + 1] = (a * s[i] + b * c[i]) * scale;
-        }
+    for (pos, dst) in out.chunks_exact_mut(g.d).take(g.t).enumerate() {
+        dst.copy_from_slice(&x[pos * g.w + col..pos * g.w + col + g.d]);
+        let at = pos * half..(pos + 1) * half;
+        rope(dst, &cos[at.clone()], &sin[at], scale);
     }
 }
 
-/// The inverse rotation of [`rope_rows`] (its transpose), in place on `x` (t x d): the
-/// gradient of a rotated head with respect to the head before rotation.
+/// The inverse rotation of [`rope_rows`] ([`unrope`]), in place on `x` (t x d): the gradient
+/// of a rotated head with respect to the head before rotation.
 fn unrope_rows(x: &mut [f32], g: Geometry, cos: &[f32], sin: &[f32]) {
     let half = g.d / 2;
     for (pos, row) in x.chunks_exact_mut(g.d).enumerate() {
-        let (c, s) = (
-            &cos[pos * half..(pos + 1) * half],
-            &sin[pos * half..(pos + 1) * half],
-        );
-        for i in 0..half {
-            let (a, b) = (row[2 * i], row[2 * i + 1]);
-            row[2 * i] = a * c[i] + b * s[i];
-            row[2 * i + 1] = b * c[i] - a * s[i];
-        }
+        let at = pos * half..(pos + 1) * half;
+        unrope(row, &cos[at.clone()], &sin[at]);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{assert_same_grads, randn, rel_diff, var};
+    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
     use crate::model::{apply_rope, attention, causal_mask};
     use candle_core::{D, Device};

@@ -2,7 +2,8 @@
 //! reshape), and its backward pass adds every node's gradient into a fresh zeroed buffer, so
 //! each reshape of an activation costs a full copy in the backward pass.
 
-use super::{Mat, matmul_par, slice, with_slice};
+use super::super::{slice, with_slice};
+use super::{Mat, matmul_par};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `x @ weight^T` over the last dimension of `x`, `weight` (out, in). CPU f32; differentiable
@@ -81,7 +82,7 @@ impl CustomOp2 for Linear {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{assert_same_grads, randn, rel_diff, var};
+    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
 
     /// Forward and both gradients match candle's matmul to 1e-5 of the largest value.

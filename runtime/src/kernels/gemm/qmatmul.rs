@@ -16,7 +16,7 @@
 //! next tile's weights are prefetched while one is computed. A scalar reference computes the
 //! same sums.
 
-use super::pool::Pool;
+use super::super::pool::Pool;
 
 /// How weight codes are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

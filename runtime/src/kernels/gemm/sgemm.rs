@@ -46,9 +46,8 @@ use std::cell::Cell;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
-
-use super::{Mat, SharedOut};
+use super::super::{SharedOut, pool};
+use super::Mat;
 
 /// Longest block of the inner dimension one packed `lhs` micro-panel holds.
 const KC: usize = 384;
@@ -147,7 +146,7 @@ impl Isa {
         self.run(1, dst, dst_rs, acc, lhs, rhs, beta);
     }
 
-    /// [`Isa::matmul`] split over the threads of rayon's current pool, with the same bits.
+    /// [`Isa::matmul`] split over the threads of the calling thread's [`pool`], with the same bits.
     pub fn matmul_par(
         self,
         dst: &mut [f32],
@@ -158,7 +157,7 @@ impl Isa {
         beta: f32,
     ) {
         self.run(
-            rayon::current_num_threads(),
+            pool::threads(),
             dst,
             dst_rs,
             acc,
@@ -578,8 +577,8 @@ impl Kernel for Portable {
 
 thread_local! {
     /// The packed `rhs` of the calling thread's product, kept for the next one. Taken out for
-    /// the duration of a call, so that a product run by a thread while it waits inside another
-    /// (rayon steals work) gets a buffer of its own.
+    /// the duration of a call, so that a product run inline by a task of another (a nested
+    /// call) gets a buffer of its own.
     static PACKED_RHS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// A task's packed block of `lhs` rows, likewise.
     static PACKED_LHS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -603,7 +602,7 @@ unsafe fn drive<K: Kernel>(threads: usize, job: &Job, rhs: Mat) {
     // SAFETY: the CPU has `K`'s instruction set (caller).
     let pack = |(i, out): (usize, &mut [f32])| unsafe { pack_rhs::<K>(rhs, first + i, out) };
     if threads > 1 {
-        packed.par_chunks_mut(panel_len).enumerate().for_each(pack);
+        pool::chunks_mut(packed, panel_len, |i, out| pack((i, out)));
     } else {
         packed.chunks_mut(panel_len).enumerate().for_each(pack);
     }
@@ -617,7 +616,7 @@ unsafe fn drive<K: Kernel>(threads: usize, job: &Job, rhs: Mat) {
     if tr * tc == 1 {
         task(0);
     } else {
-        (0..tr * tc).into_par_iter().for_each(task);
+        pool::run(tr * tc, task);
     }
     PACKED_RHS.with(|c| c.set(store));
 }
@@ -1039,10 +1038,7 @@ mod tests {
                     let mut want = init.clone();
                     isa.matmul(&mut want, n, acc, lhs, rhs, beta);
                     for threads in 1..=3 {
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(threads)
-                            .build()
-                            .unwrap();
+                        let pool = pool::Pool::new(threads, std::time::Duration::from_micros(50));
                         let mut got = init.clone();
                         pool.install(|| isa.matmul_par(&mut got, n, acc, lhs, rhs, beta));
                         let same = got
