@@ -10,8 +10,6 @@
 pub mod block;
 mod cache;
 mod config;
-// The old path of the kernels, until the fused training step names the new one.
-pub use crate::kernels;
 mod layers;
 mod ops;
 mod weights;

@@ -10,7 +10,7 @@
 //! accumulation happen inside the matrix products (the FMA chain starts from the value
 //! already there), and weight gradients go straight into the buffers the optimizer reads.
 //!
-//! The same kernels as the graph path compute each piece (`model::kernels`), so the numbers
+//! The same kernels as the graph path compute each piece (`crate::kernels`), so the numbers
 //! agree with candle's autograd to float rounding (a test checks every gradient); the order of
 //! every sum is fixed, so a run stays bitwise reproducible for any thread count. Other
 //! devices, bf16 and quantized weights keep candle's autograd (`ANNEAL_FUSED_STEP=0` forces
@@ -19,7 +19,7 @@
 use super::dpo;
 use super::loss::{Objective, Outcome, nll_sum_and_grad};
 use crate::data::Batch;
-use crate::model::kernels::{Mat, attention, matmul_par, norm, swiglu, with_slice};
+use crate::kernels::{Mat, attention, matmul_par, norm, swiglu, with_slice};
 use crate::model::{Linear, Transformer};
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
@@ -711,7 +711,7 @@ mod tests {
             "{loss} vs {want_loss}"
         );
         for ((name, _), (g, w)) in names.iter().zip(got.iter().zip(&want)) {
-            let d = crate::model::kernels::test_util::rel_diff(g, w)?;
+            let d = crate::kernels::test_util::rel_diff(g, w)?;
             assert!(d < 1e-4, "{name}: gradient differs by {d}");
         }
         Ok(())
