@@ -102,6 +102,8 @@ main() {
   done
   pid="$(node_component_pid kube-proxy "$NODES_DIR" "$NODES_DIR/kube-proxy.pid")"
   [[ -z "$pid" ]] || stop "$pid" kube-proxy
+  pid="$(node_component_pid cluster-dns "$NODES_DIR" "$NODES_DIR/cluster-dns.pid")"
+  [[ -z "$pid" ]] || stop "$pid" anneal-cluster-dns
   # kube-proxy's chains and rules (it removes its own, of every mode).
   if [[ -f "$NODES_DIR/kube-proxy.yaml" && -x "$NODE_TOOLS_BIN/kube-proxy" ]]; then
     "$NODE_TOOLS_BIN/kube-proxy" --cleanup --config "$NODES_DIR/kube-proxy.yaml" >>"$LOG_DIR/kube-proxy.log" 2>&1 ||

@@ -1,4 +1,5 @@
-# Shared helpers of nodes-up.sh and nodes-down.sh (real nodes: containerd + kubelet per node, one kube-proxy).
+# Shared helpers of nodes-up.sh and nodes-down.sh (real nodes: containerd + kubelet per node, one kube-proxy,
+# one cluster DNS).
 # Source it after lib.sh; it defines functions and variables only.
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the variables are for the scripts that source this file
@@ -15,6 +16,9 @@ NODE_PORT_BASE="${ANNEAL_NODE_PORT_BASE:-10250}"
 KUBE_PROXY_HEALTHZ_PORT=$((NODE_PORT_BASE - 2))
 KUBE_PROXY_METRICS_PORT=$((NODE_PORT_BASE - 1))
 POD_CIDR=10.244.0.0/16
+# The cluster DNS (anneal-cluster-dns, e2e/src/bin) listens on this machine's address (every pod reaches it, as
+# it reaches the API server there), port 53; the kubelets name it in the pods' resolv.conf.
+CLUSTER_DOMAIN=cluster.local
 NODES_DIR="$CLUSTER_STATE/nodes"
 # Volumes for PersistentVolumes of type hostPath: every node is on this machine, so each can mount each.
 VOLUMES_DIR="$CLUSTER_STATE/volumes"
@@ -43,6 +47,7 @@ node_process_exe() {
   case "$1" in
     containerd) command -v containerd ;;
     kubelet | kube-proxy) echo "$NODE_TOOLS_BIN/$1" ;;
+    cluster-dns) echo "$NODES_DIR/anneal-cluster-dns" ;;
   esac
 }
 
@@ -65,13 +70,13 @@ node_component_pid() {
 }
 
 # node_pids DIR: every process whose command line names DIR and whose executable is containerd, a containerd
-# shim, the kubelet or kube-proxy (a shim outlives containerd, as on a partitioned node).
+# shim, the kubelet, kube-proxy or the cluster DNS (a shim outlives containerd, as on a partitioned node).
 node_pids() {
   local pid exe
   for pid in $(pgrep -f -- "$1/" || true); do
     exe="$(readlink "/proc/$pid/exe" 2>/dev/null)" || continue
     case "$(basename "$exe")" in
-      containerd | containerd-shim-runc-v2 | kubelet | kube-proxy) echo "$pid" ;;
+      containerd | containerd-shim-runc-v2 | kubelet | kube-proxy | anneal-cluster-dns) echo "$pid" ;;
     esac
   done
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings up real nodes for the local cluster: per node a containerd (Debian) and a kubelet (built from the pinned
 # Kubernetes module: build-tools.sh node) with their own directories, sockets and ports, pods on a CNI bridge of
-# their own (Debian's containernetworking-plugins), cgroupfs; one kube-proxy (iptables) for Services. The nodes
+# their own (Debian's containernetworking-plugins), cgroupfs; one kube-proxy (iptables) for Services and one
+# cluster DNS (anneal-cluster-dns: Service and gang host names under cluster.local). The nodes
 # advertise nvidia.com/gpu and carry the GPU product labels; their pods run on this machine's CPU. The images of
 # images/build.sh (pause, operator, runtime) are imported into each node's containerd: no registry is needed.
 #
@@ -200,7 +201,9 @@ failSwapOn: false
 # directories of pods it does not know).
 cgroupRoot: /$CGROUP_PARENT/$node
 podLogsDir: $dir/pod-logs
-clusterDomain: cluster.local
+clusterDomain: $CLUSTER_DOMAIN
+# Pods resolve Service and gang host names (<host>.<service>.<namespace>.svc) through anneal-cluster-dns.
+clusterDNS: [$APISERVER_ADVERTISE_ADDRESS]
 nodeLeaseDurationSeconds: $lease
 # The disk of a development machine is often fuller than the defaults allow (10 % / 15 % free): evict only
 # when it is really full, and never collect the images imported here (no registry to pull them back from).
@@ -288,6 +291,21 @@ YAML
     die "kube-proxy is not healthy; see $LOG_DIR/kube-proxy.log"
 }
 
+# The cluster DNS: built from this tree (e2e crate) and copied into the nodes' directory, run with kube-proxy's
+# identity (which may watch Services and EndpointSlices).
+start_cluster_dns() {
+  local log="$LOG_DIR/cluster-dns.log"
+  if [[ -n "$(node_component_pid cluster-dns "$NODES_DIR" "$NODES_DIR/cluster-dns.pid")" ]]; then return 0; fi
+  log "building anneal-cluster-dns (cargo, e2e crate)"
+  (cd "$REPO" && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ANNEAL_CACHE/target}" \
+    cargo build -q -p anneal-e2e --bin anneal-cluster-dns >&2)
+  install -m 0755 "${CARGO_TARGET_DIR:-$ANNEAL_CACHE/target}/debug/anneal-cluster-dns" "$NODES_DIR/anneal-cluster-dns"
+  start_component cluster-dns "$NODES_DIR" "$log" --listen "$APISERVER_ADVERTISE_ADDRESS:53" \
+    --kubeconfig "$PKI_DIR/kube-proxy.kubeconfig" --domain "$CLUSTER_DOMAIN" --state "$NODES_DIR/"
+  wait_until "the cluster DNS to serve" 60 grep -q "serving" "$log" ||
+    die "anneal-cluster-dns is not serving; see $log"
+}
+
 gpus_advertised() {
   [[ "$(kubectl_ get node "$1" -o jsonpath='{.status.allocatable.nvidia\.com/gpu}')" == "$REAL_NODE_GPUS" ]]
 }
@@ -339,6 +357,7 @@ main() {
   claim_machine
   mkdir -p "$NODES_DIR" "$VOLUMES_DIR" "$LOG_DIR"
   host_setup
+  start_cluster_dns
   for entry in "${REAL_NODE_LIST[@]}"; do
     read -r node product pool <<<"$entry"
     write_containerd_config "$node"

@@ -256,3 +256,24 @@ pub async fn diagnose(namespace: &str) -> String {
     }
     report
 }
+
+/// Waits up to ten minutes for TrainingJob `name` of `ns` to succeed; on failure, the error carries
+/// [`diagnose`]'s report of the namespace.
+pub async fn succeeded(client: &Client, ns: &str, name: &str) -> Result<anneal_crds::TrainingJob> {
+    use anneal_crds::trainingjob::TrainingPhase;
+    let jobs: Api<anneal_crds::TrainingJob> = Api::namespaced(client.clone(), ns);
+    let done = wait_for(
+        &jobs,
+        name,
+        Duration::from_secs(600),
+        |j: Option<&anneal_crds::TrainingJob>| {
+            j.and_then(|j| j.status.as_ref()).and_then(|s| s.phase)
+                == Some(TrainingPhase::Succeeded)
+        },
+    )
+    .await;
+    match done {
+        Ok(job) => job.context("the job vanished"),
+        Err(e) => Err(e.context(diagnose(ns).await)),
+    }
+}

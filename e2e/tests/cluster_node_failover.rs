@@ -17,41 +17,21 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anneal_crds::TrainingJob;
-use anneal_crds::trainingjob::{FailoverReason, TrainingPhase};
+use anneal_crds::trainingjob::FailoverReason;
 use anneal_e2e::client;
-use anneal_e2e::nodes::sha256_of;
+use anneal_e2e::nodes::{sha256_of, succeeded};
 use anneal_e2e::real_failover::{
     Failover, Fault, Stage, checkpoint_dir, committed_steps, fail_over, fence, image_ref,
     movable_job, start,
 };
-use anneal_e2e::wait::{poll_until, wait_for};
+use anneal_e2e::wait::poll_until;
 use anyhow::{Context, Result, ensure};
-use kube::{Api, Client};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// The faults of this binary's tests take nodes and their pods away: one at a time.
 async fn one_fault_at_a_time() -> MutexGuard<'static, ()> {
     static FAULTS: Mutex<()> = Mutex::const_new(());
     FAULTS.lock().await
-}
-
-async fn succeeded(client: &Client, ns: &str, name: &str) -> Result<TrainingJob> {
-    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
-    let done = wait_for(
-        &jobs,
-        name,
-        Duration::from_secs(600),
-        |j: Option<&TrainingJob>| {
-            j.and_then(|j| j.status.as_ref()).and_then(|s| s.phase)
-                == Some(TrainingPhase::Succeeded)
-        },
-    )
-    .await;
-    match done {
-        Ok(job) => job.context("the job vanished"),
-        Err(e) => Err(e.context(anneal_e2e::nodes::diagnose(ns).await)),
-    }
 }
 
 fn report(f: &Failover) {
