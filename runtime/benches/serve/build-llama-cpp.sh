@@ -22,10 +22,11 @@ fi
 # The flags llama.cpp's docs recommend for a CPU build: GGML_NATIVE=ON (-march=native, every SIMD
 # extension this CPU has: AVX-512 with VNNI and BF16 here), with only AMX turned off. With
 # GGML_NATIVE=ON ggml ignores its GGML_AMX_* options (they apply to GGML_NATIVE=OFF builds), and
-# -march=native on a Sapphire Rapids host defines __AMX_INT8__, which compiles ggml's AMX tile
-# kernels in; those fault (SIGILL) on VMs that do not grant the process AMX state, as on this
-# project's machines. So -mno-amx-* go in the C/C++ flags (GCC lets an explicit -mno-X win over
-# what -march=native implies, whatever the order). ANNEAL_LLAMA_CPP_AMX=1 keeps AMX on.
+# -march=native on a CPU with AMX (this VM lists amx_tile/int8/bf16) defines __AMX_INT8__, which
+# compiles ggml's AMX tile kernels in; those fault (SIGILL) on VMs that do not grant the process
+# AMX state, as on this project's machines. So -mno-amx-* go in the C/C++ flags (GCC lets an
+# explicit -mno-X win over what -march=native implies, whatever the order).
+# ANNEAL_LLAMA_CPP_AMX=1 keeps AMX on.
 amx_off="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 [[ "${ANNEAL_LLAMA_CPP_AMX:-0}" == 1 ]] && amx_off=""
 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
