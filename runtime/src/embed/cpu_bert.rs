@@ -8,10 +8,10 @@
 //! tokens when lengths differ; here a batch costs what its tokens cost.
 
 use crate::kernels::math::{self, gelu_erf};
+use crate::kernels::pool;
 use crate::kernels::{Mat, SharedOut, matmul, matmul_par};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
-use crate::kernels::pool;
 
 /// `y = x @ w^T + b` with `w` (out, inp) row-major.
 struct Dense {

@@ -244,7 +244,11 @@ mod tests {
         for n in [0usize, 1, 15, 16, 17, 64, 577] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let plain: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            let plain: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
             assert!((f64::from(dot(&a, &b)) - plain).abs() < 1e-4);
             let plain: f64 = a.iter().map(|x| f64::from(*x)).sum();
             assert!((f64::from(sum(&a)) - plain).abs() < 1e-4);

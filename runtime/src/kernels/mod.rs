@@ -33,8 +33,8 @@ pub(crate) mod rope;
 pub(crate) mod swiglu;
 
 pub use attention::causal_self_attention;
-pub use gemm::linear::linear;
 pub use gemm::Mat;
+pub use gemm::linear::linear;
 pub(crate) use gemm::{matmul, matmul_par};
 pub use norm::rms_norm;
 pub use swiglu::swiglu;

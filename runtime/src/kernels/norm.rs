@@ -59,22 +59,22 @@ pub(crate) fn backward(
     assert!(n > 0 && x.len().is_multiple_of(n) && g.len() == x.len() && dx.len() == x.len());
     assert_eq!(dw.len(), n);
     let partials: Vec<Vec<f32>> = pool::map_chunks_mut(dx, ROWS * n, |b, dx| {
-            let at = b * ROWS * n;
-            let (x, g) = (&x[at..at + dx.len()], &g[at..at + dx.len()]);
-            let mut dw = vec![0f32; n];
-            let rows = dx.chunks_exact_mut(n).zip(x.chunks_exact(n));
-            for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
-                let r = inv_rms(x, eps);
-                let c: f32 = g.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
-                let k = r * r * r * c / n as f32;
-                for i in 0..n {
-                    let d = r * g[i] * w[i] - x[i] * k;
-                    dx[i] = if acc_dx { dx[i] + d } else { d };
-                    dw[i] += g[i] * x[i] * r;
-                }
+        let at = b * ROWS * n;
+        let (x, g) = (&x[at..at + dx.len()], &g[at..at + dx.len()]);
+        let mut dw = vec![0f32; n];
+        let rows = dx.chunks_exact_mut(n).zip(x.chunks_exact(n));
+        for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
+            let r = inv_rms(x, eps);
+            let c: f32 = g.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
+            let k = r * r * r * c / n as f32;
+            for i in 0..n {
+                let d = r * g[i] * w[i] - x[i] * k;
+                dx[i] = if acc_dx { dx[i] + d } else { d };
+                dw[i] += g[i] * x[i] * r;
             }
-            dw
-        });
+        }
+        dw
+    });
     if !acc_dw {
         dw.fill(0.0);
     }
@@ -133,8 +133,8 @@ impl CustomOp2 for RmsNorm {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
+    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
 
     /// Forward and both gradients match candle's composite RMSNorm to 1e-5 of the largest value.
     #[test]

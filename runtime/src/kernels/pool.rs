@@ -165,11 +165,24 @@ impl Pool {
             abort_on_panic(|| as_task(|| f(i)));
             s.finished.fetch_add(1, Ordering::Release);
         }
+        // Wait for the tasks workers took: spin (a decode step's tasks end within microseconds),
+        // then yield, so that on a busy machine a worker descheduled with a long task (a
+        // training product) gets the core back sooner than a spinning caller would give it.
+        let started = Instant::now();
+        let mut spins = 0u32;
         while s.finished.load(Ordering::Acquire) < n {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins.is_multiple_of(64) && started.elapsed() > CALLER_SPIN {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
+
+/// How long a caller spins for its workers' tasks before it yields between checks.
+const CALLER_SPIN: Duration = Duration::from_micros(50);
 
 fn abort_on_panic(f: impl FnOnce()) {
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
@@ -268,7 +281,11 @@ fn current() -> &'static Pool {
 
 /// Threads of the calling thread's pool (1 inside a task, where calls run inline).
 pub fn threads() -> usize {
-    if IN_TASK.get() { 1 } else { current().threads() }
+    if IN_TASK.get() {
+        1
+    } else {
+        current().threads()
+    }
 }
 
 /// Runs `f(i)` for every `i` in `0..n` on the calling thread's pool.
@@ -309,7 +326,9 @@ impl<T> Chunks<T> {
         let start = i * self.size;
         assert!(start < self.len);
         // SAFETY: in bounds (checked); exclusive (caller).
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(start), self.size.min(self.len - start)) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.base.add(start), self.size.min(self.len - start))
+        }
     }
 }
 
@@ -352,14 +371,18 @@ pub fn map_chunks_mut<T: Send, U: Send>(
         let (chunk, slot) = unsafe { (chunks.get(i), slots.get(i)) };
         slot[0] = Some(f(i, chunk));
     });
-    out.into_iter().map(|v| v.expect("every task ran")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every task ran"))
+        .collect()
 }
 
 /// `f(i)` for every `i` in `0..n`, computed in parallel, in order of `i`.
 pub fn map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
     chunks_mut(&mut out, 1, |i, o| o[0] = Some(f(i)));
-    out.into_iter().map(|v| v.expect("every task ran")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every task ran"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -38,18 +38,18 @@ pub(crate) fn backward(x: &[f32], g: &[f32], n: usize, dx: &mut [f32]) {
         n > 0 && x.len().is_multiple_of(2 * n) && g.len() * 2 == x.len() && dx.len() == x.len()
     );
     pool::chunks_mut(dx, ROWS * 2 * n, |i, dx| {
-            let (x, g) = (&x[i * ROWS * 2 * n..], &g[i * ROWS * n..]);
-            let rows = dx.chunks_exact_mut(2 * n).zip(x.chunks_exact(2 * n));
-            for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
-                let (a, b) = x.split_at(n);
-                let (da, db) = dx.split_at_mut(n);
-                for i in 0..n {
-                    let s = sigmoid(a[i]);
-                    let silu = a[i] * s;
-                    da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                    db[i] = g[i] * silu;
-                }
+        let (x, g) = (&x[i * ROWS * 2 * n..], &g[i * ROWS * n..]);
+        let rows = dx.chunks_exact_mut(2 * n).zip(x.chunks_exact(2 * n));
+        for ((dx, x), g) in rows.zip(g.chunks_exact(n)) {
+            let (a, b) = x.split_at(n);
+            let (da, db) = dx.split_at_mut(n);
+            for i in 0..n {
+                let s = sigmoid(a[i]);
+                let silu = a[i] * s;
+                da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                db[i] = g[i] * silu;
             }
+        }
     });
 }
 
@@ -113,8 +113,8 @@ impl CustomOp2 for SwiGluBwd {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
+    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use candle_core::D;
 
     /// Forward and gradient match `silu(gate) * up` in candle to 1e-5 of the largest value.

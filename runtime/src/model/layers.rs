@@ -1,5 +1,6 @@
-//! The layers of the transformer. Fields are public so that other forward paths (a batched
-//! decode) can be written from the same weights.
+//! The layers of the transformer, and the block operations on them for candle's forward
+//! passes ([`CandleOps`], run by the one block recipe of [`super::block`]). Fields are public so
+//! that other forward paths (the quantized CPU serving pass) can be built from the same weights.
 
 use super::block::{BlockOps, NormAt, Proj};
 use super::{KvCache, ModelConfig, Weights, apply_rope, attention};
@@ -137,7 +138,7 @@ impl Attention {
     }
 }
 
-/// SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+/// SwiGLU feed-forward's weights: down(silu(gate(x)) * up(x)) ([`super::block`]).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     /// Gate projection (hidden -> intermediate).
@@ -148,7 +149,8 @@ pub struct Mlp {
     pub down: Linear,
 }
 
-/// One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)).
+/// One pre-norm decoder block's weights: x + attn(norm(x)), then + mlp(norm(.)), as
+/// [`super::block::block`] runs it.
 #[derive(Debug, Clone)]
 pub struct Block {
     /// Norm before attention.

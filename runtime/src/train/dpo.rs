@@ -138,24 +138,24 @@ fn row_logps(
     assert!(vocab > 0 && logits.len() == targets.len() * vocab && mask.len() == targets.len());
     let mut out = vec![0f64; targets.len()];
     pool::zip_chunks_mut(logits, ROWS * vocab, &mut out, ROWS, |i, logits, out| {
-            let (targets, mask) = (&targets[i * ROWS..], &mask[i * ROWS..]);
-            let mut p = vec![0f32; vocab];
-            for (((row, &t), &m), o) in logits
-                .chunks_exact_mut(vocab)
-                .zip(targets)
-                .zip(mask)
-                .zip(out.iter_mut())
-            {
-                if m == 0.0 {
-                    continue;
-                }
-                let lse = softmax_into(row, &mut p);
-                *o = f64::from(m) * (f64::from(row[t as usize]) - f64::from(lse));
-                if keep_softmax {
-                    row.copy_from_slice(&p);
-                }
+        let (targets, mask) = (&targets[i * ROWS..], &mask[i * ROWS..]);
+        let mut p = vec![0f32; vocab];
+        for (((row, &t), &m), o) in logits
+            .chunks_exact_mut(vocab)
+            .zip(targets)
+            .zip(mask)
+            .zip(out.iter_mut())
+        {
+            if m == 0.0 {
+                continue;
             }
-        });
+            let lse = softmax_into(row, &mut p);
+            *o = f64::from(m) * (f64::from(row[t as usize]) - f64::from(lse));
+            if keep_softmax {
+                row.copy_from_slice(&p);
+            }
+        }
+    });
     out
 }
 
@@ -210,23 +210,24 @@ pub fn loss_and_grad(
         });
     }
     pool::chunks_mut(logits, ROWS * vocab, |i, logits| {
-            let (targets, mask, weight) = (&targets[i * ROWS..], &mask[i * ROWS..], &weight[i * ROWS..]);
-            for (((row, &t), &m), &w) in logits
-                .chunks_exact_mut(vocab)
-                .zip(targets)
-                .zip(mask)
-                .zip(weight)
-            {
-                let scale = m * w;
-                if scale == 0.0 {
-                    row.fill(0.0);
-                    continue;
-                }
-                // The row holds its softmax: (softmax - onehot) * scale.
-                row[t as usize] -= 1.0;
-                row.iter_mut().for_each(|x| *x *= scale);
+        let (targets, mask, weight) =
+            (&targets[i * ROWS..], &mask[i * ROWS..], &weight[i * ROWS..]);
+        for (((row, &t), &m), &w) in logits
+            .chunks_exact_mut(vocab)
+            .zip(targets)
+            .zip(mask)
+            .zip(weight)
+        {
+            let scale = m * w;
+            if scale == 0.0 {
+                row.fill(0.0);
+                continue;
             }
-        });
+            // The row holds its softmax: (softmax - onehot) * scale.
+            row[t as usize] -= 1.0;
+            row.iter_mut().for_each(|x| *x *= scale);
+        }
+    });
     sums
 }
 

@@ -2,8 +2,8 @@
 
 use crate::kernels;
 use crate::kernels::math::softmax_into;
-use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use crate::kernels::pool;
+use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 
 /// What a step minimises.
 #[derive(Debug, Clone, Copy)]
@@ -88,22 +88,22 @@ pub(crate) fn nll_sum_and_grad(
 ) -> f64 {
     assert!(vocab > 0 && logits.len() == targets.len() * vocab && mask.len() == targets.len());
     let partials: Vec<f64> = pool::map_chunks_mut(logits, ROWS * vocab, |i, logits| {
-            let (targets, mask) = (&targets[i * ROWS..], &mask[i * ROWS..]);
-            let mut p = vec![0f32; vocab];
-            let mut sum = 0f64;
-            for ((row, &t), &m) in logits.chunks_exact_mut(vocab).zip(targets).zip(mask) {
-                if m == 0.0 {
-                    row.fill(0.0);
-                    continue;
-                }
-                let lse = softmax_into(row, &mut p);
-                sum += f64::from(m * (lse - row[t as usize]));
-                row.copy_from_slice(&p);
-                row[t as usize] -= 1.0;
-                row.iter_mut().for_each(|x| *x *= m);
+        let (targets, mask) = (&targets[i * ROWS..], &mask[i * ROWS..]);
+        let mut p = vec![0f32; vocab];
+        let mut sum = 0f64;
+        for ((row, &t), &m) in logits.chunks_exact_mut(vocab).zip(targets).zip(mask) {
+            if m == 0.0 {
+                row.fill(0.0);
+                continue;
             }
-            sum
-        });
+            let lse = softmax_into(row, &mut p);
+            sum += f64::from(m * (lse - row[t as usize]));
+            row.copy_from_slice(&p);
+            row[t as usize] -= 1.0;
+            row.iter_mut().for_each(|x| *x *= m);
+        }
+        sum
+    });
     partials.iter().sum::<f64>()
 }
 
@@ -200,7 +200,9 @@ impl candle_core::CustomOp2 for MaskedNllBwd {
         let mut d = logits.to_vec();
         nll_sum_and_grad(&mut d, targets, mask, v);
         if self.grad != 1.0 {
-            pool::chunks_mut(&mut d, 1 << 14, |_, d| d.iter_mut().for_each(|x| *x *= self.grad));
+            pool::chunks_mut(&mut d, 1 << 14, |_, d| {
+                d.iter_mut().for_each(|x| *x *= self.grad)
+            });
         }
         Ok((CpuStorage::F32(d), ll.shape().clone()))
     }

@@ -3,8 +3,8 @@
 
 use super::config::Hyperparameters;
 use crate::kernels;
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use crate::kernels::pool;
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use std::collections::HashMap;
 
 /// Elements per parallel task of the in-place update and of the gradient norm's partial sums.
@@ -197,18 +197,18 @@ impl InplaceOp2 for Moment {
         }
         let (a, b) = (self.beta, 1.0 - self.beta);
         pool::chunks_mut(m, CHUNK, |i, m| {
-                let g = &g[i * CHUNK..];
-                if self.square {
-                    m.iter_mut().zip(g).for_each(|(m, g)| {
-                        let g = g * self.scale;
-                        *m = a * *m + b * (g * g);
-                    });
-                } else {
-                    m.iter_mut()
-                        .zip(g)
-                        .for_each(|(m, g)| *m = a * *m + b * (g * self.scale));
-                }
-            });
+            let g = &g[i * CHUNK..];
+            if self.square {
+                m.iter_mut().zip(g).for_each(|(m, g)| {
+                    let g = g * self.scale;
+                    *m = a * *m + b * (g * g);
+                });
+            } else {
+                m.iter_mut()
+                    .zip(g)
+                    .for_each(|(m, g)| *m = a * *m + b * (g * self.scale));
+            }
+        });
         Ok(())
     }
 }
@@ -243,12 +243,12 @@ impl InplaceOp3 for Update {
             candle_core::bail!("{}: moments do not match the parameter", self.name());
         }
         pool::chunks_mut(theta, CHUNK, |i, theta| {
-                let (m, v) = (&m[i * CHUNK..], &v[i * CHUNK..]);
-                for ((theta, m), v) in theta.iter_mut().zip(m).zip(v) {
-                    let update = (m / self.bias1) / ((v / self.bias2).sqrt() + self.eps);
-                    *theta = *theta * self.decay - self.lr * update;
-                }
-            });
+            let (m, v) = (&m[i * CHUNK..], &v[i * CHUNK..]);
+            for ((theta, m), v) in theta.iter_mut().zip(m).zip(v) {
+                let update = (m / self.bias1) / ((v / self.bias2).sqrt() + self.eps);
+                *theta = *theta * self.decay - self.lr * update;
+            }
+        });
         Ok(())
     }
 }

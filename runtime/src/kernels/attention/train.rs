@@ -397,8 +397,8 @@ fn unrope_rows(x: &mut [f32], g: Geometry, cos: &[f32], sin: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
+    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use crate::model::{apply_rope, attention, causal_mask};
     use candle_core::{D, Device};
 

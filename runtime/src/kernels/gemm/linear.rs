@@ -82,8 +82,8 @@ impl CustomOp2 for Linear {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
     use super::*;
+    use crate::kernels::test_util::{assert_same_grads, randn, rel_diff, var};
 
     /// Forward and both gradients match candle's matmul to 1e-5 of the largest value.
     #[test]

@@ -88,4 +88,3 @@ pub(crate) fn matmul(dst: &mut [f32], dst_rs: usize, acc: bool, lhs: Mat, rhs: M
 pub(crate) fn matmul_par(dst: &mut [f32], dst_rs: usize, acc: bool, lhs: Mat, rhs: Mat, beta: f32) {
     sgemm::Isa::selected().matmul_par(dst, dst_rs, acc, lhs, rhs, beta);
 }
-

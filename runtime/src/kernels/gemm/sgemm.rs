@@ -156,15 +156,7 @@ impl Isa {
         rhs: Mat,
         beta: f32,
     ) {
-        self.run(
-            pool::threads(),
-            dst,
-            dst_rs,
-            acc,
-            lhs,
-            rhs,
-            beta,
-        );
+        self.run(pool::threads(), dst, dst_rs, acc, lhs, rhs, beta);
     }
 
     /// Checks everything the kernels rely on, so that callers stay safe.
