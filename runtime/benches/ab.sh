@@ -11,14 +11,7 @@ repo="$(cd "$(dirname "$0")/../.." && pwd)"; here=$repo/runtime/benches/serve
 model="$($repo/runtime/scripts/fetch-smollm2.sh)"
 work=$(mktemp -d); trap 'rm -rf "$work"; kill $srv 2>/dev/null || true' EXIT
 srv=
-python3 - "$work/corpus.txt" <<'PY'
-import random, sys
-r = random.Random(0)
-with open(sys.argv[1], "w") as f:
-    for _ in range(20000):
-        f.write("\n".join(f"{a}+{b}={a+b}" for a, b in ((r.randrange(1000), r.randrange(1000)) for _ in range(8))))
-        f.write("\n\n")
-PY
+python3 "$repo/runtime/benches/train/corpus.py" "$work/corpus.txt"
 long_prompt="$(python3 -c 'print(" ".join(["The quick brown fox jumps over the lazy dog."] * 51))')"
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/readyz" >/dev/null && return 0; sleep 0.2; done; return 1; }

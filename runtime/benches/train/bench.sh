@@ -33,14 +33,7 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 # Deterministic text: paragraphs of arithmetic facts (~1.5 MB).
-python3 - "$work/corpus.txt" <<'PY'
-import random, sys
-r = random.Random(0)
-with open(sys.argv[1], "w") as f:
-    for _ in range(20000):
-        f.write("\n".join(f"{a}+{b}={a+b}" for a, b in ((r.randrange(1000), r.randrange(1000)) for _ in range(8))))
-        f.write("\n\n")
-PY
+python3 "$here/corpus.py" "$work/corpus.txt"
 
 # name hidden layers heads kv_heads intermediate steps
 sizes=(
