@@ -24,7 +24,7 @@
 # /tmp (the pods mount an emptyDir there; their root filesystem is read-only).
 #
 # The cuda image: the binary of runtime/scripts/cuda/build.sh (the `cuda` feature, compiled here with nvcc
-# from PyPI and link stubs), and the CUDA libraries it links (cuBLAS, cuBLASLt, cuRAND, the CUDA runtime)
+# from PyPI and link stubs), and the CUDA libraries it links (cuBLAS, cuBLASLt, cuRAND, the CUDA runtime, NCCL)
 # from NVIDIA's PyPI wheels, installed into ~/.cache/anneal/cuda-runtime. libcuda.so.1 belongs to the driver
 # and is mounted by the NVIDIA container toolkit on a GPU node; it is not in the image. Nothing here can run
 # it: this machine has no GPU.
@@ -141,17 +141,20 @@ pause_source() {
 # The CUDA libraries the cuda binary links, from NVIDIA's PyPI wheels (CUDA 13.0, as the build's toolkit).
 cuda_libraries() {
   local venv="${ANNEAL_CUDA_RUNTIME_CACHE:-$ANNEAL_CACHE/cuda-runtime}" marker lib
-  marker="$venv/.installed-13.0"
+  marker="$venv/.installed-13.0-nccl"
   if [[ ! -f "$marker" ]]; then
-    log "installing the CUDA 13.0 runtime libraries (cuBLAS, cuRAND, cudart wheels) into $venv"
+    log "installing the CUDA 13.0 runtime libraries (cuBLAS, cuRAND, cudart, NCCL wheels) into $venv"
     rm -rf "$venv"
     python3 -m venv "$venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
-      "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*" "nvidia-cuda-runtime==13.0.*" >&2
+      "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*" "nvidia-cuda-runtime==13.0.*" \
+      "nvidia-nccl-cu13==2.28.*" >&2
     touch "$marker"
   fi
   lib="$(ls -d "$venv"/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n1)"
   [[ -n "$lib" ]] || die "no nvidia/cu13/lib under $venv; remove $marker and retry"
+  # NCCL's wheel has a directory of its own: one library directory for the loader (and ldd).
+  ln -sf "$(ls "$lib"/../../nccl/lib/libnccl.so.2 2>/dev/null || die "no libnccl.so.2 in the NCCL wheel")" "$lib/libnccl.so.2"
   echo "$lib"
 }
 

@@ -38,6 +38,9 @@ pub const ENV_RANK: &str = "ANNEAL_RANK";
 pub const ENV_WORLD_SIZE: &str = "ANNEAL_WORLD_SIZE";
 /// Env: `host:port` of rank 0's rendezvous, where the other ranks get the peer list.
 pub const ENV_RENDEZVOUS: &str = "ANNEAL_RENDEZVOUS";
+/// Env: where a gang's gradient sums run: `auto` (NCCL on CUDA, else the TCP ring), `ring` or
+/// `nccl`.
+pub const ENV_COLLECTIVE: &str = "ANNEAL_COLLECTIVE";
 /// The port rank 0 listens on for the rendezvous and for its ring neighbour.
 pub const RENDEZVOUS_PORT: u16 = 29500;
 

@@ -97,7 +97,10 @@ async fn real_node_two_workers_on_two_nodes_train_the_model_of_one_worker_with_t
     let gang_weights = weights(&stage.models.dir().join("gang"))?;
     let solo_weights = weights(&stage.models.dir().join("solo"))?;
     ensure!(
-        gang_weights.iter().map(|w| &w.0).eq(solo_weights.iter().map(|w| &w.0)),
+        gang_weights
+            .iter()
+            .map(|w| &w.0)
+            .eq(solo_weights.iter().map(|w| &w.0)),
         "the same tensors"
     );
     let mut max_diff = 0f32;

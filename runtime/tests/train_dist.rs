@@ -6,6 +6,9 @@
 //!   the gang sums two products of B; measured: 2e-8 and 1.5e-7). Not bitwise, even against one
 //!   worker of batch B with gradientAccumulation 2: the fused step accumulates the second
 //!   half-batch into the first one's products, which rounds differently from adding two sums.
+//! - The gang's all-reduce overlapped with the backward pass (each block's gradients summed
+//!   while the blocks below run theirs) gives bitwise the model of the same gang summing after
+//!   the backward pass (`ANNEAL_OVERLAP_ALLREDUCE=0`).
 //! - A gang killed mid-run (one rank SIGKILLed: the other ends with the peer-lost code at once)
 //!   and started again as the next attempt resumes the last checkpoint and ends with bitwise
 //!   the weights of an uninterrupted gang.
@@ -167,6 +170,14 @@ fn two_workers_of_batch_b_train_the_model_of_one_worker_of_batch_2b() {
     let d = max_abs_diff(&w_big, &w_gang);
     eprintln!("weights: max |gang - batch 2B| = {d:e}");
     assert!(d < 1e-5, "{d}");
+
+    // The same gang summing its gradients after the backward pass instead of during it: with
+    // two ranks every element's sum is the same addition, so the bits are the same.
+    let off = [("ANNEAL_OVERLAP_ALLREDUCE", "0".to_string())];
+    for out in run_gang(&config(&s, "serial", 8, 1, false), 2, &off) {
+        assert_ok(&out);
+    }
+    assert_eq!(max_abs_diff(&w_gang, &weights(&s, "serial")), 0.0);
 }
 
 /// Spawns a gang at `attempt`, SIGKILLs rank 1 after the checkpoint of `kill_after`; returns

@@ -83,9 +83,11 @@ impl Records {
             [host, service, namespace] => (Some(*host), *service, *namespace),
             _ => return None,
         };
-        let svc = self.services.state().into_iter().find(|s| {
-            s.name_any() == service && s.namespace().as_deref() == Some(namespace)
-        })?;
+        let svc = self
+            .services
+            .state()
+            .into_iter()
+            .find(|s| s.name_any() == service && s.namespace().as_deref() == Some(namespace))?;
         let spec = svc.spec.as_ref()?;
         let headless = spec.cluster_ip.as_deref().is_none_or(|ip| ip == "None");
         if host.is_none() && !headless {
@@ -100,7 +102,10 @@ impl Records {
         let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
         let mut found = BTreeMap::new();
         for slice in self.slices.state() {
-            let of_service = slice.labels().get("kubernetes.io/service-name").map(String::as_str)
+            let of_service = slice
+                .labels()
+                .get("kubernetes.io/service-name")
+                .map(String::as_str)
                 == Some(service)
                 && slice.namespace().as_deref() == Some(namespace);
             if !of_service {
@@ -309,7 +314,12 @@ mod tests {
         for _ in 0..count {
             // Name pointer, type, class, TTL and length (12 bytes), then the address.
             at += 12;
-            out.push(Ipv4Addr::new(reply[at], reply[at + 1], reply[at + 2], reply[at + 3]));
+            out.push(Ipv4Addr::new(
+                reply[at],
+                reply[at + 1],
+                reply[at + 2],
+                reply[at + 3],
+            ));
             at += 4;
         }
         (reply[3] & 0x0f, out)
@@ -338,7 +348,10 @@ mod tests {
             rcode_and_addresses(&reply, q.len())
         };
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(ask("web.ns.svc.cluster.local", TYPE_A), (0, vec![ip("10.96.0.7")]));
+        assert_eq!(
+            ask("web.ns.svc.cluster.local", TYPE_A),
+            (0, vec![ip("10.96.0.7")])
+        );
         assert_eq!(
             ask("a1-w0.dp-workers.ns.svc.cluster.local", TYPE_A),
             (0, vec![ip("10.244.0.5")]),
@@ -348,10 +361,20 @@ mod tests {
             ask("dp-workers.ns.svc.cluster.local", TYPE_A),
             (0, vec![ip("10.244.0.5"), ip("10.244.1.9")])
         );
-        assert_eq!(ask("web.ns.svc.cluster.local", 28), (0, vec![]), "AAAA: NODATA");
-        assert_eq!(ask("a1-w2.dp-workers.ns.svc.cluster.local", TYPE_A).0, RCODE_NXDOMAIN);
+        assert_eq!(
+            ask("web.ns.svc.cluster.local", 28),
+            (0, vec![]),
+            "AAAA: NODATA"
+        );
+        assert_eq!(
+            ask("a1-w2.dp-workers.ns.svc.cluster.local", TYPE_A).0,
+            RCODE_NXDOMAIN
+        );
         assert_eq!(ask("web.other.svc.cluster.local", TYPE_A).0, RCODE_NXDOMAIN);
-        assert_eq!(ask("web.ns.svc.cluster.local.ns.svc.cluster.local", TYPE_A).0, RCODE_NXDOMAIN);
+        assert_eq!(
+            ask("web.ns.svc.cluster.local.ns.svc.cluster.local", TYPE_A).0,
+            RCODE_NXDOMAIN
+        );
         assert_eq!(ask("example.com", TYPE_A).0, RCODE_NXDOMAIN);
     }
 }

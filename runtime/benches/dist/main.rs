@@ -90,6 +90,7 @@ fn rank_main(rank: usize, port: u16) {
     let copy_listener = (rank == 1)
         .then(|| TcpListener::bind(("127.0.0.1", port + 1)).expect("copy listener on port + 1"));
     let spec = GangSpec {
+        collective: Default::default(),
         placement: Placement {
             rank,
             world: 2,

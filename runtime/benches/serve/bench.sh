@@ -36,8 +36,9 @@ pp = [x["avg_ts"] for x in r if x["n_prompt"] > 0][0]; tg = [x["avg_ts"] for x i
 print(f"{pp:.1f} {tg:.1f}")')
 
 a_port="$(port)"
+# Caches off: the runs repeat their requests, and a cached answer is not a measurement.
 "$anneal" serve --model "$model" --listen "127.0.0.1:$a_port" --threads "$threads" --max-batch 16 \
-    --max-queue 256 --max-seq-len 1024 >/tmp/anneal-serve-bench.log 2>&1 &
+    --max-queue 256 --max-seq-len 1024 --response-cache-ttl-secs 0 --prefix-cache false >/tmp/anneal-serve-bench.log 2>&1 &
 pids+=($!)
 wait_up "$a_port" readyz
 # Warm-up (first-use repacking and allocation), then measure.

@@ -11,12 +11,36 @@
 //! error; the abort travels around the ring, so every rank ends within a few seconds.
 
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 pub mod tcp;
 mod wire;
 
 pub use ring::{Elem, Link, Ring};
 pub use tcp::{GangSpec, Timeouts};
+
+/// Where a gang's gradient sums run (`--collective`, env `ANNEAL_COLLECTIVE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Collective {
+    /// NCCL when the gang trains on CUDA, else the TCP ring.
+    #[default]
+    Auto,
+    /// Always the TCP ring (through the host).
+    Ring,
+    /// NCCL, even for a lone worker (a world of one: what the GPU check script runs on one GPU).
+    Nccl,
+}
+
+/// A sum over the gang of tensors that live on an accelerator, computed there (NCCL on CUDA,
+/// [`nccl`]) rather than through the host and the ring. Attached to a [`Ring`], which stays
+/// the gang's control plane.
+pub trait DeviceReduce: Send {
+    /// The transport's name, for the logs.
+    fn name(&self) -> &'static str;
+    /// The element-wise sum of `t` over every rank (the same shape, dtype and device).
+    fn all_reduce_sum(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor, DistError>;
+}
 
 /// Why a collective or the rendezvous failed.
 #[derive(Debug, thiserror::Error)]

@@ -54,6 +54,8 @@ pub struct Ring {
     link: Option<Box<dyn Link>>,
     /// Set after the first failure: the ring cannot be used again.
     broken: Option<String>,
+    /// The gang's sums of accelerator tensors, when a device transport joined ([`Self::attach`]).
+    device: Option<Box<dyn super::DeviceReduce>>,
 }
 
 /// Bounds of chunk `c` of `n` elements cut into `world` chunks (sizes differ by at most one).
@@ -69,6 +71,7 @@ impl Ring {
             world: 1,
             link: None,
             broken: None,
+            device: None,
         }
     }
 
@@ -79,6 +82,7 @@ impl Ring {
             world,
             link: Some(link),
             broken: None,
+            device: None,
         }
     }
 
@@ -90,6 +94,16 @@ impl Ring {
     /// Ranks in the ring.
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// Sums of accelerator tensors go through `device` from now on.
+    pub fn attach(&mut self, device: Box<dyn super::DeviceReduce>) {
+        self.device = Some(device);
+    }
+
+    /// The device transport attached, if any.
+    pub fn device(&self) -> Option<&dyn super::DeviceReduce> {
+        self.device.as_deref()
     }
 
     /// Replaces `buf` on every rank by the element-wise sum of all ranks' `buf` (which must

@@ -55,6 +55,8 @@ pub struct GangSpec {
     pub attempt: u64,
     /// Waiting bounds.
     pub timeouts: Timeouts,
+    /// Where gradient sums run.
+    pub collective: super::Collective,
 }
 
 /// A rank's introduction to rank 0.
@@ -531,6 +533,12 @@ impl Link for TcpLink {
 
 impl Drop for TcpLink {
     fn drop(&mut self) {
+        // What is queued for the right neighbour leaves before the connection closes: when a
+        // gang's final barrier returns, this rank's last message may still be in the queue, and
+        // a process that ended with it there would leave its neighbour waiting for it (and then
+        // failing the attempt). The sender thread drains the queue, then closes.
+        drop(std::mem::replace(&mut self.tx, channel().0));
+        let _ = self.sender_done.recv_timeout(self.peer_timeout);
         let _ = self.left.shutdown(std::net::Shutdown::Both);
     }
 }
@@ -541,6 +549,7 @@ mod tests {
 
     fn spec(rank: usize, world: usize, port: u16, peer: Duration) -> GangSpec {
         GangSpec {
+            collective: Default::default(),
             placement: Placement {
                 rank,
                 world,

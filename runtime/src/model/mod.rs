@@ -156,9 +156,14 @@ impl Transformer {
             fused: cache.is_none(),
             attend: |layer: usize, qkv: Acts| {
                 let layer_cache = cache.as_deref_mut().map(|c| (c, layer));
-                self.blocks[layer]
-                    .attn
-                    .attend(qkv, &cos, &sin, mask.as_ref(), start_pos, layer_cache)
+                self.blocks[layer].attn.attend(
+                    qkv,
+                    &cos,
+                    &sin,
+                    mask.as_ref(),
+                    start_pos,
+                    layer_cache,
+                )
             },
             project: |_: usize, _: usize, l: &Linear, x: &Tensor| l.forward(x),
         };

@@ -24,6 +24,10 @@ use crate::model::{Linear, Transformer};
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
 
+fn internal(e: candle_core::Error) -> crate::dist::DistError {
+    crate::dist::DistError::Protocol(format!("fused step: {e}"))
+}
+
 /// Whether the fused step can train `model`: dense f32 weights on the CPU, and not turned off
 /// with `ANNEAL_FUSED_STEP=0`.
 pub fn applies(model: &Transformer) -> bool {
@@ -191,6 +195,78 @@ impl Trains {
     }
 }
 
+/// A bucket of gradients on its way to the gang's sum: where they belong, and the buffers (in a
+/// fixed order) of the weights that train. Every rank sends the same buckets in the same order,
+/// so the ring's calls match.
+struct Bucket {
+    /// `Some(l)`: block `l`; `None`: the embedding, the final norm and the head.
+    block: Option<usize>,
+    bufs: Vec<Vec<f32>>,
+}
+
+/// Where the backward pass sends each bucket as soon as it is final.
+type Sink = std::sync::mpsc::Sender<Bucket>;
+
+/// `v` taken out of its place, `len` long: zeros when nothing was computed into it yet (a
+/// rank whose micro-batches all had no loss token still adds its part, zero, to the sum).
+fn taken(v: &mut Vec<f32>, len: usize, computed: bool) -> Vec<f32> {
+    let mut out = std::mem::take(v);
+    if !computed || out.len() != len {
+        out.clear();
+        out.resize(len, 0.0);
+    }
+    out
+}
+
+impl Trains {
+    /// The gradients of block `l` that train, taken out of `gb` (see [`FusedStep::put_back`]).
+    fn take_block(&self, d: Dims, l: usize, gb: &mut BlockBufs) -> Bucket {
+        self.take_block_computed(d, l, gb, true)
+    }
+
+    fn take_block_computed(&self, d: Dims, l: usize, gb: &mut BlockBufs, computed: bool) -> Bucket {
+        let h = d.hidden;
+        let [t_an, t_qkv, t_o, t_fn, t_gu, t_down] = self.blocks[l];
+        let mut bufs = Vec::new();
+        for (trains, buf, len) in [
+            (t_an, &mut gb.attn_norm, h),
+            (t_qkv, &mut gb.qkv, d.qkv() * h),
+            (t_o, &mut gb.o, h * d.att()),
+            (t_fn, &mut gb.ffn_norm, h),
+            (t_gu, &mut gb.gate_up, 2 * d.inter * h),
+            (t_down, &mut gb.down, h * d.inter),
+        ] {
+            if trains {
+                bufs.push(taken(buf, len, computed));
+            }
+        }
+        Bucket {
+            block: Some(l),
+            bufs,
+        }
+    }
+
+    /// The embedding's, final norm's and head's gradients that train, taken out of `gr`.
+    fn take_top(&self, d: Dims, gr: &mut ModelBufs) -> Bucket {
+        self.take_top_computed(d, gr, true)
+    }
+
+    fn take_top_computed(&self, d: Dims, gr: &mut ModelBufs, computed: bool) -> Bucket {
+        let (v, h) = (d.vocab, d.hidden);
+        let mut bufs = Vec::new();
+        if self.embedding || (d.tied && self.head) {
+            bufs.push(taken(&mut gr.embedding, v * h, computed));
+        }
+        if self.norm {
+            bufs.push(taken(&mut gr.norm, h, computed));
+        }
+        if !d.tied && self.head {
+            bufs.push(taken(&mut gr.head, v * h, computed));
+        }
+        Bucket { block: None, bufs }
+    }
+}
+
 fn dense(l: &Linear) -> Result<&Tensor> {
     match l {
         Linear::Dense(w) => Ok(w),
@@ -265,12 +341,117 @@ impl FusedStep {
     ) -> Result<Outcome> {
         let (tokens, targets, mask, geometry) = self.prepare(model, batch)?;
         let outcome = self.forward(&tokens, &targets, &mask, geometry, Some(objective));
-        self.backward(&tokens, geometry);
+        self.backward(&tokens, geometry, None);
         self.micro += 1;
         Ok(outcome.unwrap_or(Outcome {
             loss_sum: 0.0,
             dpo: None,
         }))
+    }
+
+    /// The last micro-batch of a step for a rank of `gang` (or `None` when this rank has no
+    /// last micro-batch with a loss token): runs it as [`Self::accumulate`] does while a
+    /// second thread sums each block's gradients over the gang as soon as the backward pass has
+    /// finished them (buckets, as PyTorch's DDP does), so the ring's traffic overlaps the
+    /// backward pass of the blocks below. Afterwards [`Self::take_grads`] hands out the gang's
+    /// sums. Every rank sends the same buckets in the same order (blocks from the top, then the
+    /// embedding, norm and head), whether it overlaps them or not, so the ring's calls match.
+    pub fn accumulate_summed(
+        &mut self,
+        model: &Transformer,
+        last: Option<(&Batch, &Objective)>,
+        gang: &mut crate::dist::Ring,
+    ) -> std::result::Result<Option<Outcome>, crate::dist::DistError> {
+        let prepared = match last {
+            Some((batch, _)) => Some(self.prepare(model, batch).map_err(internal)?),
+            None => None,
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<Bucket>();
+        let (summed, outcome) = std::thread::scope(|scope| {
+            let comm = scope.spawn(move || {
+                let mut summed = Vec::new();
+                for mut bucket in rx {
+                    for buf in &mut bucket.bufs {
+                        gang.all_reduce_sum(buf)?;
+                    }
+                    summed.push(bucket);
+                }
+                Ok::<_, crate::dist::DistError>(summed)
+            });
+            let outcome = match (&prepared, last) {
+                (Some((tokens, targets, mask, geometry)), Some((_, objective))) => {
+                    let outcome = self.forward(tokens, targets, mask, *geometry, Some(objective));
+                    self.backward(tokens, *geometry, Some(&tx));
+                    self.micro += 1;
+                    Some(outcome.unwrap_or(Outcome {
+                        loss_sum: 0.0,
+                        dpo: None,
+                    }))
+                }
+                _ => {
+                    // Nothing to overlap: the same buckets, sent now.
+                    let (d, computed) = (self.dims, self.micro > 0);
+                    let gr = &mut self.grads;
+                    gr.blocks.resize_with(self.acts.len(), BlockBufs::default);
+                    for l in (self.trains.stop..self.acts.len()).rev() {
+                        let bucket =
+                            self.trains
+                                .take_block_computed(d, l, &mut gr.blocks[l], computed);
+                        let _ = tx.send(bucket);
+                    }
+                    let _ = tx.send(self.trains.take_top_computed(d, gr, computed));
+                    self.micro = self.micro.max(1);
+                    None
+                }
+            };
+            drop(tx);
+            let summed = comm
+                .join()
+                .map_err(|_| crate::dist::DistError::Protocol("the sum thread panicked".into()));
+            (summed, outcome)
+        });
+        for bucket in summed?? {
+            self.put_back(bucket);
+        }
+        Ok(outcome)
+    }
+
+    /// Puts a bucket's buffers back where [`Trains::take_block`] or [`Trains::take_top`] took
+    /// them from.
+    fn put_back(&mut self, bucket: Bucket) {
+        let d = self.dims;
+        let mut bufs = bucket.bufs.into_iter();
+        match bucket.block {
+            Some(l) => {
+                let [t_an, t_qkv, t_o, t_fn, t_gu, t_down] = self.trains.blocks[l];
+                let gb = &mut self.grads.blocks[l];
+                for (trains, slot) in [
+                    (t_an, &mut gb.attn_norm),
+                    (t_qkv, &mut gb.qkv),
+                    (t_o, &mut gb.o),
+                    (t_fn, &mut gb.ffn_norm),
+                    (t_gu, &mut gb.gate_up),
+                    (t_down, &mut gb.down),
+                ] {
+                    if trains {
+                        *slot = bufs.next().unwrap_or_default();
+                    }
+                }
+            }
+            None => {
+                let t = &self.trains;
+                let gr = &mut self.grads;
+                if t.embedding || (d.tied && t.head) {
+                    gr.embedding = bufs.next().unwrap_or_default();
+                }
+                if t.norm {
+                    gr.norm = bufs.next().unwrap_or_default();
+                }
+                if !d.tied && t.head {
+                    gr.head = bufs.next().unwrap_or_default();
+                }
+            }
+        }
     }
 
     /// The logits of `batch` (one row of `vocab` per position) from the very forward pass the
@@ -414,7 +595,7 @@ impl FusedStep {
     }
 
     /// The backward pass from the logits' gradient in `top.2`, adding into `grads`.
-    fn backward(&mut self, tokens: &[u32], g: attention::Geometry) {
+    fn backward(&mut self, tokens: &[u32], g: attention::Geometry, sink: Option<&Sink>) {
         let d = self.dims;
         let (n, h, v) = (tokens.len(), d.hidden, d.vocab);
         let acc = self.micro > 0;
@@ -551,6 +732,11 @@ impl FusedStep {
                     acc && t_an,
                 );
             }
+            // This block's gradients are final: summed over the gang while the blocks below
+            // run their backward pass.
+            if let Some(sink) = sink {
+                let _ = sink.send(self.trains.take_block(d, l, gb));
+            }
         }
         if train_embd {
             // The lookup's gradient: each position's row added to its token's row, in order.
@@ -565,6 +751,9 @@ impl FusedStep {
                     *e += g;
                 }
             }
+        }
+        if let Some(sink) = sink {
+            let _ = sink.send(self.trains.take_top(d, gr));
         }
     }
 

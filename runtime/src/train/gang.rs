@@ -34,7 +34,17 @@ pub fn next_shard<'a, T>(loader: &'a mut Loader<T>, gang: &Ring, per_rank: usize
 
 /// Sums `grads` over the gang in place of each rank's own (one all-reduce of all of them as
 /// one flat buffer: one round of the ring instead of one per tensor).
+/// Gradients on an accelerator go through the ring's device transport when one is attached
+/// (NCCL on CUDA: device to device, one call per tensor).
 pub fn sum_gradients(ring: &mut Ring, grads: Vec<Tensor>) -> Result<Vec<Tensor>, TrainError> {
+    if let Some(device) = ring.device()
+        && grads.iter().all(|g| !g.device().is_cpu())
+    {
+        return grads
+            .iter()
+            .map(|g| Ok(device.all_reduce_sum(g)?))
+            .collect();
+    }
     if ring.world() == 1 {
         return Ok(grads);
     }

@@ -19,7 +19,7 @@ pub mod trainer;
 
 use crate::checkpoint::{CheckpointDir, CheckpointError, model_dir};
 use crate::data::DataError;
-use crate::dist::{GangSpec, Placement, Timeouts};
+use crate::dist::{Collective, GangSpec, Placement, Timeouts};
 use crate::error::RuntimeError;
 use anneal_crds::contract;
 use config::TrainConfig;
@@ -76,6 +76,10 @@ pub struct Args {
         default_value_t = 300.0
     )]
     pub rendezvous_timeout_seconds: f64,
+    /// Where gradient sums run: auto (NCCL for a gang on CUDA, else the TCP ring), ring, or nccl
+    /// (even for a lone worker).
+    #[arg(long, env = contract::ENV_COLLECTIVE, value_enum, default_value_t = Collective::Auto)]
+    pub collective: Collective,
 }
 
 impl Args {
@@ -212,6 +216,7 @@ pub fn run(args: Args) -> crate::error::Result<()> {
         job_uid: String::new(),
         attempt: args.attempt,
         timeouts,
+        collective: args.collective,
     };
     train(config, &gang, device, &observers).map_err(RuntimeError::from)
 }
@@ -302,6 +307,11 @@ pub fn train(
         t.gang = crate::dist::tcp::join(&spec, &digest, None)?;
         reporter.event(&serde_json::json!({
             "event": "gang", "rank": rank, "world": gang.placement.world, "state": digest,
+        }));
+    }
+    if let Some(transport) = device_collective(&mut t, gang.collective)? {
+        reporter.event(&serde_json::json!({
+            "event": "collective", "gradients": transport, "world": t.gang.world(),
         }));
     }
     reporter.event(&serde_json::json!({
@@ -492,6 +502,33 @@ fn write_termination_message(path: &Path, message: &serde_json::Value) {
     if let Err(e) = std::fs::write(path, text) {
         eprintln!("anneal-runtime: warning: {}: {e}", path.display());
     }
+}
+
+/// Attaches the device transport `choice` asks for ([`Collective`]) to the trainer's gang; its
+/// name, if any.
+fn device_collective(
+    t: &mut trainer::Trainer,
+    choice: Collective,
+) -> Result<Option<&'static str>, TrainError> {
+    let wanted = match choice {
+        Collective::Auto => t.device().is_cuda() && t.gang.world() > 1,
+        Collective::Ring => false,
+        Collective::Nccl => true,
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let device = t.device().clone();
+        let nccl = crate::dist::nccl::Nccl::join(&mut t.gang, &device)?;
+        t.gang.attach(Box::new(nccl));
+        Ok(Some("nccl"))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(TrainError::Config(
+        "--collective nccl: this anneal-runtime was built without the cuda feature".into(),
+    ))
 }
 
 #[cfg(test)]

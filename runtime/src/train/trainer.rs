@@ -417,7 +417,15 @@ impl Trainer {
             &cast
         };
         let (per_rank, pad, device) = (h.batch_size, self.pad, self.device.clone());
-        for _ in 0..h.gradient_accumulation {
+        // A gang on the fused step sums each block's gradients while the backward pass of the
+        // blocks below runs (not with LoRA: there only the small adapter gradients are summed).
+        let overlap = self.fused.is_some()
+            && self.gang.world() > 1
+            && self.lora.is_none()
+            && std::env::var("ANNEAL_OVERLAP_ALLREDUCE").map_or(true, |v| v != "0");
+        let mut summed = false;
+        for micro in 0..h.gradient_accumulation {
+            let last = micro + 1 == h.gradient_accumulation;
             // A lone worker's shard is the whole batch; a rank's is its part of the gang's.
             let (batch, pairs, beta) = match &mut self.data {
                 TrainData::Samples(loader) => {
@@ -466,6 +474,13 @@ impl Trainer {
                 Objective::Dpo { pairs, .. } => pairs.len(),
             };
             let outcome = match self.fused.as_mut() {
+                Some(step) if overlap && last => {
+                    summed = true;
+                    step.accumulate_summed(model, Some((&batch, &objective)), &mut self.gang)?
+                        .ok_or_else(|| {
+                            TrainError::Internal("no outcome of the last micro-batch".into())
+                        })?
+                }
                 Some(step) => step.accumulate(model, &batch, &objective)?,
                 None => {
                     // The loss is computed in f32 whatever the compute dtype (a no-op in f32).
@@ -489,6 +504,13 @@ impl Trainer {
             if let Some(d) = outcome.dpo {
                 preference.get_or_insert_default().add(&d);
             }
+        }
+        if overlap
+            && !summed
+            && let Some(step) = self.fused.as_mut()
+        {
+            // This rank's last micro-batch had no loss token: its part of the sum, sent now.
+            step.accumulate_summed(model, None, &mut self.gang)?;
         }
         let grads = match self.fused.as_mut() {
             Some(step) => step.take_grads(&self.grad_names)?,
@@ -515,7 +537,11 @@ impl Trainer {
             None => grads,
         };
         // The gang's sums: every rank then takes the step of the whole global batch.
-        let grads = super::gang::sum_gradients(&mut self.gang, grads)?;
+        let grads = if overlap {
+            grads
+        } else {
+            super::gang::sum_gradients(&mut self.gang, grads)?
+        };
         let mut totals = vec![loss_sum, counted as f64, tokens as f64];
         let is_dpo = matches!(self.data, TrainData::Pairs { .. });
         if is_dpo {
@@ -543,6 +569,11 @@ impl Trainer {
             tokens,
             preference,
         })
+    }
+
+    /// The device the model trains on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Every weight by name (frozen ones included).
