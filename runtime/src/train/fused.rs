@@ -219,12 +219,9 @@ fn taken(v: &mut Vec<f32>, len: usize, computed: bool) -> Vec<f32> {
 }
 
 impl Trains {
-    /// The gradients of block `l` that train, taken out of `gb` (see [`FusedStep::put_back`]).
-    fn take_block(&self, d: Dims, l: usize, gb: &mut BlockBufs) -> Bucket {
-        self.take_block_computed(d, l, gb, true)
-    }
-
-    fn take_block_computed(&self, d: Dims, l: usize, gb: &mut BlockBufs, computed: bool) -> Bucket {
+    /// The gradients of block `l` that train, taken out of `gb` (see [`FusedStep::put_back`]);
+    /// zeros of the right length when nothing was `computed` into them.
+    fn take_block(&self, d: Dims, l: usize, gb: &mut BlockBufs, computed: bool) -> Bucket {
         let h = d.hidden;
         let [t_an, t_qkv, t_o, t_fn, t_gu, t_down] = self.blocks[l];
         let mut bufs = Vec::new();
@@ -247,11 +244,7 @@ impl Trains {
     }
 
     /// The embedding's, final norm's and head's gradients that train, taken out of `gr`.
-    fn take_top(&self, d: Dims, gr: &mut ModelBufs) -> Bucket {
-        self.take_top_computed(d, gr, true)
-    }
-
-    fn take_top_computed(&self, d: Dims, gr: &mut ModelBufs, computed: bool) -> Bucket {
+    fn take_top(&self, d: Dims, gr: &mut ModelBufs, computed: bool) -> Bucket {
         let (v, h) = (d.vocab, d.hidden);
         let mut bufs = Vec::new();
         if self.embedding || (d.tied && self.head) {
@@ -394,12 +387,10 @@ impl FusedStep {
                     let gr = &mut self.grads;
                     gr.blocks.resize_with(self.acts.len(), BlockBufs::default);
                     for l in (self.trains.stop..self.acts.len()).rev() {
-                        let bucket =
-                            self.trains
-                                .take_block_computed(d, l, &mut gr.blocks[l], computed);
+                        let bucket = self.trains.take_block(d, l, &mut gr.blocks[l], computed);
                         let _ = tx.send(bucket);
                     }
-                    let _ = tx.send(self.trains.take_top_computed(d, gr, computed));
+                    let _ = tx.send(self.trains.take_top(d, gr, computed));
                     self.micro = self.micro.max(1);
                     None
                 }
@@ -735,7 +726,7 @@ impl FusedStep {
             // This block's gradients are final: summed over the gang while the blocks below
             // run their backward pass.
             if let Some(sink) = sink {
-                let _ = sink.send(self.trains.take_block(d, l, gb));
+                let _ = sink.send(self.trains.take_block(d, l, gb, true));
             }
         }
         if train_embd {
@@ -753,7 +744,7 @@ impl FusedStep {
             }
         }
         if let Some(sink) = sink {
-            let _ = sink.send(self.trains.take_top(d, gr));
+            let _ = sink.send(self.trains.take_top(d, gr, true));
         }
     }
 
