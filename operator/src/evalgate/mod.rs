@@ -278,7 +278,24 @@ async fn reconcile(gate: &EvalGate, ctx: &Context) -> Result<Action, Error> {
     let candidate = resolve_candidate(gate, client).await?;
     let baseline = resolve_baseline(gate, client).await?;
     let now = Timestamp::now();
-    let plan = decide(gate, &candidate, &baseline, &pods, now);
+    let mut plan = decide(gate, &candidate, &baseline, &pods, now);
+    // A pod is created on a fresh copy only. The cached gate can be older than the pods just
+    // listed: a verdict is written and then its pod deleted, and the deletion can reach this
+    // controller before the verdict does; the stale copy still says Evaluating, sees no pod and
+    // would start the decided round's pod again. Creations are rare, so one read each is cheap;
+    // the pods were listed before it, so they are no newer than the copy read.
+    let fresh;
+    let mut gate = gate;
+    if plan.create_try.is_some() && gate.status.as_ref() == Some(&plan.status) {
+        fresh = Api::<EvalGate>::namespaced(client.clone(), &ns)
+            .get(&name)
+            .await?;
+        if fresh.resource_version() != gate.resource_version() {
+            tracing::debug!(gate = %name, "cached copy was stale; deciding on a fresh one");
+            gate = &fresh;
+            plan = decide(gate, &candidate, &baseline, &pods, now);
+        }
+    }
 
     // Status first: the round and its try are recorded before the pod exists, and the verdict
     // before the pod that produced it goes.
