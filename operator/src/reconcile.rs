@@ -365,6 +365,30 @@ where
     }
 }
 
+/// Whether `obj`, a copy from the controller's cache, is the newest the API server holds. A
+/// controller asks before creating a child when it wrote no status in the same reconcile (no
+/// precondition fenced the decision): the cache can lag behind the children it just listed (a
+/// verdict written, then the finished pod deleted, and the deletion seen first), and a stale
+/// copy would create again what a newer status has already finished. Creations are rare, so one
+/// read each is cheap. When this says no, the newer copy is on its way through the watch and
+/// brings its own reconcile.
+pub async fn is_newest<K>(api: &Api<K>, obj: &K) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let newest = api.get(&name).await?;
+    let fresh = newest.meta().resource_version == obj.meta().resource_version;
+    if !fresh {
+        tracing::debug!(
+            kind = %K::kind(&()),
+            name,
+            "the cached copy is older than the API server's: nothing created from it"
+        );
+    }
+    Ok(fresh)
+}
+
 /// Writes `status` of `obj` with server-side apply, fenced by `obj`'s resourceVersion: a
 /// decision made from a stale copy fails here (409) instead of overwriting newer status, and
 /// nothing of it is carried out.

@@ -30,8 +30,8 @@ use crate::labels::EVALGATE;
 use crate::leader::WriteGate;
 use crate::metrics::{Metrics, VerdictLabels};
 use crate::reconcile::{
-    Backoff, Error, Writer, apply_child, apply_status, ensure_created, owned_by_operator,
-    retry_after, scoped,
+    Backoff, Error, Writer, apply_child, apply_status, ensure_created, is_newest,
+    owned_by_operator, retry_after, scoped,
 };
 use decide::{Baseline, Candidate, decide};
 
@@ -278,29 +278,19 @@ async fn reconcile(gate: &EvalGate, ctx: &Context) -> Result<Action, Error> {
     let candidate = resolve_candidate(gate, client).await?;
     let baseline = resolve_baseline(gate, client).await?;
     let now = Timestamp::now();
-    let mut plan = decide(gate, &candidate, &baseline, &pods, now);
-    // A pod is created on a fresh copy only. The cached gate can be older than the pods just
-    // listed: a verdict is written and then its pod deleted, and the deletion can reach this
-    // controller before the verdict does; the stale copy still says Evaluating, sees no pod and
-    // would start the decided round's pod again. Creations are rare, so one read each is cheap;
-    // the pods were listed before it, so they are no newer than the copy read.
-    let fresh;
-    let mut gate = gate;
-    if plan.create_try.is_some() && gate.status.as_ref() == Some(&plan.status) {
-        fresh = Api::<EvalGate>::namespaced(client.clone(), &ns)
-            .get(&name)
-            .await?;
-        if fresh.resource_version() != gate.resource_version() {
-            tracing::debug!(gate = %name, "cached copy was stale; deciding on a fresh one");
-            gate = &fresh;
-            plan = decide(gate, &candidate, &baseline, &pods, now);
-        }
+    let plan = decide(gate, &candidate, &baseline, &pods, now);
+    let api: Api<EvalGate> = Api::namespaced(client.clone(), &ns);
+    let unchanged = gate.status.as_ref() == Some(&plan.status);
+    // A pod is created from a fresh copy only (see `is_newest`): the gate's own pod deletion
+    // after a verdict can arrive before the verdict, and a stale copy would start the decided
+    // round's pod again. The pods were listed before this read, so they are no newer than it.
+    if plan.create_try.is_some() && unchanged && !is_newest(&api, gate).await? {
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
 
     // Status first: the round and its try are recorded before the pod exists, and the verdict
     // before the pod that produced it goes.
-    if gate.status.as_ref() != Some(&plan.status) {
-        let api: Api<EvalGate> = Api::namespaced(client.clone(), &ns);
+    if !unchanged {
         apply_status(&api, gate, &plan.status, &ctx.writer).await?;
     }
     if plan.status.phase == Some(GatePhase::Evaluating) || plan.create_try.is_some() {

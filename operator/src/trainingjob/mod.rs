@@ -34,7 +34,7 @@ use crate::metrics::{FailoverLabels, Metrics};
 use crate::node_health::{NodeView, gpus_lost, lease_deadline, node_failure, pod_gpus};
 use crate::reconcile::{
     Applied, Backoff, Error, Writer, apply_child, apply_status, condition, delete_child,
-    ensure_created, owned_by_operator, retry_after, scoped, watched_store,
+    ensure_created, is_newest, owned_by_operator, retry_after, scoped, watched_store,
 };
 
 /// Condition of a job with `spec.model.fromTrainingJob`: whether its base model exists.
@@ -505,7 +505,9 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
     if let Some(at) = plan.requeue_at {
         next_look = Some(next_look.map_or(at, |t| t.min(at)));
     }
-    execute(&job, stored.as_ref(), &plan, &pods_api, &ctx).await?;
+    if !execute(&job, stored.as_ref(), &plan, &pods_api, &ctx).await? {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     // Success: the next failure of this job starts the backoff from the beginning.
     ctx.failures
         .succeeded(&ObjectRef::new(&name).within(&namespace));
@@ -540,13 +542,15 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, E
     })
 }
 
+/// Carries out `plan`: status first, then pods and children. False when the plan would create
+/// workers from a copy of the job older than the API server's, and nothing was done.
 async fn execute(
     job: &TrainingJob,
     stored: Option<&TrainingJobStatus>,
     plan: &Plan,
     pods_api: &Api<Pod>,
     ctx: &Context,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let client = &ctx.client;
     let namespace = job.namespace().unwrap_or_default();
     // Status first: the next attempt and the excluded node are recorded before any pod is
@@ -554,9 +558,14 @@ async fn execute(
     let mut current = stored.cloned().unwrap_or_default();
     current.progress = None;
     current.last_checkpoint = None;
+    let api: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
     if current != plan.status {
-        let api: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
         apply_status(&api, job, &plan.status, &ctx.writer).await?;
+    } else if plan.create_attempt.is_some() && !is_newest(&api, job).await? {
+        // Workers are created from a fresh copy only (see `is_newest`): a finished job's
+        // workers are deleted after its status says so, and a copy older than that status
+        // would start them again. The next reconcile has the newer copy.
+        return Ok(false);
     }
     for deletion in &plan.delete {
         let params = if deletion.force {
@@ -626,7 +635,7 @@ async fn execute(
     if let Some(reason) = plan.failover {
         tracing::info!(job = %job.name_any(), ?reason, attempt = ?plan.status.attempt, "failing over");
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Applies what the workers need (ServiceAccount, Role, RoleBinding, the configuration), repairs
