@@ -68,25 +68,52 @@ diagnose() {
 trap 'rc=$?; if ((rc)); then echo "e2e/demo.sh failed (stage: ${stage_name:-?}); logs in $work" >&2; fi' EXIT
 # wait_jsonpath WHAT TIMEOUT OBJECT JSONPATH VALUE...: until OBJECT's JSONPATH is one of the VALUEs (the last
 # VALUE is success; the others end the wait as a failure), or TIMEOUT seconds pass.
+# Prints PATH of OBJECT now and again at each change of the object (kubectl get --watch), for up to
+# TIMEOUT seconds; a watch the API server closes (it ends watches after a while) is opened again.
+watch_jsonpath() {
+  local deadline=$((SECONDS + $1)) object="$2" path="$3"
+  while ((SECONDS < deadline)); do
+    # An object not there yet makes kubectl fail at once: look again a second later.
+    timeout "$((deadline - SECONDS))" kubectl get -n "$ns" "$object" --watch -o jsonpath="$path{\"\\n\"}" \
+      2>/dev/null || sleep 1
+  done
+}
+
+# Opens watch_jsonpath on file descriptor $watch_fd (its process: $watch_pid); close_watch stops it.
+open_watch() {
+  exec {watch_fd}< <(watch_jsonpath "$@")
+  watch_pid=$!
+}
+close_watch() {
+  pkill -TERM -P "$watch_pid" 2>/dev/null || true
+  kill "$watch_pid" 2>/dev/null || true
+  exec {watch_fd}<&-
+}
+
+# Waits until PATH of OBJECT is VALUE (the last argument; the values before it end the wait as a
+# failure), or TIMEOUT seconds pass; it follows the object with a watch, so it sees each change at once.
 wait_jsonpath() {
-  local what="$1" timeout="$2" object="$3" path="$4" value
+  local what="$1" timeout="$2" object="$3" path="$4" value="" seen=""
   shift 4
-  local deadline=$((SECONDS + timeout)) want="${*: -1}"
-  while :; do
-    value="$(kubectl get -n "$ns" "$object" -o jsonpath="$path" 2>/dev/null || true)"
-    [[ "$value" != "$want" ]] || return 0
+  local want="${*: -1}"
+  open_watch "$timeout" "$object" "$path"
+  while IFS= read -r -u "$watch_fd" value; do
+    seen="$value"
+    if [[ "$value" == "$want" ]]; then
+      close_watch
+      return 0
+    fi
     if [[ -n "$value" ]] && printf '%s\n' "${@:1:$#-1}" | grep -qxF -- "$value"; then
+      close_watch
       echo "$what: $object is $value" >&2
       diagnose
       exit 1
     fi
-    if ((SECONDS >= deadline)); then
-      echo "$what: $object not $want after ${timeout}s (${value:-nothing yet})" >&2
-      diagnose
-      exit 1
-    fi
-    sleep 1
   done
+  close_watch
+  echo "$what: $object not $want after ${timeout}s (${seen:-nothing yet})" >&2
+  diagnose
+  exit 1
 }
 
 stage "build: anneal, the pinned cluster tools, the images"
@@ -136,9 +163,11 @@ kubectl get pods -n "$ns" -l anneal.dev/trainingjob=arith -o wide
 train_begin=$SECONDS
 printed=-1
 last_line=$SECONDS
-while :; do
-  line="$(kubectl get -n "$ns" trainingjob/arith -o jsonpath='{.status.phase}|{.status.progress.step}|{.status.progress.totalSteps}|{.status.progress.loss}|{.status.progress.tokensPerSecond}' 2>/dev/null || true)"
-  IFS='|' read -r phase step total loss tps <<<"$line" || true
+# Each status write (the worker's progress reports) comes through the watch as a line.
+open_watch 1800 trainingjob/arith \
+  '{.status.phase}|{.status.progress.step}|{.status.progress.totalSteps}|{.status.progress.loss}|{.status.progress.tokensPerSecond}'
+phase=""
+while IFS='|' read -r -u "$watch_fd" phase step total loss tps; do
   step="${step:-0}" total="${total:-0}" loss="${loss:-}" tps="${tps:-}"
   [[ "$step" =~ ^[0-9]+$ ]] || step=0
   [[ "$total" =~ ^[0-9]+$ ]] || total=0
@@ -162,19 +191,21 @@ while :; do
   case "$phase" in
     Succeeded) break ;;
     Failed)
+      close_watch
       ((tty)) && echo
       echo "the TrainingJob failed" >&2
       diagnose
       exit 1
       ;;
   esac
-  if ((elapsed > 1800)); then
-    echo "the TrainingJob is still ${phase:-?} after 1800 s" >&2
-    diagnose
-    exit 1
-  fi
-  sleep 2
 done
+close_watch
+if [[ "$phase" != Succeeded ]]; then
+  ((tty)) && echo
+  echo "the TrainingJob is still ${phase:-?} after 1800 s" >&2
+  diagnose
+  exit 1
+fi
 ((tty)) && echo
 kubectl get -n "$ns" trainingjob/arith -o jsonpath='  artifact {.status.artifact.uri} sha256:{.status.artifact.sha256}{"\n"}'
 
