@@ -18,6 +18,9 @@ llama_bin="$("$here/build-llama-cpp.sh")"
 export CARGO_TARGET_DIR="${ANNEAL_NATIVE_TARGET:-$HOME/.cache/anneal/target-native}"
 (cd "$repo" && RUSTFLAGS="-C target-cpu=native" cargo build --release -q -p anneal-runtime)
 anneal="$CARGO_TARGET_DIR/release/anneal-runtime"
+# The machine's read bandwidth on as many threads, measured in this run (benches/serve/membw.rs).
+membw="$(cd "$repo" && THREADS="$threads" RUSTFLAGS="-C target-cpu=native" cargo bench -q -p anneal-runtime --bench membw)"
+read_gb_s="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["read_gb_s"])' "$membw")"
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/$2" >/dev/null && return 0; sleep 0.2; done; return 1; }
@@ -60,6 +63,8 @@ PY
 )"
 a_tg="$(python3 "$here/loadgen.py" --port "$a_port" --concurrency 1 --requests-per-client 3 --max-tokens 128 \
     | python3 -c 'import json,sys; print("%.1f" % json.load(sys.stdin)["decode_tok_s_per_stream"])')"
+# Bytes of weights one decode step reads, as the engine counts them (codes, scales, norms).
+step_bytes="$(curl -sf "http://127.0.0.1:$a_port/metrics" | awk '/^anneal_serve_weight_bytes_per_step /{print $2}')"
 
 l_port="$(port)"
 "$llama_bin/llama-server" -m "$model" --port "$l_port" -t "$threads" -np 16 -c 16384 --no-webui \
@@ -68,6 +73,9 @@ pids+=($!)
 wait_up "$l_port" health
 
 echo
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($(nproc) cores); $threads threads"
+echo "llama.cpp: $(cat "$llama_bin/../anneal-build-flags.txt" 2>/dev/null || echo 'build flags unknown')"
+echo "llama.cpp $(grep -m1 -o 'system_info:.*' /tmp/anneal-llama-server.log || echo 'system_info: not printed')"
 echo "load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg) (other processes on the machine skew every figure)"
 echo
 echo "| single stream, $threads threads | prefill tok/s (512) | decode tok/s (128) |"
@@ -75,13 +83,31 @@ echo "| --- | --- | --- |"
 echo "| llama.cpp (llama-bench) | $l_pp | $l_tg |"
 echo "| anneal-runtime serve | $a_pp | $a_tg |"
 echo
+python3 - "$step_bytes" "$a_tg" "$read_gb_s" "$threads" <<'PY'
+import sys
+step, tg, read, threads = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+achieved = step * tg / 1e9
+print(f"| decode, 1 stream | weights read per token | achieved GB/s | read GB/s, {threads} threads (membw, this run) | share |")
+print("| --- | --- | --- | --- | --- |")
+print(f"| anneal | {step / 1e6:.1f} MB | {achieved:.2f} | {read:.2f} | {100 * achieved / read:.0f} % |")
+PY
+echo
 echo "| streams | server | aggregate tok/s | latency p50 / p99 s | TTFT p50 / p99 s |"
 echo "| --- | --- | --- | --- | --- |"
+declare -A agg
 for c in 1 4 16; do
     for s in anneal:$a_port llama-server:$l_port; do
-        python3 "$here/loadgen.py" --port "${s#*:}" --concurrency "$c" --requests-per-client "$per_client" \
-            --max-tokens "$tokens" | python3 -c "
-import json, sys; r = json.load(sys.stdin)
-print(f'| $c | ${s%%:*} | {r[\"tok_s\"]:.1f} | {r[\"lat_p50\"]:.2f} / {r[\"lat_p99\"]:.2f} | {r[\"ttft_p50\"]:.3f} / {r[\"ttft_p99\"]:.3f} |')"
+        r="$(python3 "$here/loadgen.py" --port "${s#*:}" --concurrency "$c" --requests-per-client "$per_client" \
+            --max-tokens "$tokens")"
+        agg[${s%%:*}-$c]="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["tok_s"])' "$r")"
+        python3 -c "
+import json, sys; r = json.loads(sys.argv[1])
+print(f'| $c | ${s%%:*} | {r[\"tok_s\"]:.1f} | {r[\"lat_p50\"]:.2f} / {r[\"lat_p99\"]:.2f} | {r[\"ttft_p50\"]:.3f} / {r[\"ttft_p99\"]:.3f} |')" "$r"
     done
 done
+echo
+python3 -c '
+import sys
+a1, a16, l16 = map(float, sys.argv[1:])
+print(f"16 streams: {a16 / a1:.2f}x anneal single stream, {a16 / l16:.2f}x llama-server at 16 streams")
+' "${agg[anneal-1]}" "${agg[anneal-16]}" "${agg[llama-server-16]}"

@@ -34,4 +34,7 @@ cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DCMAKE_C_FLAGS="$amx_off" -DCMAKE_CXX_FLAGS="$amx_off" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >&2
 cmake --build "$build" --target llama-bench llama-server -j "${JOBS:-2}" >&2
+# What the benchmark tables print beside llama.cpp's figures.
+echo "llama-cpp-python $version sources, Release, GGML_NATIVE=ON, C/C++ flags '${amx_off:-none}'" \
+    > "$build/anneal-build-flags.txt"
 echo "$build/bin"

@@ -191,6 +191,25 @@ impl CpuModel {
         })
     }
 
+    /// Bytes of weights one forward step reads, however many sequences it advances: every
+    /// matrix's codes and scales, the norms, and one embedding row per token (counted once).
+    /// The KV cache read by attention comes on top and grows with the positions.
+    pub fn weight_bytes_per_step(&self) -> usize {
+        let hidden = self.config.hidden_size;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.qkv, &l.o, &l.gate_up, &l.down]
+                    .iter()
+                    .map(|m| m.size_in_bytes())
+                    .sum::<usize>()
+                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+            })
+            .sum();
+        layers + self.lm_head.size_in_bytes() + 4 * (self.norm.len() + hidden)
+    }
+
     /// The architecture.
     pub fn config(&self) -> &ModelConfig {
         &self.config

@@ -269,9 +269,12 @@ impl Engine {
         } else {
             CpuModel::new(&model.transformer)
         };
+        let weight_bytes = cpu.as_ref().map_or(0, CpuModel::weight_bytes_per_step);
+        metrics.weight_bytes_per_step.set(weight_bytes as i64);
         tracing::info!(
             cpu_kernels = cpu.is_some(),
             isa = ?crate::kernels::gemm::qmatmul::detect(),
+            weight_mb_per_step = weight_bytes as f64 / 1e6,
             "engine path"
         );
         // Caches live where the model does (the GPU when serving on one).

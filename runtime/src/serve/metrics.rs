@@ -53,6 +53,8 @@ pub struct Metrics {
     pub embedded_tokens: Counter,
     /// Token slots (inputs times the longest of them) of the last embedding batch.
     pub embedding_batch_tokens: Gauge,
+    /// Bytes of weights one decode step reads (0 on the candle path, where it is not counted).
+    pub weight_bytes_per_step: Gauge,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,12 @@ impl Default for Metrics {
         let [response_cache_entries, response_cache_bytes]: [Gauge; 2] = Default::default();
         let [embedded_inputs, embedded_tokens]: [Counter; 2] = Default::default();
         let embedding_batch_tokens = Gauge::default();
+        let weight_bytes_per_step = Gauge::default();
+        registry.register(
+            "weight_bytes_per_step",
+            "Bytes of weights one decode step reads, however many sequences it advances",
+            weight_bytes_per_step.clone(),
+        );
         registry.register(
             "embedded_inputs",
             "Inputs embedded",
@@ -184,6 +192,7 @@ impl Default for Metrics {
             embedded_inputs,
             embedded_tokens,
             embedding_batch_tokens,
+            weight_bytes_per_step,
         }
     }
 }

@@ -160,6 +160,11 @@ impl QMatrix {
         self.k
     }
 
+    /// Bytes a product reads from memory: codes, scales and offsets as stored here.
+    pub fn size_in_bytes(&self) -> usize {
+        self.qs.len() + 4 * (self.d.len() + self.m.len())
+    }
+
     fn scale_index(&self, j: usize, b: usize) -> usize {
         ((j / NR) * self.kb + b) * NR + j % NR
     }
