@@ -13,19 +13,39 @@ use std::time::{Duration, Instant};
 
 use anneal_runtime::kernels::pool::Pool;
 
-/// Sums `words` with eight independent lanes so the compiler keeps the loads vectorised and the
-/// loop bound by memory, not by one dependency chain.
+/// Sums `words` into four vector accumulators (AVX2 loads, 128 bytes per iteration), so the loop
+/// is bound by memory, not by one dependency chain or by scalar loads.
 fn read(words: &[u64]) -> u64 {
-    let mut acc = [0u64; 8];
-    let chunks = words.chunks_exact(8);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected on this CPU.
+        return unsafe { read_avx2(words) };
+    }
+    words.iter().fold(0, |s, w| s.wrapping_add(*w))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn read_avx2(words: &[u64]) -> u64 {
+    use std::arch::x86_64::*;
+    let chunks = words.chunks_exact(16);
     let rest = chunks.remainder();
+    let mut acc = [_mm256_setzero_si256(); 4];
     for c in chunks {
-        for (a, w) in acc.iter_mut().zip(c) {
-            *a = a.wrapping_add(*w);
+        for (i, a) in acc.iter_mut().enumerate() {
+            // SAFETY: 4 u64 at 4i..4i + 4 are inside the 16-word chunk.
+            let v = unsafe { _mm256_loadu_si256(c.as_ptr().add(4 * i).cast()) };
+            *a = _mm256_add_epi64(*a, v);
         }
     }
-    rest.iter()
-        .fold(acc.iter().fold(0, |s, a| s ^ a), |s, w| s ^ w)
+    let mut lanes = [0u64; 4];
+    let total = _mm256_add_epi64(
+        _mm256_add_epi64(acc[0], acc[1]),
+        _mm256_add_epi64(acc[2], acc[3]),
+    );
+    // SAFETY: 4 u64 fit `lanes`.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), total) };
+    rest.iter().chain(&lanes).fold(0, |s, w| s.wrapping_add(*w))
 }
 
 fn main() {
