@@ -357,7 +357,6 @@ main() {
   claim_machine
   mkdir -p "$NODES_DIR" "$VOLUMES_DIR" "$LOG_DIR"
   host_setup
-  start_cluster_dns
   for entry in "${REAL_NODE_LIST[@]}"; do
     read -r node product pool <<<"$entry"
     write_containerd_config "$node"
@@ -366,6 +365,9 @@ main() {
     import_images "$node"
     start_kubelet "$node" "$product" "$pool"
   done
+  # After the kubelets: it reads the API as kube-proxy does, whose kubeconfig pki.sh writes with the first
+  # node's (a new machine has none before). No pod runs before the nodes are Ready, below.
+  start_cluster_dns
   start_kube_proxy
   for entry in "${REAL_NODE_LIST[@]}"; do
     read -r node product pool <<<"$entry"
