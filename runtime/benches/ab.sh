@@ -5,6 +5,7 @@
 # training (the 1M and 10M configurations of train/bench.sh, tokens/s after step 1). One line per
 # run with the 1-minute load average.
 #   runtime/benches/ab.sh BEFORE_BIN AFTER_BIN ROUNDS
+#   AB_PARTS=serve runtime/benches/ab.sh ...   serving only (a change to the inference kernels)
 set -euo pipefail
 before=$1; after=$2; rounds=${3:-3}
 repo="$(cd "$(dirname "$0")/../.." && pwd)"; here=$repo/runtime/benches/serve
@@ -61,7 +62,10 @@ for r in $(seq "$rounds"); do
     for side in before after; do
         bin=$before; [[ $side == after ]] && bin=$after
         l=$(cut -d' ' -f1 /proc/loadavg)
-        s=$(serve "$bin"); t1=$(train "$bin" 128 5 4 4 352 30); t10=$(train "$bin" 384 6 6 6 1024 10)
+        s=$(serve "$bin"); t1="- -"; t10="- -"
+        if [[ "${AB_PARTS:-all}" != serve ]]; then
+            t1=$(train "$bin" 128 5 4 4 352 30); t10=$(train "$bin" 384 6 6 6 1024 10)
+        fi
         echo "$r $side $l $s $t1 $t10"
     done
 done

@@ -46,10 +46,11 @@ pub struct QMatrix {
     group_bytes: usize,
     /// Codes by (group, block), `n` rounded up to [`NR`] rows (zero rows at the end).
     qs: Vec<u8>,
-    /// Scales by (group, block, row in group).
-    d: Vec<f32>,
+    /// Scales by (group, block, row in group), f16 bits as GGUF stores them (half the bytes
+    /// of f32, and exact: the tiles widen them with F16C).
+    d: Vec<u16>,
     /// Offsets, laid out like `d`.
-    m: Vec<f32>,
+    m: Vec<u16>,
 }
 
 /// A weight format the kernels do not take, or bytes that do not match the shape.
@@ -72,6 +73,32 @@ fn f16_to_f32(bits: u16) -> f32 {
         _ => sign | ((exp + 112) << 23) | (frac << 13),
     };
     f32::from_bits(v)
+}
+
+/// The f16 bits of `v`, when `v` is exactly an f16 value (the offsets of Q8_0 blocks, `-128 d`
+/// of an f16 `d`, always are unless they overflow).
+fn f32_to_f16_exact(v: f32) -> Option<u16> {
+    let bits = v.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let a = v.abs();
+    let half = if a == 0.0 {
+        sign
+    } else if a >= f32::from_bits(0x3880_0000) {
+        // Normal in f16 (>= 2^-14): rebias the exponent, keep the top 10 mantissa bits.
+        let exp = ((a.to_bits() >> 23) as i32) - 127 + 15;
+        if exp >= 0x1F {
+            return None;
+        }
+        sign | ((exp as u16) << 10) | ((a.to_bits() >> 13) & 0x3FF) as u16
+    } else {
+        // Subnormal in f16: a multiple of 2^-24 below 2^-14.
+        let frac = a * (1u32 << 24) as f32;
+        if frac.fract() != 0.0 {
+            return None;
+        }
+        sign | frac as u16
+    };
+    (f16_to_f32(half) == v).then_some(half)
 }
 
 impl QMatrix {
@@ -107,8 +134,8 @@ impl QMatrix {
             kb,
             group_bytes,
             qs: vec![0; groups * kb * group_bytes],
-            d: vec![0.0; groups * kb * NR],
-            m: vec![0.0; groups * kb * NR],
+            d: vec![0; groups * kb * NR],
+            m: vec![0; groups * kb * NR],
         };
         let mut row = 0;
         let mut codes = [0u8; BLOCK];
@@ -121,20 +148,22 @@ impl QMatrix {
             }
             for (i, blk) in bytes.chunks_exact(block_bytes).enumerate() {
                 let (r, b) = (row + i / kb, i % kb);
-                let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+                let d = u16::from_le_bytes([blk[0], blk[1]]);
                 let m = match format {
                     Format::Q4 => {
                         for t in 0..16 {
                             codes[t] = blk[4 + t] & 0x0F;
                             codes[t + 16] = blk[4 + t] >> 4;
                         }
-                        f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]))
+                        u16::from_le_bytes([blk[2], blk[3]])
                     }
                     Format::Q8 => {
                         for (c, &q) in codes.iter_mut().zip(&blk[2..34]) {
                             *c = (q as i8 as i16 + 128) as u8;
                         }
-                        -128.0 * d
+                        f32_to_f16_exact(-128.0 * f16_to_f32(d)).ok_or_else(|| {
+                            FormatError(format!("row {r} block {b}: scale out of range"))
+                        })?
                     }
                 };
                 let at = w.scale_index(r, b);
@@ -162,7 +191,7 @@ impl QMatrix {
 
     /// Bytes a product reads from memory: codes, scales and offsets as stored here.
     pub fn size_in_bytes(&self) -> usize {
-        self.qs.len() + 4 * (self.d.len() + self.m.len())
+        self.qs.len() + 2 * (self.d.len() + self.m.len())
     }
 
     fn scale_index(&self, j: usize, b: usize) -> usize {
@@ -195,7 +224,7 @@ impl QMatrix {
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         for (b, chunk) in out[..self.k].chunks_exact_mut(BLOCK).enumerate() {
             let at = self.scale_index(j, b);
-            let (d, m) = (self.d[at], self.m[at]);
+            let (d, m) = (f16_to_f32(self.d[at]), f16_to_f32(self.m[at]));
             for (t, o) in chunk.iter_mut().enumerate() {
                 *o = d * self.code(j, b, t) as f32 + m;
             }
@@ -333,7 +362,7 @@ fn best_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx2") && has!("fma") {
+        if has!("avx2") && has!("fma") && has!("f16c") {
             if has!("avx512vnni") && has!("avx512vl") && has!("avx512f") {
                 return Isa::Avx512Vnni;
             }
@@ -415,7 +444,8 @@ pub fn dot_scalar(w: &QMatrix, j: usize, a: &QActs, r: usize) -> f32 {
             .map(|(t, &q)| w.code(j, b, t) as i32 * q as i32)
             .sum();
         let at = w.scale_index(j, b);
-        acc += w.d[at] * a.d[r * a.kbp + b] * dot as f32 + w.m[at] * a.s[r * a.kbp + b];
+        let (d, m) = (f16_to_f32(w.d[at]), f16_to_f32(w.m[at]));
+        acc += d * a.d[r * a.kbp + b] * dot as f32 + m * a.s[r * a.kbp + b];
     }
     acc
 }
@@ -453,8 +483,8 @@ mod x86 {
                         // The next group's weights: streamed from memory once per product,
                         // so their loads would otherwise wait on DRAM latency.
                         prefetch(wq.wrapping_add(kb * gb), kb * gb);
-                        prefetch(wd.wrapping_add(kb * NR).cast(), kb * NR * 4);
-                        prefetch(wm.wrapping_add(kb * NR).cast(), kb * NR * 4);
+                        prefetch(wd.wrapping_add(kb * NR).cast(), kb * NR * 2);
+                        prefetch(wm.wrapping_add(kb * NR).cast(), kb * NR * 2);
                     }
                     for b in 0..kb {
                         let base = wq.add(b * gb);
@@ -470,8 +500,8 @@ mod x86 {
                                 *x = _mm256_loadu_si256(base.add(32 * t) as *const __m256i);
                             }
                         }
-                        let d8 = _mm256_loadu_ps(wd.add(b * NR));
-                        let m8 = _mm256_loadu_ps(wm.add(b * NR));
+                        let d8 = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b * NR).cast()));
+                        let m8 = _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b * NR).cast()));
                         for c in 0..M {
                             let ap = aq.add((r0 + c) * k + b * BLOCK) as *const i32;
                             // Two chains of integer sums (one is latency-bound).
@@ -518,14 +548,14 @@ mod x86 {
         }
     }
 
-    tile_fn!(tile_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", true,
+    tile_fn!(tile_avx512vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true,
         |z, w, a| q4: _mm256_dpbusd_epi32(z, w, a), q8: _mm256_dpbusd_epi32(z, w, a));
-    tile_fn!(tile_avxvnni, "avx2,fma,avxvnni", true,
+    tile_fn!(tile_avxvnni, "avx2,fma,f16c,avxvnni", true,
         |z, w, a| q4: _mm256_dpbusd_avx_epi32(z, w, a), q8: _mm256_dpbusd_avx_epi32(z, w, a));
     // AVX2: u8 x i8 pairs summed to i16, then to i32. 4-bit codes fit (|15 * 127 * 2|); 8-bit
     // codes would overflow i16, so they go back to signed values (q = code - 128) and use
     // |q| x sign(a, q); the sums are then of q itself, so the -128 offset is not added.
-    tile_fn!(tile_avx2, "avx2,fma", false,
+    tile_fn!(tile_avx2, "avx2,fma,f16c", false,
     |z, w, a| q4: _mm256_add_epi32(z, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))),
     q8: {
         let q = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
@@ -702,6 +732,17 @@ mod tests {
         ] {
             assert_eq!(f16_to_f32(bits), v);
         }
+        // Every finite f16 goes back to its own bits (-0 to itself too); what f16 cannot hold
+        // exactly is refused.
+        for bits in 0..=u16::MAX {
+            let v = f16_to_f32(bits);
+            if v.is_finite() {
+                assert_eq!(f32_to_f16_exact(v), Some(bits), "{bits:#06x} ({v})");
+            }
+        }
+        assert_eq!(f32_to_f16_exact(1.0 + f32::EPSILON), None);
+        assert_eq!(f32_to_f16_exact(65536.0), None);
+        assert_eq!(f32_to_f16_exact(1e-9), None);
     }
 
     #[test]
