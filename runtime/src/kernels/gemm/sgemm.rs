@@ -413,54 +413,87 @@ mod x86 {
         }
     }
 
-    /// `M` rows by `V` vectors of 16 (`V` is 2, or 1 for a half tile).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn avx512<const M: usize, const ROWS: bool, const V: usize>(t: Tile) {
-        let Tile {
-            kc,
-            a,
-            b,
-            ldb,
-            c,
-            ldc,
-            load,
-            ..
-        } = t;
-        let (ars, acs) = a_strides(ROWS, Avx512::MR);
-        let mut acc = [[_mm512_setzero_ps(); V]; M];
-        if load {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    // SAFETY: `c` holds `M` rows of `16 V` at stride `ldc` ([`Kernel::tile`]).
-                    *x = unsafe { _mm512_loadu_ps(c.add(r * ldc + 16 * v)) };
+    /// The tile function `$name::<M, ROWS, V>`: `M` rows by `V` vectors of `$lanes` (`V` is 2,
+    /// or 1 for a half tile), one broadcast of `a` per row and step, the next rows of `b`
+    /// prefetched a cache line at a time. One body for every vector width.
+    macro_rules! tile_fn {
+        ($name:ident, $feat:literal, $kernel:ty, $lanes:literal, $zero:ident, $load:ident,
+         $store:ident, $splat:ident, $fma:ident) => {
+            #[target_feature(enable = $feat)]
+            unsafe fn $name<const M: usize, const ROWS: bool, const V: usize>(t: Tile) {
+                let Tile {
+                    kc,
+                    a,
+                    b,
+                    ldb,
+                    c,
+                    ldc,
+                    load,
+                    ..
+                } = t;
+                let (ars, acs) = a_strides(ROWS, <$kernel>::MR);
+                let mut acc = [[$zero(); V]; M];
+                if load {
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        for (v, x) in row.iter_mut().enumerate() {
+                            // SAFETY: `c` holds `M` rows of `lanes V` at stride `ldc`
+                            // ([`Kernel::tile`]).
+                            *x = unsafe { $load(c.add(r * ldc + $lanes * v)) };
+                        }
+                    }
                 }
-            }
-        }
-        for p in 0..kc {
-            // SAFETY: `p < kc`, and `a`, `b` hold `kc` steps ([`Kernel::tile`]).
-            unsafe {
-                let bp = b.add(p * ldb);
-                let mut bv = [_mm512_setzero_ps(); V];
-                for (v, x) in bv.iter_mut().enumerate() {
-                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * ldb + 16 * v).cast());
-                    *x = _mm512_loadu_ps(bp.add(16 * v));
+                for p in 0..kc {
+                    // SAFETY: `p < kc`, and `a`, `b` hold `kc` steps ([`Kernel::tile`]).
+                    unsafe {
+                        let bp = b.add(p * ldb);
+                        for off in (0..V * $lanes).step_by(16) {
+                            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * ldb + off).cast());
+                        }
+                        let mut bv = [$zero(); V];
+                        for (v, x) in bv.iter_mut().enumerate() {
+                            *x = $load(bp.add($lanes * v));
+                        }
+                        let ap = a.add(p * acs);
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            let av = $splat(*ap.add(r * ars));
+                            for (x, b) in row.iter_mut().zip(bv) {
+                                *x = $fma(av, b, *x);
+                            }
+                        }
+                    }
                 }
-                let ap = a.add(p * acs);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ap.add(r * ars));
-                    for (x, b) in row.iter_mut().zip(bv) {
-                        *x = _mm512_fmadd_ps(av, b, *x);
+                for (r, row) in acc.iter().enumerate() {
+                    for (v, x) in row.iter().enumerate() {
+                        // SAFETY: as for the loads.
+                        unsafe { $store(c.add(r * ldc + $lanes * v), *x) };
                     }
                 }
             }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                // SAFETY: as for the loads.
-                unsafe { _mm512_storeu_ps(c.add(r * ldc + 16 * v), *x) };
-            }
-        }
+        };
     }
+
+    tile_fn!(
+        avx512,
+        "avx512f",
+        Avx512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps
+    );
+    tile_fn!(
+        avx2,
+        "avx2,fma",
+        Avx2,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps
+    );
 
     /// 6 x 16: 12 ymm accumulators, two for the `rhs` row, one broadcast.
     pub struct Avx2;
@@ -478,55 +511,6 @@ mod x86 {
             // SAFETY: the CPU has the kernel's instruction set, so AVX (caller).
             unsafe { pack_transposed(rhs, j0, w, Self::NR, out) };
             true
-        }
-    }
-
-    /// `M` rows by `V` vectors of 8 (`V` is 2, or 1 for a half tile).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2<const M: usize, const ROWS: bool, const V: usize>(t: Tile) {
-        let Tile {
-            kc,
-            a,
-            b,
-            ldb,
-            c,
-            ldc,
-            load,
-            ..
-        } = t;
-        let (ars, acs) = a_strides(ROWS, Avx2::MR);
-        let mut acc = [[_mm256_setzero_ps(); V]; M];
-        if load {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    // SAFETY: `c` holds `M` rows of `8 V` at stride `ldc` ([`Kernel::tile`]).
-                    *x = unsafe { _mm256_loadu_ps(c.add(r * ldc + 8 * v)) };
-                }
-            }
-        }
-        for p in 0..kc {
-            // SAFETY: `p < kc`, and `a`, `b` hold `kc` steps ([`Kernel::tile`]).
-            unsafe {
-                let bp = b.add(p * ldb);
-                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * ldb).cast());
-                let mut bv = [_mm256_setzero_ps(); V];
-                for (v, x) in bv.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(bp.add(8 * v));
-                }
-                let ap = a.add(p * acs);
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ap.add(r * ars));
-                    for (x, b) in row.iter_mut().zip(bv) {
-                        *x = _mm256_fmadd_ps(av, b, *x);
-                    }
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                // SAFETY: as for the loads.
-                unsafe { _mm256_storeu_ps(c.add(r * ldc + 8 * v), *x) };
-            }
         }
     }
 }
