@@ -73,13 +73,7 @@ pids+=($!)
 wait_up "$l_port" health
 
 echo
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($(nproc) cores); $threads threads"
-echo "llama.cpp: $(cat "$llama_bin/../anneal-build-flags.txt" 2>/dev/null || echo 'build flags unknown')"
-# llama-server prints ggml's system_info line (the SIMD it was built with) at verbosity 4 only; a short
-# run of its own, so the measured server keeps its default logging.
-sysinfo="$( (timeout 30 "$llama_bin/llama-server" -m "$model" -t "$threads" -lv 4 --no-webui --port "$(port)" 2>&1 || true) \
-    | grep -m1 -o 'system_info:.*' || echo 'system_info: not printed')"
-echo "llama.cpp $sysinfo"
+"$here/llama-info.sh" "$llama_bin" "$model" "$threads"
 echo "load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg) (other processes on the machine skew every figure)"
 echo
 echo "| single stream, $threads threads | prefill tok/s (512) | decode tok/s (128) |"

@@ -55,6 +55,8 @@ llama_run() { # $1 = the load generator; the rest: llama-server's extra argument
 }
 p_llama="$(llama_run prefixgen.py -np 1 -c 2048)"
 c_llama="$(llama_run chatgen.py -np 4 -c 8192)"
+"$here/llama-info.sh" "$llama_bin" "$model" "$threads"
+echo
 python3 - "$on" "$off" "$(lscpu | sed -n 's/^Model name: *//p')" "$p_on" "$p_off" "$p_llama" \
     "$c_on" "$c_off" "$c_llama" "$("$llama_bin/llama-server" --version 2>&1 | head -n 1)" <<'PY'
 import json, sys
@@ -62,7 +64,7 @@ on, off, cpu = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 p_on, p_off, p_llama = (json.loads(x) for x in sys.argv[4:7])
 c_on, c_off, c_llama = (json.loads(x) for x in sys.argv[7:10])
 llama_version = sys.argv[10]
-print(f"CPU: {cpu}; {on['requests']} requests, {on['repeat_share']:.0%} repeat an earlier one (Zipf 0.9 over 1000 prompts)\n")
+print(f"{on['requests']} requests, {on['repeat_share']:.0%} repeat an earlier one (Zipf 0.9 over 1000 prompts)\n")
 print("| | cache on (TTL 300 s) | cache off |")
 print("| --- | --- | --- |")
 print(f"| hit rate | {on['hit_rate']:.1%} | {off['hit_rate']:.1%} |")
