@@ -61,6 +61,30 @@ fn writes_logged(operator: &OperatorProcess) -> Result<usize> {
         .count())
 }
 
+/// Waits until `operator` has logged no write for `window`: its reconciles have settled. A process
+/// frozen in the middle of one (past its leadership check, before the request) sends that request
+/// when it wakes, as any leader-elected client does; what the frozen-leader test asserts is that
+/// nothing is decided after the lease was lost, so it freezes an operator at rest.
+async fn settled(operator: &OperatorProcess, window: Duration) -> Result<()> {
+    let mut last = (writes_logged(operator)?, Instant::now());
+    poll_until(
+        "the operator's writes to settle",
+        TIMEOUT,
+        Duration::from_millis(100),
+        || {
+            let now = writes_logged(operator);
+            let result = now.map(|n| {
+                if n != last.0 {
+                    last = (n, Instant::now());
+                }
+                (last.1.elapsed() >= window).then_some(())
+            });
+            async move { result }
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 #[ignore = "cluster tier: needs e2e/cluster/up.sh"]
 async fn kwok_sigterm_of_the_leader_hands_over_within_two_seconds_writing_nothing_twice()
@@ -128,6 +152,7 @@ async fn kwok_leader_frozen_past_its_renew_deadline_writes_nothing_when_it_wakes
     jobs.create(&PostParams::default(), &example_job("first")?)
         .await?;
     running_worker(&pods, "first", 1, TIMEOUT).await?;
+    settled(&frozen, Duration::from_secs(1)).await?;
 
     frozen.signal("STOP").await?;
     let writes_before = writes_logged(&frozen)?;
