@@ -822,7 +822,8 @@ mod tests {
         x[4] = -0.5;
         x[k..k + BLOCK].fill(0.0);
         let kbp = (k / BLOCK).next_multiple_of(8);
-        let run = |f: fn(&[f32], &mut [i8], &mut [f32], &mut [f32], usize)| {
+        type Quantize = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], usize);
+        let run = |f: Quantize| {
             let (mut q, mut d, mut s) =
                 (vec![0i8; x.len()], vec![0f32; 5 * kbp], vec![0f32; 5 * kbp]);
             f(&x, &mut q, &mut d, &mut s, k);
