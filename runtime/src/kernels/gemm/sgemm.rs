@@ -933,15 +933,19 @@ mod tests {
         for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
             let mut got = init.clone();
             isa.matmul(&mut got, dst_rs, acc, lhs, rhs, beta);
-            let same = got
-                .iter()
-                .zip(&want)
-                .all(|(g, w)| g.to_bits() == w.to_bits());
             assert!(
-                same,
+                same_bits(&got, &want),
                 "{isa:?} m={m} k={k} n={n} lhs={ll:?} rhs={rl:?} acc={acc} beta={beta}"
             );
         }
+    }
+
+    fn same_bits(got: &[f32], want: &[f32]) -> bool {
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(g, w)| g.to_bits() == w.to_bits())
     }
 
     /// Every instruction set gives the reference's bits, over edge sizes, layouts, `acc` and
@@ -1017,12 +1021,8 @@ mod tests {
                         let pool = pool::Pool::new(threads, std::time::Duration::from_micros(50));
                         let mut got = init.clone();
                         pool.install(|| isa.matmul_par(&mut got, n, acc, lhs, rhs, beta));
-                        let same = got
-                            .iter()
-                            .zip(&want)
-                            .all(|(g, w)| g.to_bits() == w.to_bits());
                         assert!(
-                            same,
+                            same_bits(&got, &want),
                             "{threads} threads: {m}x{k}x{n} {ll:?} {rl:?} acc={acc} beta={beta}"
                         );
                     }
