@@ -66,16 +66,17 @@ diagnose() {
   kubectl logs -n anneal-system deployment/anneal-operator --tail 20 >&2 || true
 }
 trap 'rc=$?; if ((rc)); then echo "e2e/demo.sh failed (stage: ${stage_name:-?}); logs in $work" >&2; fi' EXIT
-# wait_jsonpath WHAT TIMEOUT OBJECT JSONPATH VALUE...: until OBJECT's JSONPATH is one of the VALUEs (the last
-# VALUE is success; the others end the wait as a failure), or TIMEOUT seconds pass.
 # Prints PATH of OBJECT now and again at each change of the object (kubectl get --watch), for up to
 # TIMEOUT seconds; a watch the API server closes (it ends watches after a while) is opened again.
 watch_jsonpath() {
   local deadline=$((SECONDS + $1)) object="$2" path="$3"
   while ((SECONDS < deadline)); do
-    # An object not there yet makes kubectl fail at once: look again a second later.
     timeout "$((deadline - SECONDS))" kubectl get -n "$ns" "$object" --watch -o jsonpath="$path{\"\\n\"}" \
-      2>/dev/null || sleep 1
+      2>/dev/null && continue
+    # kubectl fails at once on an object not there yet: wait for it to be created, then watch it. If
+    # even that fails (the API server is gone), the wait ends and its caller says what it saw last.
+    ((SECONDS < deadline)) || break
+    kubectl wait -n "$ns" "$object" --for=create --timeout="$((deadline - SECONDS))s" >/dev/null 2>&1 || break
   done
 }
 
@@ -90,7 +91,7 @@ close_watch() {
   exec {watch_fd}<&-
 }
 
-# Waits until PATH of OBJECT is VALUE (the last argument; the values before it end the wait as a
+# wait_jsonpath WHAT TIMEOUT OBJECT PATH VALUE...: waits until PATH of OBJECT is VALUE (the last argument; the values before it end the wait as a
 # failure), or TIMEOUT seconds pass; it follows the object with a watch, so it sees each change at once.
 wait_jsonpath() {
   local what="$1" timeout="$2" object="$3" path="$4" value="" seen=""

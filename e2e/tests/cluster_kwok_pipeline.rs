@@ -353,6 +353,7 @@ async fn kwok_pipeline_trains_gates_and_serves_the_promoted_model_by_digest_and_
 
     // Steady state: a promoted, Ready pipeline makes no writes.
     let before = operator_writes(&operator).await?;
+    // The measurement window itself: nothing is awaited, the absence of writes is what is measured.
     tokio::time::sleep(Duration::from_secs(60)).await;
     let after = operator_writes(&operator).await?;
     ensure!(
